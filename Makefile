@@ -1,0 +1,46 @@
+# faceid: two commands on a fresh machine.
+#   make demo   install everything, then run the training pipeline locally on the sample identity
+#   make test   install everything, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+FACEID := $(VENV)/bin/faceid
+STAMP := $(VENV)/.faceid-installed
+
+.PHONY: install demo test repro infer compile bench clean
+
+install: $(STAMP)
+
+# torch first (CPU wheel here; a CUDA image installs its own), then the project, then mediapipe
+# with --no-deps (its metadata pins protobuf<5/numpy<2; it runs with protobuf 6 / numpy 2, see
+# tests/test_environment.py), then the PyPI sdist whose test images are the sample photos.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps mediapipe==0.10.21
+	$(PIP) download -q --no-deps --no-binary :all: face_recognition==1.3.0 -d .cache/packages
+	touch $@
+
+demo: install
+	$(FACEID) pipeline run train --local
+
+test: install
+	$(VENV)/bin/pytest -q
+
+repro: install
+	test -d .dvc || $(VENV)/bin/dvc init -q
+	$(VENV)/bin/dvc repro
+
+infer: install
+	$(FACEID) pipeline run infer --local
+
+compile: install
+	$(FACEID) pipeline compile
+
+bench: install
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf .kfp mlruns .ray_results data/work

@@ -1,0 +1,378 @@
+"""One config source: ``params.yaml`` (a section per stage) parsed into frozen dataclasses.
+
+Values live in ``params.yaml`` only (no defaults here: every key is required, so there is one
+place to read and DVC tracks every value). ``params.yaml`` in the repository root is the demo
+configuration (tiny profile, CPU). ``load_params(path, overrides=["train_lora.stage1.steps=5",
+"@configs/wan2.1-vace-1.3b.yaml"])`` returns a validated :class:`Params`; every mistake names the
+key and the expected value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from faceid.errors import ConfigError
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SampleDataConfig:
+    """``faceid sample-data``: a deterministic sample identity and dance videos."""
+
+    # sdist of face_recognition 1.3.0 (PyPI); its tests/test_images hold real photos.
+    photo_archive: str
+    num_videos: int
+    video_seconds: float
+    video_fps: int
+    video_height: int
+    video_width: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A randomly initialised tiny Wan-VACE (built from config, fixed seed)."""
+
+    num_attention_heads: int
+    attention_head_dim: int
+    text_dim: int
+    freq_dim: int
+    ffn_dim: int
+    num_layers: int
+    vace_layers: tuple[int, ...]
+    vae_base_dim: int
+    text_encoder_dim: int
+    text_encoder_layers: int
+    vocab_size: int
+    max_text_len: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    profile: Literal["tiny", "wan2.1-vace-1.3b"]
+    # Local diffusers-format folder for the real profile (transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    weights_dir: str
+    # auto: bfloat16 on CUDA, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    device: Literal["auto", "cpu", "cuda"]
+    max_text_len: int
+    flow_shift: float
+    tiny: TinyModelConfig
+
+
+@dataclass(frozen=True)
+class CropFacesConfig:
+    detector: Literal["mediapipe", "dlib-hog"]
+    min_detection_confidence: float
+    min_face_size: int  # pixels, shorter side of the detected box
+    min_sharpness: float  # Laplacian variance of the aligned 150px crop
+    max_yaw_degrees: float
+    duplicate_max_distance: int  # Hamming distance of 64-bit perceptual hashes
+    crop_sizes: tuple[int, ...]
+    crop_padding: float
+    max_image_pixels: int
+    min_photos: int
+
+
+@dataclass(frozen=True)
+class EmbedFacesConfig:
+    embedder: Literal["dlib", "arcface-onnx", "clip"]
+    model_path: str  # ONNX file (arcface-onnx) or CLIPVisionModelWithProjection folder (clip)
+    # Outlier threshold on cosine similarity to the leave-one-out centroid; 0 = the embedder's calibrated default.
+    outlier_threshold: float
+    min_photos: int
+
+
+@dataclass(frozen=True)
+class PreparePoseConfig:
+    estimator: Literal["mediapipe", "onnx"]
+    onnx_path: str
+    fps: int
+    num_frames: int  # 4n+1: 81 for real runs; 49/33/17 allowed
+    height: int  # multiple of 16: 480x832 / 832x480 for real runs
+    width: int
+    stride: int  # frames between clip starts; 0 = num_frames (no overlap)
+    max_clips_per_video: int
+    min_pose_detection_rate: float
+    default_caption: str
+    person_aware_crop: bool
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: int
+    dropout: float
+    # main-cross-attn | main-attn | vace-attn | all-attn
+    targets: Literal["main-cross-attn", "main-attn", "vace-attn", "all-attn"]
+
+
+@dataclass(frozen=True)
+class TrainLoraConfig:
+    num_face_tokens: int
+    mapper_hidden_dim: int  # 0 = text_dim
+    lora: LoraConfig
+    stage1: StageConfig
+    stage2: StageConfig
+    batch_size: int
+    grad_clip: float
+    weight_decay: float
+    seed: int
+    checkpoint_every: int
+    num_workers: int
+    use_gpu: bool
+    gradient_checkpointing: bool
+    face_dropout: float  # probability of training a step with the null face (for CFG)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_facesim_gain: float  # FaceSim(identity) - FaceSim(face_scale=0) must exceed this
+    min_pose_pck: float
+
+
+@dataclass(frozen=True)
+class RenderValidationConfig:
+    num_clips: int
+    num_inference_steps: int
+    guidance_scale: float
+    face_scale: float
+    seed: int
+    gate: GateConfig
+
+
+@dataclass(frozen=True)
+class BatchInferConfig:
+    num_inference_steps: int
+    guidance_scale: float
+    face_scale: float
+    seed: int
+    prompt: str  # "" = the caption of each clip / prepare_pose.default_caption
+    num_workers: int
+    use_gpu: bool
+    frame_count_policy: Literal["fix", "reject"]
+    interpolation_steps: int
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    # "" = the local store below; MLFLOW_TRACKING_URI (read by the CLI entry point) or --mlflow-uri override it.
+    mlflow_uri: str
+    local_store: str
+    experiment: str
+    register_alias: str
+    validated_alias: str
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str  # "" = start a local Ray; "auto" or ray://host:10001 for a cluster
+    num_cpus: int  # local Ray only; 0 = all cores
+    storage_path: str
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    pipeline_root: str
+    image: str
+    gpu_image: str
+
+
+@dataclass(frozen=True)
+class Params:
+    sample_data: SampleDataConfig
+    model: ModelConfig
+    crop_faces: CropFacesConfig
+    embed_faces: EmbedFacesConfig
+    prepare_pose: PreparePoseConfig
+    train_lora: TrainLoraConfig
+    render_validation: RenderValidationConfig
+    batch_infer: BatchInferConfig
+    tracking: TrackingConfig
+    ray: RayConfig
+    pipeline: PipelineConfig
+
+
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+        for option in typing.get_args(tp):
+            if option is not type(None):
+                return _coerce(value, option, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    where = f"{prefix}." if prefix else ""
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+            f"expected keys of {prefix or 'the top level'}: {', '.join(names)}"
+        )
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(where + k for k in missing)} (every key is required; see params.yaml)")
+    kwargs = {name: _coerce(data[name], hints[name], where + name) for name in names}
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Cross-field rules that a type alone does not express."""
+    if isinstance(obj, PreparePoseConfig):
+        if obj.num_frames < 5 or (obj.num_frames - 1) % 4:
+            raise ConfigError(f"{prefix}.num_frames: expected 4n+1 (e.g. 17, 33, 49, 81), got {obj.num_frames}")
+        for name in ("height", "width"):
+            v = getattr(obj, name)
+            if v <= 0 or v % 16:
+                raise ConfigError(f"{prefix}.{name}: expected a positive multiple of 16, got {v}")
+    if isinstance(obj, LoraConfig) and obj.rank <= 0:
+        raise ConfigError(f"{prefix}.rank: expected a positive integer, got {obj.rank}")
+    if isinstance(obj, StageConfig) and obj.steps < 0:
+        raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train_lora.stage1.steps=5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (expected a YAML file with one section per stage)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Apply ``overrides`` (``KEY=VALUE`` or ``@overlay.yaml``) to ``data`` and validate it."""
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    for text in overrides:
+        if text.startswith("@"):
+            data = _merge(data, _read_yaml(Path(text[1:])))
+            continue
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return _build(Params, data, "")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read ``path``, apply overrides, validate. Errors name the file, the key and what was expected."""
+    path = Path(path)
+    try:
+        return params_from_dict(_read_yaml(path), overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from None
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain nested dict (tuples as lists) of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train_lora.stage1.steps": 20, ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(obj) if dataclasses.is_dataclass(obj) else obj).items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(*objs: Any) -> str:
+    """Stable short hash of one or more config sections (for cache keys and identity cards)."""
+    payload = json.dumps([to_dict(o) for o in objs], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
