@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(FACEID) pipeline run train --local
 
+# pytest exit code 5 (no tests collected) fails too.
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 repro: install
 	test -d .dvc || $(VENV)/bin/dvc init -q

@@ -82,9 +82,9 @@ def _cmd_render_validation(params, args) -> None:
 
 
 def _cmd_infer(params, args) -> None:
-    from faceid import generate
+    from faceid import infer
 
-    generate.infer_one(
+    infer.infer_one(
         params,
         identity=args.identity,
         pose_video=Path(args.pose_video),
