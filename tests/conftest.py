@@ -1,0 +1,33 @@
+"""Shared fixtures: the repository's params.yaml and one sample-data folder per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from faceid.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO / ".cache" / "packages" / "face_recognition-1.3.0.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def params():
+    """The demo params.yaml of the repository (tiny profile), archive path made absolute."""
+    return load_params(REPO / "params.yaml", [f"sample_data.photo_archive={ARCHIVE}"])
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory, params) -> Path:
+    """``faceid sample-data`` output: real photos and short real-person dance videos."""
+    from faceid import sample_data
+
+    out = tmp_path_factory.mktemp("sample") / "sample"
+    sample_data.run(params.sample_data, out)
+    return out
