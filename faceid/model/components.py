@@ -1,0 +1,195 @@
+"""The base model: Wan2.1-VACE components for a profile (``params.model.profile``).
+
+- ``tiny``: a randomly initialised tiny Wan-VACE built from ``params.model.tiny`` with a fixed
+  seed (VAE, transformer, a tiny UMT5 text encoder, an offline Unigram tokenizer, scheduler).
+  It runs the real diffusers code on CPU in seconds; the same config always gives the same weights.
+- ``wan2.1-vace-1.3b``: real weights from the local diffusers folder ``params.model.weights_dir``.
+
+``build_components(cfg) -> dict`` returns the keyword arguments of ``WanVACEPipeline``.
+``base_model_id(cfg)`` names the base model in identity cards (compatibility checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from faceid.config import ModelConfig, TinyModelConfig, config_hash
+from faceid.errors import InputError
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# A fixed corpus for the tiny tokenizer: dance/pose captions plus the alphabet.
+_TINY_CORPUS = [
+    "a person dancing",
+    "a woman dancing in a studio",
+    "a man dancing on a street at night",
+    "a person in a red shirt dances and waves both arms",
+    "a dancer spins slowly, full body, plain background",
+    "close-up of a smiling face, soft light, high quality video",
+    "a person walking towards the camera",
+    "abcdefghijklmnopqrstuvwxyz 0123456789 .,!?-'",
+]
+
+
+def resolve_device(cfg: ModelConfig):
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("model.device: cuda requested but no CUDA device is visible (set model.device=cpu or auto)")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: ModelConfig, device):
+    """``auto``: bfloat16 on CUDA, float32 on CPU. Explicit values are honoured as given."""
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+def text_dim(cfg: ModelConfig) -> int:
+    """Width of the text-encoder space (face tokens live here): 4096 for UMT5-XXL."""
+    if cfg.profile == "tiny":
+        return cfg.tiny.text_dim
+    import json
+
+    config = Path(cfg.weights_dir) / "transformer" / "config.json"
+    _check_weights_dir(cfg)
+    return int(json.loads(config.read_text())["text_dim"])
+
+
+def max_text_len(cfg: ModelConfig) -> int:
+    return cfg.tiny.max_text_len if cfg.profile == "tiny" else cfg.max_text_len
+
+
+def base_model_id(cfg: ModelConfig) -> str:
+    """A stable name of the base weights, written into identity cards and checked on load."""
+    if cfg.profile == "tiny":
+        return f"tiny-{config_hash(cfg.tiny)}"
+    return cfg.profile
+
+
+def build_components(cfg: ModelConfig) -> dict[str, Any]:
+    """``WanVACEPipeline(**build_components(cfg))``; modules on CPU in float32 (tiny) or the
+    checkpoint dtype (real); the caller moves them to a device."""
+    if cfg.profile == "tiny":
+        return build_tiny_components(cfg.tiny, cfg.flow_shift)
+    return load_real_components(cfg)
+
+
+# --------------------------------------------------------------------------- tiny
+
+
+def build_tiny_tokenizer(tiny: TinyModelConfig):
+    """A Unigram tokenizer trained on a fixed corpus (offline, deterministic), UMT5-style ids:
+    ``<pad>``=0, ``</s>``=1, ``<unk>``=2; ``</s>`` appended to every sequence."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=tiny.vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=tiny.max_text_len
+    )
+
+
+def build_tiny_components(tiny: TinyModelConfig, flow_shift: float) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanVACETransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if tiny.text_encoder_dim != tiny.text_dim:
+        raise InputError(
+            f"model.tiny.text_encoder_dim ({tiny.text_encoder_dim}) must equal model.tiny.text_dim ({tiny.text_dim}): "
+            "the transformer reads the text encoder's hidden states"
+        )
+    tokenizer = build_tiny_tokenizer(tiny)
+    # fork_rng: building the tiny model must not disturb the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        vae = AutoencoderKLWan(
+            base_dim=tiny.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+        torch.manual_seed(tiny.seed + 1)
+        transformer = WanVACETransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=tiny.num_attention_heads,
+            attention_head_dim=tiny.attention_head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=tiny.text_dim,
+            freq_dim=tiny.freq_dim,
+            ffn_dim=tiny.ffn_dim,
+            num_layers=tiny.num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=64,
+            vace_layers=list(tiny.vace_layers),
+            vace_in_channels=96,
+        )
+        torch.manual_seed(tiny.seed + 2)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=tiny.text_encoder_dim,
+                d_kv=max(tiny.text_encoder_dim // 4, 4),
+                d_ff=tiny.text_encoder_dim * 2,
+                num_layers=tiny.text_encoder_layers,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    for module in (vae, transformer, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer, "scheduler": scheduler}
+
+
+# --------------------------------------------------------------------------- real weights
+
+
+def _check_weights_dir(cfg: ModelConfig) -> Path:
+    root = Path(cfg.weights_dir) if cfg.weights_dir else None
+    missing = [s for s in SUBFOLDERS if root is None or not (root / s).is_dir()]
+    if missing:
+        where = f"{root}" if root else "model.weights_dir is empty"
+        raise InputError(
+            f"{where}: profile {cfg.profile} needs a local diffusers folder with subfolders "
+            f"{', '.join(SUBFOLDERS)} (missing: {', '.join(missing)}). Get it on a machine with internet: "
+            f"`huggingface-cli download Wan-AI/Wan2.1-VACE-1.3B-diffusers --local-dir <dir>`, copy it here and set "
+            f"model.weights_dir=<dir> (e.g. --set model.weights_dir=/models/Wan2.1-VACE-1.3B-diffusers)"
+        )
+    return root
+
+
+def load_real_components(cfg: ModelConfig) -> dict[str, Any]:
+    """Load every component from the local folder (never from a hub); weights in bfloat16 except
+    the VAE (float32, as the Wan docs recommend). ``from_pretrained`` on a folder path is offline."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACETransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = _check_weights_dir(cfg)
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    transformer = WanVACETransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
+    text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    scheduler = UniPCMultistepScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+    scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=cfg.flow_shift)
+    for module in (vae, transformer, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer, "scheduler": scheduler}

@@ -1,0 +1,230 @@
+"""Inference core: an identity (or a blend of identities) + a pose video -> a video.
+
+Public API (used by ``faceid.infer``, ``faceid.validate``, ``faceid.batch``)::
+
+    pipe = build_pipeline(params.model)                      # WanVACEPipeline on the configured device
+    ident = load_identity("out/obama", model_cfg=params.model)
+    frames = generate_video(pipe, ident, pose_frames, "a person dancing",
+                            face_scale=1.0, guidance_scale=3.0, num_inference_steps=4, seed=0)
+    frames = generate_video(pipe, [(a, 0.5), (b, 0.5)], pose_frames, ...)   # a blend
+    frames = generate_video(pipe, None, pose_frames, ...)                   # base model, no identity
+
+How conditioning is built (the same layout training uses, see ``faceid.train.recipe``):
+
+- cond:   ``prompt_embeds = [text tokens (max_text_len) | face tokens (N)]``
+- uncond: ``negative_prompt_embeds = [negative-prompt text tokens | null face (N)]``
+- face tokens of a blend ``[(I_1, w_1), ...]`` (weights normalised to sum 1):
+  ``tokens = sum_i w_i * mapper_i(e_i)``, ``null = sum_i w_i * null_i``, then
+  ``null + face_scale * (tokens - null)``; each identity's LoRA is loaded as its own adapter and
+  ``pipe.set_adapters(names, weights)`` mixes them with the same weights.
+  For two identities that share one mapper, interpolating their embeddings with :func:`slerp`
+  is the alternative; :func:`face_tokens` mixes tokens because each identity has its own mapper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Union
+
+import numpy as np
+
+from faceid.errors import InputError
+from faceid.model.identity import Identity
+
+Blend = list  # list[tuple[Identity, float]]
+IdentityOrBlend = Union[Identity, Blend, None]
+
+
+def build_pipeline(model_cfg, device=None):
+    """``WanVACEPipeline`` for ``model_cfg.profile`` on ``device`` (default: ``model.device``);
+    transformer and text encoder in the configured dtype, the VAE in float32."""
+    from diffusers import WanVACEPipeline
+
+    from faceid.model.components import build_components, resolve_device, resolve_dtype
+
+    device = device or resolve_device(model_cfg)
+    dtype = resolve_dtype(model_cfg, device)
+    components = build_components(model_cfg)
+    for name in ("transformer", "text_encoder"):
+        if components[name].dtype != dtype:  # the real profile already loads in its dtype
+            components[name].to(dtype=dtype)
+    pipe = WanVACEPipeline(**components)
+    pipe.to(device)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def text_len(pipe) -> int:
+    """Text tokens per prompt: the tokenizer's max length, at most 512 (UMT5 in Wan)."""
+    return int(min(pipe.tokenizer.model_max_length, 512))
+
+
+def encode_text(pipe, prompt: str):
+    """``[1, text_len, text_dim]`` text embeddings (zero-padded after the prompt, as Wan does)."""
+    prompt_embeds, _ = pipe.encode_prompt(
+        prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text_len(pipe), device=pipe._execution_device
+    )
+    return prompt_embeds
+
+
+def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]:
+    """``Identity`` -> ``[(identity, 1.0)]``; a blend -> weights normalised to sum 1; ``None`` -> ``[]``."""
+    if identity_or_blend is None:
+        return []
+    if isinstance(identity_or_blend, Identity):
+        return [(identity_or_blend, 1.0)]
+    blend = [(ident, float(w)) for ident, w in identity_or_blend]
+    total = sum(w for _, w in blend)
+    if not blend or total <= 0 or any(w < 0 for _, w in blend):
+        raise InputError(f"blend: expected identities with non-negative weights summing to > 0, got {[(i.name, w) for i, w in blend]}")
+    dims = {(i.card["text_dim"], i.card["num_face_tokens"]) for i, _ in blend}
+    if len(dims) > 1:
+        raise InputError(f"blend: identities have different face-token shapes {sorted(dims)}; they cannot be mixed")
+    return [(ident, w / total) for ident, w in blend]
+
+
+def face_tokens(identities: list[tuple[Identity, float]], face_scale: float):
+    """``(cond, null)``: ``[1, N, text_dim]`` float32 tensors on CPU.
+
+    ``cond = null + face_scale * (sum_i w_i mapper_i(e_i) - null)`` with ``null = sum_i w_i null_i``;
+    weights are normalised to sum 1 (:func:`as_blend`). face_scale 0 gives the null face."""
+    import torch
+
+    from faceid.model.mapper import scale_face
+
+    blend = as_blend(identities)
+    if not blend:
+        raise InputError("face_tokens: no identity given")
+    with torch.no_grad():
+        tokens = sum(w * ident.mapper(ident.embedding.unsqueeze(0)) for ident, w in blend)
+        null = sum(w * ident.mapper.null_tokens(1) for ident, w in blend)
+        return scale_face(tokens, null, face_scale), null
+
+
+def slerp(a, b, t: float):
+    """Spherical interpolation of two vectors/tensors (norms interpolated linearly);
+    linear interpolation when they are (anti)parallel."""
+    import torch
+
+    a_t, b_t = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    na, nb = a_t.norm(), b_t.norm()
+    ua, ub = a_t / na.clamp_min(1e-12), b_t / nb.clamp_min(1e-12)
+    dot = (ua * ub).sum().clamp(-1.0, 1.0)
+    omega = torch.arccos(dot)
+    if omega.abs() < 1e-4 or (torch.pi - omega).abs() < 1e-4:
+        out = (1 - t) * a_t + t * b_t
+    else:
+        direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
+        out = direction * ((1 - t) * na + t * nb)
+    return out.numpy() if isinstance(a, np.ndarray) else out
+
+
+def adapter_name(identity: Identity) -> str:
+    """A stable adapter name per identity folder (name + short hash of the resolved path)."""
+    digest = hashlib.sha256(str(identity.path.resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', identity.name)}_{digest}"
+
+
+def activate_loras(pipe, blend: list[tuple[Identity, float]]) -> list[str]:
+    """Load each identity's LoRA once (verified, see ``faceid.model.lora.load_lora``) and activate
+    exactly these adapters with the blend weights; an empty blend disables LoRA."""
+    from faceid.model.lora import load_lora
+
+    loaded = set(pipe.get_list_adapters().get("transformer", [])) if getattr(pipe.transformer, "peft_config", None) else set()
+    if not blend:
+        if loaded:
+            pipe.disable_lora()
+        return []
+    names = []
+    for ident, _ in blend:
+        name = adapter_name(ident)
+        if name not in loaded:
+            load_lora(pipe, ident.path, name)
+            loaded.add(name)
+        names.append(name)
+    pipe.enable_lora()
+    pipe.set_adapters(names, adapter_weights=[w for _, w in blend])
+    return names
+
+
+def check_pose_frames(pose_frames: np.ndarray) -> None:
+    if not isinstance(pose_frames, np.ndarray) or pose_frames.ndim != 4 or pose_frames.shape[-1] != 3 or pose_frames.dtype != np.uint8:
+        got = getattr(pose_frames, "shape", type(pose_frames).__name__), getattr(pose_frames, "dtype", "")
+        raise InputError(f"pose frames: expected a uint8 array [F, H, W, 3], got {got}")
+    f, h, w, _ = pose_frames.shape
+    if (f - 1) % 4:
+        raise InputError(f"pose frames: Wan needs 4n+1 frames (17, 33, 81...), got {f}")
+    if h % 16 or w % 16:
+        raise InputError(f"pose frames: height and width must be multiples of 16, got {h}x{w}")
+
+
+def generate_video(
+    pipe,
+    identity_or_blend: IdentityOrBlend,
+    pose_frames: np.ndarray,
+    prompt: str,
+    face_scale: float = 1.0,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 30,
+    seed: int = 0,
+    negative_prompt: str = "",
+) -> np.ndarray:
+    """Generate ``[F, H, W, 3]`` uint8 frames following ``pose_frames`` (``[F, H, W, 3]`` uint8,
+    F = 4n+1, H and W multiples of 16) with the identity (or blend, or ``None`` for the base
+    model). Deterministic for a given ``seed`` (noise drawn on the CPU)."""
+    import torch
+    from PIL import Image
+
+    # 1. Check inputs
+    check_pose_frames(pose_frames)
+    blend = as_blend(identity_or_blend)
+    num_frames, height, width, _ = pose_frames.shape
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    do_cfg = guidance_scale > 1.0
+
+    # 2. Text + face tokens -> prompt embeddings (cond) and negative embeddings (uncond)
+    with torch.no_grad():
+        cond = encode_text(pipe, prompt)
+        uncond = encode_text(pipe, negative_prompt) if do_cfg else None
+    if blend:
+        face, null = face_tokens(blend, face_scale)
+        cond = torch.cat([cond, face.to(device, cond.dtype)], dim=1)
+        if do_cfg:
+            uncond = torch.cat([uncond, null.to(device, uncond.dtype)], dim=1)
+
+    # 3. LoRA adapters of the identities (disabled for the base model)
+    activate_loras(pipe, blend)
+
+    # 4. Denoise with the pose video as VACE control
+    video = [Image.fromarray(frame) for frame in pose_frames]
+    out = pipe(
+        video=video,
+        prompt_embeds=cond.to(dtype),
+        negative_prompt_embeds=uncond.to(dtype) if do_cfg else None,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    ).frames[0]
+    return np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def describe(identity_or_blend: IdentityOrBlend) -> str:
+    """Human-readable label: ``obama`` / ``a=0.70,b=0.30`` / ``base``."""
+    blend = as_blend(identity_or_blend)
+    if not blend:
+        return "base"
+    if len(blend) == 1:
+        return blend[0][0].name
+    return ",".join(f"{i.name}={w:.2f}" for i, w in blend)
+
+
+__all__: list[Any] = [
+    "build_pipeline", "encode_text", "text_len", "as_blend", "face_tokens", "slerp", "adapter_name",
+    "activate_loras", "check_pose_frames", "generate_video", "describe",
+]

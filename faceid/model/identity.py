@@ -1,0 +1,155 @@
+"""Identity folders: what ``train-lora`` writes and ``infer`` / ``render-validation`` read.
+
+Layout (docs/architecture.md)::
+
+    <identity>/
+      pytorch_lora_weights.safetensors   diffusers LoRA (transformer.-prefixed keys)
+      face_mapper.safetensors            FaceMapper weights (+ its config as metadata)
+      identity_embedding.safetensors     tensor "identity" [D] (the embedding the mapper was trained on)
+      identity.json                      the card (below)
+      metrics/train_loss.csv             step,stage,loss,lr (DVC plot)
+
+The card names the base model, the embedder and every dimension; :func:`load_identity` refuses
+a folder whose card does not match the model or embedder it is used with (``InputError``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from faceid.errors import InputError
+
+CARD_FILE = "identity.json"
+MAPPER_FILE = "face_mapper.safetensors"
+EMBEDDING_FILE = "identity_embedding.safetensors"
+LOSS_FILE = "metrics/train_loss.csv"
+CARD_VERSION = 1
+
+
+@dataclass
+class Identity:
+    """A trained identity, loaded on CPU. ``embedding`` is ``[D]`` float32; ``mapper`` is in eval mode."""
+
+    name: str
+    path: Path
+    card: dict[str, Any]
+    embedding: Any  # torch.Tensor [D]
+    mapper: Any  # FaceMapper
+
+    @property
+    def lora_path(self) -> Path:
+        from faceid.model.lora import LORA_FILE
+
+        return self.path / LORA_FILE
+
+    def face_tokens(self) -> Any:
+        """``[num_tokens, text_dim]``: the mapper applied to this identity's embedding."""
+        import torch
+
+        with torch.no_grad():
+            return self.mapper(self.embedding.unsqueeze(0))[0]
+
+
+def save_identity(
+    folder: str | Path,
+    *,
+    name: str,
+    card: dict[str, Any],
+    mapper,
+    embedding,
+    transformer,
+    loss_rows: list[dict] = (),
+    adapter_name: str = "default",
+) -> Path:
+    """Write the identity folder atomically. ``card`` holds the training facts (base_model, embedder,
+    lora, train_config_hash, data hashes...); dims are filled in from ``mapper``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from faceid.io import atomic_dir
+    from faceid.model.lora import LORA_FILE, save_lora
+
+    folder = Path(folder)
+    embedding = torch.as_tensor(embedding, dtype=torch.float32).detach().cpu().contiguous()
+    mcfg = mapper.config()
+    if embedding.shape != (mcfg["embed_dim"],):
+        raise InputError(f"identity {name}: embedding of shape {tuple(embedding.shape)} does not fit a mapper of dim {mcfg['embed_dim']}")
+    full_card = {
+        "card_version": CARD_VERSION,
+        "name": name,
+        **card,
+        "embed_dim": mcfg["embed_dim"],
+        "text_dim": mcfg["text_dim"],
+        "num_face_tokens": mcfg["num_tokens"],
+        "mapper_hidden_dim": mcfg["hidden_dim"],
+        "files": {"lora": LORA_FILE, "mapper": MAPPER_FILE, "embedding": EMBEDDING_FILE, "train_loss": LOSS_FILE},
+    }
+    with atomic_dir(folder) as tmp:
+        save_lora(tmp, transformer, adapter_name)
+        mapper_state = {k: v.detach().float().cpu().contiguous() for k, v in mapper.state_dict().items()}
+        save_file(mapper_state, str(tmp / MAPPER_FILE), metadata={"config": json.dumps(mcfg)})
+        save_file({"identity": embedding}, str(tmp / EMBEDDING_FILE),
+                  metadata={"embedder": str(card.get("embedder", "")), "dim": str(embedding.numel())})
+        (tmp / CARD_FILE).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
+        (tmp / "metrics").mkdir()
+        lines = ["step,stage,loss,lr"] + [f"{r['step']},{r['stage']},{r['loss']:.6g},{r['lr']:.6g}" for r in loss_rows]
+        (tmp / LOSS_FILE).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None, embed_dim: int | None = None) -> Identity:
+    """Read an identity folder (on CPU). With ``model_cfg`` / ``embedder`` / ``embed_dim`` given,
+    raise ``InputError`` if the identity was trained for another base model, embedder or dim."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from faceid.io import read_json
+    from faceid.model.mapper import FaceMapper
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: identity folder not found (expected the output folder of train-lora)")
+    for f in (CARD_FILE, MAPPER_FILE, EMBEDDING_FILE):
+        if not (path / f).is_file():
+            raise InputError(f"{path}: {f} missing; not an identity folder written by train-lora")
+    card = read_json(path / CARD_FILE)
+    for key in ("name", "base_model", "embedder", "embed_dim", "text_dim", "num_face_tokens"):
+        if key not in card:
+            raise InputError(f"{path / CARD_FILE}: key {key!r} missing from the identity card")
+
+    with safe_open(str(path / MAPPER_FILE), framework="pt") as f:
+        mcfg = json.loads((f.metadata() or {}).get("config", "{}"))
+    if mcfg.get("embed_dim") != card["embed_dim"] or mcfg.get("text_dim") != card["text_dim"]:
+        raise InputError(f"{path}: {MAPPER_FILE} (config {mcfg}) does not match the card (embed_dim {card['embed_dim']}, text_dim {card['text_dim']})")
+    mapper = FaceMapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"])
+    mapper.load_state_dict(load_file(str(path / MAPPER_FILE)))
+    mapper.eval().requires_grad_(False)
+    embedding = load_file(str(path / EMBEDDING_FILE)).get("identity")
+    if embedding is None or embedding.shape != (card["embed_dim"],):
+        raise InputError(f"{path / EMBEDDING_FILE}: expected tensor 'identity' of shape [{card['embed_dim']}]")
+    identity = Identity(name=card["name"], path=path, card=card, embedding=embedding.to(torch.float32), mapper=mapper)
+    check_compatible(identity, model_cfg=model_cfg, embedder=embedder, embed_dim=embed_dim)
+    return identity
+
+
+def check_compatible(identity: Identity, model_cfg=None, embedder: str | None = None, embed_dim: int | None = None) -> None:
+    """Raise ``InputError`` naming the mismatch (base model, text dim, embedder, embedding dim)."""
+    from faceid.model.components import base_model_id, text_dim
+
+    card, where = identity.card, identity.path / CARD_FILE
+    if model_cfg is not None:
+        if card["base_model"] != base_model_id(model_cfg):
+            raise InputError(
+                f"{where}: identity {identity.name} was trained on base model {card['base_model']!r}, "
+                f"but the model is {base_model_id(model_cfg)!r} (model.profile={model_cfg.profile}); retrain or switch profile"
+            )
+        if card["text_dim"] != text_dim(model_cfg):
+            raise InputError(f"{where}: face tokens of width {card['text_dim']}, model text_dim is {text_dim(model_cfg)}")
+    if embedder is not None and card["embedder"] != embedder:
+        raise InputError(f"{where}: identity {identity.name} uses embedder {card['embedder']!r}, not {embedder!r}")
+    if embed_dim is not None and card["embed_dim"] != embed_dim:
+        raise InputError(f"{where}: identity {identity.name} expects {card['embed_dim']}-D embeddings, got {embed_dim}-D")
