@@ -139,6 +139,7 @@ class TrainLoraConfig:
     use_gpu: bool
     gradient_checkpointing: bool
     face_dropout: float  # probability of training a step with the null face (for CFG)
+    cache_dir: str  # latent cache (VAE latents + text embeddings per clip, keyed by checksum + config)
 
 
 @dataclass(frozen=True)
