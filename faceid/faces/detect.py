@@ -1,0 +1,199 @@
+"""Face detectors, main-face choice and 5-point alignment (dlib) shared by crop, embed and FaceSim.
+
+Detectors: ``mediapipe`` (FaceDetection, model_selection=1: the full-range model shipped in the
+0.10.21 wheel) and ``dlib-hog`` (dlib's frontal HOG detector). Both see a copy of the image
+downscaled to at most ``DETECT_MAX_SIDE`` pixels; boxes come back in original pixels.
+Alignment: dlib's 5-point shape predictor (``face_recognition_models`` package data) and
+``dlib.get_face_chip``, the similarity transform dlib's 128-D recogniser was trained with. Every
+crop size shares that framing, so a 512 crop resized to 150 equals the 150 crop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+DETECT_MAX_SIDE = 1280  # px; detection on a downscaled copy (mediapipe runs at 192x192 internally anyway)
+CHIP_REGION_SCALE = 1.0  # landmarks/chips are computed on the face box grown by this much on each side
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: box ``(x0, y0, x1, y1)`` in image pixels (may extend past the edges) and a score."""
+
+    box: tuple[float, float, float, float]
+    score: float
+
+    @property
+    def size(self) -> float:
+        """Shorter side of the box, pixels."""
+        return min(self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    landmarks: np.ndarray  # [5, 2] float32, image pixels: dlib order (eye corners x4, nose base)
+    crops: dict[int, np.ndarray]  # size -> [size, size, 3] uint8 RGB
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+@contextlib.contextmanager
+def _quiet_protobuf_noise():
+    """mediapipe 0.10.21 under protobuf 6 prints a harmless "'MessageFactory' object has no attribute
+    'GetPrototype'" while importing its bindings; drop that one message, pass the rest through."""
+
+    class _Filter(io.TextIOBase):
+        def __init__(self, target):
+            self.target = target
+            self.dropped = False
+
+        def write(self, text: str) -> int:
+            noise = "GetPrototype" in text or text.strip() in ("AttributeError", "AttributeError:", ":")
+            if noise or (self.dropped and not text.strip()):
+                self.dropped = True
+                return len(text)
+            self.dropped = False
+            return self.target.write(text)
+
+        def flush(self) -> None:
+            self.target.flush()
+
+    saved = sys.stderr
+    sys.stderr = _Filter(saved)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+
+
+def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale == 1.0:
+        return image, 1.0
+    import cv2
+
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return small, scale
+
+
+class MediapipeDetector:
+    name = "mediapipe"
+
+    def __init__(self, min_confidence: float):
+        with _quiet_protobuf_noise():
+            import mediapipe as mp
+        self._fd = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        small, scale = _downscale(image, DETECT_MAX_SIDE)
+        h, w = small.shape[:2]
+        result = self._fd.process(np.ascontiguousarray(small))
+        faces = []
+        for det in result.detections or []:
+            bb = det.location_data.relative_bounding_box
+            x0, y0 = bb.xmin * w / scale, bb.ymin * h / scale
+            faces.append(Face((x0, y0, x0 + bb.width * w / scale, y0 + bb.height * h / scale), float(det.score[0])))
+        return faces
+
+    def close(self) -> None:
+        self._fd.close()
+
+
+class DlibHogDetector:
+    name = "dlib-hog"
+
+    def __init__(self, min_confidence: float):
+        import dlib
+
+        self._hog = dlib.get_frontal_face_detector()
+        # HOG scores are SVM margins (about -1..3), not probabilities: keep every detection dlib
+        # reports at its own threshold and record the margin as the score.
+        self._min_confidence = min_confidence
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        small, scale = _downscale(image, DETECT_MAX_SIDE)
+        upsample = 1 if max(small.shape[:2]) < 640 else 0
+        rects, scores, _ = self._hog.run(np.ascontiguousarray(small), upsample, 0.0)
+        return [
+            Face((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale), float(s))
+            for r, s in zip(rects, scores)
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def build_detector(name: str, min_confidence: float):
+    """``mediapipe`` or ``dlib-hog`` -> an object with ``.detect(image RGB uint8) -> list[Face]``."""
+    if name == "mediapipe":
+        return MediapipeDetector(min_confidence)
+    if name == "dlib-hog":
+        return DlibHogDetector(min_confidence)
+    raise ValueError(f"unknown detector {name!r}; expected mediapipe or dlib-hog")
+
+
+def select_main_face(faces: list[Face], height: int, width: int) -> int:
+    """Index of the main face: the largest, preferring central ones (size x (1 - 0.5 x distance from centre))."""
+
+    def key(face: Face) -> float:
+        cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+        off = math.hypot((cx - width / 2) / width, (cy - height / 2) / height) / math.hypot(0.5, 0.5)
+        return face.size * (1.0 - 0.5 * min(off, 1.0))
+
+    return max(range(len(faces)), key=lambda i: key(faces[i]))
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+class Aligner:
+    """dlib 5-point landmarks + aligned square chips at any size."""
+
+    def __init__(self):
+        import dlib
+        import face_recognition_models
+
+        self._dlib = dlib
+        self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
+
+    def align(self, image: np.ndarray, face: Face, sizes: tuple[int, ...], padding: float) -> AlignedFace:
+        """Landmarks of ``face`` and chips at ``sizes``, computed on a region around the box
+        (a 6000 px photo costs the same as a 600 px one)."""
+        dlib = self._dlib
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = face.box
+        grow = CHIP_REGION_SCALE * max(x1 - x0, y1 - y0) * (1.0 + padding)
+        rx0, ry0 = max(0, int(x0 - grow)), max(0, int(y0 - grow))
+        rx1, ry1 = min(w, int(math.ceil(x1 + grow))), min(h, int(math.ceil(y1 + grow)))
+        region = np.ascontiguousarray(image[ry0:ry1, rx0:rx1])
+        rect = dlib.rectangle(round(x0 - rx0), round(y0 - ry0), round(x1 - rx0), round(y1 - ry0))
+        shape = self._predictor(region, rect)
+        landmarks = np.array([[p.x + rx0, p.y + ry0] for p in shape.parts()], np.float32)
+        crops = {int(s): dlib.get_face_chip(region, shape, size=int(s), padding=padding) for s in sizes}
+        return AlignedFace(landmarks, crops)
+
+
+def estimate_yaw(landmarks: np.ndarray) -> float:
+    """Rough head yaw in degrees from dlib's 5 points (0 = frontal, sign = direction).
+
+    The nose base sits about 0.6 half-eye-distances in front of the eye plane, so its sideways
+    offset from the eye midpoint, in half-eye-distances, is ~0.6 tan(yaw). Good to ~10 degrees:
+    enough to reject profiles, not a head-pose estimator.
+    """
+    right_eye = landmarks[0:2].mean(axis=0)
+    left_eye = landmarks[2:4].mean(axis=0)
+    nose = landmarks[4]
+    axis = left_eye - right_eye
+    half = np.linalg.norm(axis) / 2
+    if half < 1e-6:
+        return 90.0
+    offset = float(np.dot(nose - (left_eye + right_eye) / 2, axis / (2 * half)))
+    return math.degrees(math.atan(offset / half / 0.6))
