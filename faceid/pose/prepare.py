@@ -1,0 +1,413 @@
+"""``faceid prepare-pose``: dance videos -> normalised clips, pose-control videos and keypoints.
+
+For every dance video (and its ``<name>_pose.mp4`` when given) the stage resamples to
+``prepare_pose.fps``, splits clips of ``num_frames`` (4n+1) frames every ``stride`` frames, estimates
+keypoints on the frames at analysis resolution (long side up to 1280 px, never below what the
+crop needs), crops the same window from both videos (centred on the person when
+``person_aware_crop``), resizes to ``height`` x ``width`` and writes, per clip, atomically::
+
+    <out>/clips/<clip_id>/video.mp4     target RGB clip (H.264 yuv420p)
+    <out>/clips/<clip_id>/pose.mp4      the given pose video, or the skeleton drawn ControlNet-style
+    <out>/clips/<clip_id>/keypoints.npz keypoints [F, 18, 3] in clip pixels, detected [F], checksum
+    <out>/manifest.parquet              one row per clip or rejected input (docs/architecture.md)
+
+A clip whose folder already holds the same checksum (inputs + settings) is not redone, so a rerun
+does no work and a crashed run resumes. Bad inputs become ``rejected`` rows with a reason; a clip
+with too few frames showing a person is written but marked ``rejected``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from faceid.config import PreparePoseConfig, to_dict
+from faceid.errors import InputError
+from faceid.io import atomic_dir, progress, require_dir, require_file, sha256_file, write_parquet
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+POSE_SUFFIX = "_pose"
+ANALYSIS_LONG_SIDE = 1280  # px: pose estimation resolution cap
+MAX_LENGTH_MISMATCH = 0.05  # dance vs pose video length, relative (at least 2 frames tolerated)
+MAX_ASPECT_MISMATCH = 0.02
+DRAW_MIN_CONFIDENCE = 0.3
+FORMAT_VERSION = 1  # bump when the clip files change meaning
+
+COLUMNS = (
+    ("clip_id", "string"), ("source", "string"), ("start_frame", "int64"), ("num_frames", "int64"),
+    ("fps", "float64"), ("height", "int64"), ("width", "int64"), ("video_path", "string"),
+    ("pose_path", "string"), ("keypoints_path", "string"), ("caption", "string"),
+    ("pose_detection_rate", "float64"), ("checksum", "string"), ("status", "string"), ("reason", "string"),
+)  # fmt: skip
+
+
+class Rejected(Exception):
+    """An input that the stage skips; the message is the manifest's reason."""
+
+
+# --------------------------------------------------------------------------- pure geometry
+
+
+def clip_starts(total: int, num_frames: int, stride: int, max_clips: int) -> list[int]:
+    """Start frames of the clips of ``num_frames`` in ``total`` frames (``stride`` 0 = no overlap)."""
+    step = stride or num_frames
+    starts = list(range(0, total - num_frames + 1, step))
+    return starts[:max_clips] if max_clips > 0 else starts
+
+
+def crop_box(src_h: int, src_w: int, out_h: int, out_w: int, keypoints: np.ndarray | None = None,
+             min_confidence: float = DRAW_MIN_CONFIDENCE) -> tuple[int, int, int, int]:
+    """Largest ``out_h:out_w`` window (x0, y0, w, h) in the frame, centred on the person if given.
+
+    The person's centre is the median over frames of the keypoint-box centres (frames with >= 2
+    confident joints); without one the window is centred in the frame.
+    """
+    aspect = out_w / out_h
+    cw = min(float(src_w), src_h * aspect)
+    ch = cw / aspect
+    cx, cy = src_w / 2, src_h / 2
+    if keypoints is not None:
+        centres = []
+        for kp in np.asarray(keypoints):
+            ok = kp[:, 2] >= min_confidence
+            if ok.sum() >= 2:
+                pts = kp[ok, :2]
+                centres.append((pts.min(0) + pts.max(0)) / 2)
+        if centres:
+            cx, cy = np.median(np.stack(centres), axis=0)
+    w, h = min(src_w, int(round(cw))), min(src_h, int(round(ch)))
+    x0 = int(round(np.clip(cx - w / 2, 0, src_w - w)))
+    y0 = int(round(np.clip(cy - h / 2, 0, src_h - h)))
+    return x0, y0, w, h
+
+
+def apply_crop(frames: np.ndarray, box: tuple[int, int, int, int], out_h: int, out_w: int) -> np.ndarray:
+    import cv2
+
+    x0, y0, w, h = box
+    interp = cv2.INTER_AREA if w >= out_w else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(f[y0 : y0 + h, x0 : x0 + w], (out_w, out_h), interpolation=interp) for f in frames])
+
+
+def transform_keypoints(kps: np.ndarray, box: tuple[int, int, int, int], out_h: int, out_w: int) -> np.ndarray:
+    """Keypoints of the analysis frames -> clip pixels; joints outside the clip get confidence 0."""
+    x0, y0, w, h = box
+    out = np.array(kps, np.float32, copy=True)
+    out[..., 0] = (out[..., 0] - x0) * (out_w / w)
+    out[..., 1] = (out[..., 1] - y0) * (out_h / h)
+    inside = (out[..., 0] >= 0) & (out[..., 0] < out_w) & (out[..., 1] >= 0) & (out[..., 1] < out_h)
+    out[~inside, 2] = 0.0
+    out[out[..., 2] == 0] = 0.0
+    return out
+
+
+def analysis_size(src_h: int, src_w: int, out_h: int, out_w: int) -> tuple[int, int] | None:
+    """Decode size (h, w) for pose estimation: long side <= 1280 px unless the crop needs more."""
+    aspect = out_w / out_h
+    cw = min(src_w, src_h * aspect)
+    needed = out_w / cw
+    scale = min(1.0, max(needed, ANALYSIS_LONG_SIDE / max(src_h, src_w)))
+    if scale >= 1.0:
+        return None
+    return int(round(src_h * scale / 2)) * 2, int(round(src_w * scale / 2)) * 2
+
+
+def reconcile_lengths(n_video: int, n_pose: int, fps: float) -> tuple[int, str]:
+    """Common frame count of a dance video and its pose video, or :class:`Rejected`."""
+    if n_video == n_pose:
+        return n_video, ""
+    shorter = min(n_video, n_pose)
+    if abs(n_video - n_pose) <= max(2, round(MAX_LENGTH_MISMATCH * shorter)):
+        return shorter, f"pose video {n_pose} frames vs {n_video} at {fps:g} fps: trimmed to {shorter}"
+    raise Rejected(
+        f"length mismatch: dance video {n_video} frames, pose video {n_pose} frames at {fps:g} fps "
+        f"(more than {MAX_LENGTH_MISMATCH:.0%} apart)"
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _stem(path: Path) -> str:
+    return path.stem
+
+
+def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Path, Path | None]], list[tuple[Path, str]]]:
+    """``[(dance video, pose video or None)]`` matched by name, and ``[(file, reason)]`` rejects.
+
+    Pose videos are ``<name>_pose.<ext>`` (or ``<name>.<ext>`` in ``pose_dir``); without
+    ``pose_dir`` they are looked for beside the dance videos.
+    """
+    files = sorted(p for p in videos_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    rejects: list[tuple[Path, str]] = []
+    dance, pose_here = [], {}
+    for p in files:
+        ext = p.suffix.lower()
+        if p.name == "captions.csv" or ext == ".txt":
+            continue
+        if ext not in VIDEO_EXTENSIONS:
+            rejects.append((p, f"not a video (extension {ext or 'none'}; expected {', '.join(VIDEO_EXTENSIONS)})"))
+        elif p.stem.endswith(POSE_SUFFIX):
+            pose_here[p.stem[: -len(POSE_SUFFIX)]] = p
+        else:
+            dance.append(p)
+    poses = dict(pose_here)
+    if pose_dir is not None:
+        poses = {}
+        for p in sorted(pose_dir.iterdir()):
+            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."):
+                name = p.stem[: -len(POSE_SUFFIX)] if p.stem.endswith(POSE_SUFFIX) else p.stem
+                if name in poses and poses[name].stem.endswith(POSE_SUFFIX):
+                    continue  # prefer <name>_pose over <name>
+                poses[name] = p
+    names = {_stem(p) for p in dance}
+    for name, p in sorted(poses.items()):
+        if name not in names:
+            rejects.append((p, f"pose video without a dance video named {name}.*"))
+    pairs = []
+    for p in dance:
+        pose = poses.get(_stem(p))
+        if pose_dir is not None and pose is None:
+            rejects.append((p, f"no pose video {_stem(p)}{POSE_SUFFIX}.* in {pose_dir}"))
+            continue
+        pairs.append((p, pose))
+    return pairs, rejects
+
+
+def load_captions(videos_dir: Path, captions: Path | None) -> dict[str, str]:
+    """``name -> caption`` from ``captions`` (or ``<videos>/captions.csv``), columns name,caption."""
+    path = require_file(captions, "a captions CSV with columns name,caption") if captions else videos_dir / "captions.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"name", "caption"} <= set(reader.fieldnames):
+            raise InputError(f"{path}: expected a CSV with a header row name,caption; got {reader.fieldnames}")
+        return {Path(row["name"].strip()).stem: row["caption"].strip() for row in reader if row["name"]}
+
+
+def caption_for(video: Path, table: dict[str, str], default: str) -> str:
+    """captions.csv entry > ``<name>.txt`` beside the video > ``prepare_pose.default_caption``."""
+    if table.get(video.stem):
+        return table[video.stem]
+    sidecar = video.with_suffix(".txt")
+    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip():
+        return sidecar.read_text(encoding="utf-8").strip()
+    return default
+
+
+# --------------------------------------------------------------------------- plan and clips
+
+
+@dataclass
+class VideoPlan:
+    video: Path
+    pose: Path | None
+    caption: str
+    video_indices: np.ndarray
+    pose_indices: np.ndarray | None
+    size: tuple[int, int] | None  # decode size (h, w) of both videos; None = native
+    starts: list[int]
+    key: dict  # what the clips depend on (for checksums)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_video(cfg: PreparePoseConfig, video: Path, pose: Path | None, caption: str) -> VideoPlan:
+    """Probe a dance video (and its pose video) and decide its clips, or raise :class:`Rejected`."""
+    from faceid.pose.video import frame_indices, probe
+
+    notes = []
+    try:
+        info = probe(video)
+        if info["vfr"]:
+            notes.append("variable frame rate: resampled by timestamps")
+        if info["rotation"]:
+            notes.append(f"rotated {info['rotation']} deg in the container: decoded upright")
+        v_idx, _ = frame_indices(video, cfg.fps)
+        p_idx = None
+        if pose is not None:
+            try:
+                pinfo = probe(pose)
+                p_idx, _ = frame_indices(pose, cfg.fps)
+            except InputError as exc:
+                raise Rejected(f"pose video {pose.name}: {exc}") from None
+            a, b = info["height"] / info["width"], pinfo["height"] / pinfo["width"]
+            if abs(a - b) > MAX_ASPECT_MISMATCH * a:
+                raise Rejected(
+                    f"size mismatch: dance video {info['width']}x{info['height']}, pose video "
+                    f"{pinfo['width']}x{pinfo['height']} (different aspect ratio)"
+                )
+            if (pinfo["height"], pinfo["width"]) != (info["height"], info["width"]):
+                notes.append(f"pose video {pinfo['width']}x{pinfo['height']} resized to {info['width']}x{info['height']}")
+            n, note = reconcile_lengths(len(v_idx), len(p_idx), cfg.fps)
+            v_idx, p_idx = v_idx[:n], p_idx[:n]
+            if note:
+                notes.append(note)
+    except InputError as exc:
+        raise Rejected(str(exc).removeprefix(f"{video}: ")) from None
+    if len(v_idx) < cfg.num_frames:
+        raise Rejected(
+            f"too short: {len(v_idx)} frames at {cfg.fps} fps ({len(v_idx) / cfg.fps:.2f} s); "
+            f"a clip needs {cfg.num_frames} ({cfg.num_frames / cfg.fps:.2f} s)"
+        )
+    size = analysis_size(info["height"], info["width"], cfg.height, cfg.width)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("default_caption", "max_clips_per_video", "min_pose_detection_rate")}
+    key = {
+        "version": FORMAT_VERSION,
+        "video": sha256_file(video),
+        "pose": sha256_file(pose) if pose is not None else None,
+        "settings": settings,
+    }
+    starts = clip_starts(len(v_idx), cfg.num_frames, cfg.stride, cfg.max_clips_per_video)
+    return VideoPlan(video, pose, caption, v_idx, p_idx, size, starts, key, notes)
+
+
+def clip_checksum(key: dict, start: int) -> str:
+    return hashlib.sha256(json.dumps({**key, "start": start}, sort_keys=True).encode()).hexdigest()
+
+
+def _done(clip_dir: Path, checksum: str) -> np.ndarray | None:
+    """The ``detected`` flags of a finished clip with this checksum, else None."""
+    if not all((clip_dir / n).is_file() for n in ("video.mp4", "pose.mp4", "keypoints.npz")):
+        return None
+    try:
+        with np.load(clip_dir / "keypoints.npz", allow_pickle=False) as z:
+            return z["detected"] if str(z["checksum"]) == checksum else None
+    except Exception:
+        return None
+
+
+def make_clip(cfg: PreparePoseConfig, plan: VideoPlan, start: int, estimator, clip_dir: Path, checksum: str) -> np.ndarray:
+    """Decode, estimate, crop, draw and write one clip atomically; return its ``detected`` flags."""
+    from faceid.pose.draw import draw_poses
+    from faceid.pose.video import read_frames, write_video
+
+    # 1. Decode the clip's frames at analysis resolution and find the person.
+    stop = start + cfg.num_frames
+    frames = read_frames(plan.video, plan.video_indices[start:stop], plan.size)
+    kps = estimator.estimate(frames)
+    detected = (kps[..., 2] > 0).any(axis=1)
+    # 2. One crop window for the dance video and its pose video; keypoints into clip pixels.
+    h, w = frames.shape[1:3]
+    box = crop_box(h, w, cfg.height, cfg.width, kps if cfg.person_aware_crop else None)
+    clip = apply_crop(frames, box, cfg.height, cfg.width)
+    clip_kps = transform_keypoints(kps, box, cfg.height, cfg.width)
+    # 3. Pose-control frames: the given pose video (same crop) or the drawn skeleton.
+    if plan.pose is not None:
+        pose_frames = apply_crop(read_frames(plan.pose, plan.pose_indices[start:stop], (h, w)), box, cfg.height, cfg.width)
+    else:
+        pose_frames = draw_poses(clip_kps, cfg.height, cfg.width, DRAW_MIN_CONFIDENCE)
+    # 4. Write all three files or none.
+    with atomic_dir(clip_dir) as tmp:
+        write_video(tmp / "video.mp4", clip, cfg.fps)
+        write_video(tmp / "pose.mp4", pose_frames, cfg.fps)
+        np.savez(tmp / "keypoints.npz", keypoints=clip_kps, detected=detected, checksum=np.array(checksum))
+    return detected
+
+
+def _row(**values) -> dict:
+    return {name: values.get(name) for name, _ in COLUMNS}
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS])
+
+
+def _clean_partial(clips_root: Path) -> None:
+    """Remove leftovers of an interrupted run (temporary clip folders)."""
+    if clips_root.is_dir():
+        for p in clips_root.iterdir():
+            if p.is_dir() and p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+                shutil.rmtree(p)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_dir: Path, captions: Path | None = None) -> dict:
+    """Prepare every video in ``videos_dir``; write clips and ``manifest.parquet`` to ``output_dir``."""
+    from faceid.pose.estimate import build_estimator
+
+    # 1. Check inputs.
+    videos_dir = require_dir(videos_dir, "a folder of dance videos")
+    if pose_dir is not None:
+        pose_dir = require_dir(pose_dir, "a folder of *_pose.mp4 videos")
+    output_dir = Path(output_dir)
+    clips_root = output_dir / "clips"
+    _clean_partial(clips_root)
+    table = load_captions(videos_dir, captions)
+    pairs, rejects = find_inputs(videos_dir, pose_dir)
+    rows = [_row(clip_id=p.stem, source=p.name, status="rejected", reason=reason) for p, reason in rejects]
+
+    # 2. Plan: probe each video, decide its clips.
+    plans = []
+    for video, pose in pairs:
+        caption = caption_for(video, table, cfg.default_caption)
+        try:
+            plans.append(plan_video(cfg, video, pose, caption))
+        except Rejected as exc:
+            rows.append(_row(clip_id=video.stem, source=video.name, caption=caption, status="rejected", reason=str(exc)))
+    jobs = [(plan, start) for plan in plans for start in plan.starts]
+
+    # 3. Make the clips that are not done yet (same checksum = skip).
+    written = skipped = 0
+    estimator = None
+    try:
+        for plan, start in progress(jobs, total=len(jobs), desc="prepare-pose"):
+            clip_id = f"{plan.video.stem}-{start:05d}"
+            clip_dir = clips_root / clip_id
+            checksum = clip_checksum(plan.key, start)
+            common = dict(clip_id=clip_id, source=plan.video.name, start_frame=start, num_frames=cfg.num_frames,
+                          fps=float(cfg.fps), height=cfg.height, width=cfg.width, caption=plan.caption, checksum=checksum)
+            detected = _done(clip_dir, checksum)
+            try:
+                if detected is None:
+                    estimator = estimator or build_estimator(cfg)
+                    detected = make_clip(cfg, plan, start, estimator, clip_dir, checksum)
+                    written += 1
+                else:
+                    skipped += 1
+            except Exception as exc:  # one bad clip never stops the stage; it is reported
+                rows.append(_row(**common, status="rejected", reason=f"failed: {type(exc).__name__}: {exc}"))
+                continue
+            rate = float(np.mean(detected))
+            notes = list(plan.notes)
+            status = "ok"
+            if rate < cfg.min_pose_detection_rate:
+                status = "rejected"
+                notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
+            rel = f"clips/{clip_id}"
+            rows.append(_row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
+                             keypoints_path=f"{rel}/keypoints.npz", pose_detection_rate=rate, status=status,
+                             reason="; ".join(notes)))
+    finally:
+        if estimator is not None:
+            estimator.close()
+
+    # 4. Manifest; remove clip folders that no row refers to (older settings or inputs).
+    write_parquet(output_dir / "manifest.parquet", rows, schema=_schema())
+    keep = {r["clip_id"] for r in rows if r["video_path"]}
+    if clips_root.is_dir():
+        for p in clips_root.iterdir():
+            if p.is_dir() and p.name not in keep:
+                shutil.rmtree(p)
+    ok = sum(r["status"] == "ok" for r in rows)
+    summary = {
+        "clips_ok": ok,
+        "rejected": len(rows) - ok,
+        "clips_written": written,
+        "clips_skipped": skipped,
+        "manifest": str(output_dir / "manifest.parquet"),
+    }
+    print(f"prepare-pose: {ok} clips ok, {len(rows) - ok} rejected rows; {written} written, "
+          f"{skipped} already done -> {output_dir}", file=sys.stderr)
+    return summary

@@ -1,0 +1,193 @@
+"""The prepare_pose stage end to end on real videos: clips, pairing, captions, bad inputs, reruns."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from test_pose_video import person_frames
+
+from faceid.config import params_from_dict
+from faceid.errors import ConfigError
+from faceid.io import read_parquet
+from faceid.pose import prepare
+from faceid.pose.video import probe, read_video, write_video
+
+COLUMNS = [
+    "clip_id", "source", "start_frame", "num_frames", "fps", "height", "width", "video_path", "pose_path",
+    "keypoints_path", "caption", "pose_detection_rate", "checksum", "status", "reason",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return person_frames(num_frames=40)  # 288x160 portrait, 2.5 s at 16 fps
+
+
+@pytest.fixture(scope="module")
+def cfg(params):
+    return dataclasses.replace(
+        params.prepare_pose, fps=16, num_frames=17, height=96, width=64, stride=8, max_clips_per_video=0,
+        min_pose_detection_rate=0.5, default_caption="a person dancing", person_aware_crop=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory, frames):
+    d = tmp_path_factory.mktemp("videos")
+    write_video(d / "dancer.mp4", frames, 16)
+    (d / "dancer.txt").write_text("a man in a suit dances\n")
+    write_video(d / "short.mp4", frames[:10], 16)
+    noise = np.random.default_rng(1).normal(90, 8, (20, 96, 64, 3))  # background only: nobody there
+    write_video(d / "blank.mp4", noise.clip(0, 255).astype(np.uint8), 16)
+    (d / "broken.mp4").write_bytes(b"not a video at all" * 20)
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.md").write_text("hello")
+    return d
+
+
+@pytest.fixture(scope="module")
+def first_run(cfg, videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clips")
+    summary = prepare.run(cfg, videos, None, out)
+    return out, summary, {r["clip_id"]: r for r in read_parquet(out / "manifest.parquet")}
+
+
+def test_manifest_has_clips_and_reasons(first_run):
+    out, summary, rows = first_run
+    assert list(next(iter(rows.values()))) == COLUMNS
+    ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    assert sorted(ok) == ["dancer-00000", "dancer-00008", "dancer-00016"]  # 40 frames, 17 per clip, stride 8
+    assert summary["clips_ok"] == 3 and summary["clips_written"] == 4 and summary["clips_skipped"] == 0
+    reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "rejected"}
+    assert "too short: 10 frames" in reasons["short"]
+    assert "not a readable video" in reasons["broken"]
+    assert "empty file" in reasons["empty"]
+    assert "not a video" in reasons["notes"]
+    assert "person detected in 0% of frames" in reasons["blank-00000"]
+    for r in ok.values():
+        assert r["caption"] == "a man in a suit dances"  # <name>.txt sidecar
+        assert r["pose_detection_rate"] >= 0.8
+        assert (r["num_frames"], r["fps"], r["height"], r["width"]) == (17, 16.0, 96, 64)
+        assert r["source"] == "dancer.mp4" and len(r["checksum"]) == 64
+
+
+def test_clip_files_follow_the_contract(first_run, frames):
+    out, _, rows = first_run
+    row = rows["dancer-00008"]
+    for key in ("video_path", "pose_path"):
+        info = probe(out / row[key])
+        assert (info["frames"], info["height"], info["width"]) == (17, 96, 64)
+        assert info["fps"] == pytest.approx(16)
+    video, _ = read_video(out / row["video_path"])
+    pose, _ = read_video(out / row["pose_path"])
+    kps = np.load(out / row["keypoints_path"])["keypoints"]
+    assert kps.shape == (17, 18, 3)
+    # the clip shows the source frames 8..24, cropped to 2:3 (full height of the 288x160 source)
+    assert np.abs(video.astype(int) - video.mean()).mean() > 5
+    assert pose.reshape(17, -1).max(1).min() > 100  # a skeleton in every pose frame
+    # the drawn skeleton lies on the keypoints: pose pixels light up at the neck-to-hip limb midpoints
+    for f in range(17):
+        for a, b in ((1, 8), (1, 11)):
+            if kps[f, a, 2] >= 0.3 and kps[f, b, 2] >= 0.3:
+                x, y = ((kps[f, a, :2] + kps[f, b, :2]) / 2).round().astype(int)
+                assert pose[f, y, x].max() > 60, (f, a, b)
+    # keypoints are in clip pixels: the neck is inside the 96x64 frame
+    neck = kps[kps[:, 1, 2] > 0, 1, :2]
+    assert len(neck) >= 14 and (neck[:, 0] < 64).all() and (neck[:, 1] < 96).all()
+
+
+def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
+    out, _, rows = first_run
+    clip = out / "clips" / "dancer-00000"
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "clips").rglob("*") if p.is_file()}
+    summary = prepare.run(cfg, videos, None, out)
+    assert summary["clips_written"] == 0 and summary["clips_skipped"] == 4
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a crash mid-clip leaves a temporary folder and no finished clip; the rerun redoes only that clip
+    import shutil
+
+    shutil.rmtree(clip)
+    (out / "clips" / ".dancer-00000.abc.tmp").mkdir()
+    summary = prepare.run(cfg, videos, None, out)
+    assert summary["clips_written"] == 1 and summary["clips_skipped"] == 3
+    assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(k for k, r in rows.items() if r["video_path"])
+    new_rows = {r["clip_id"]: r for r in read_parquet(out / "manifest.parquet")}
+    assert new_rows["dancer-00000"]["checksum"] == rows["dancer-00000"]["checksum"]
+
+
+def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
+    videos, poses = tmp_path / "videos", tmp_path / "poses"
+    videos.mkdir()
+    poses.mkdir()
+    for name in ("same", "trimmed", "mismatch", "widescreen", "lonely"):
+        write_video(videos / f"{name}.mp4", frames[:34], 16)
+    # the "pose video" is the dance video itself at twice the size: the same crop must come out
+    big = np.repeat(np.repeat(frames[:34], 2, axis=1), 2, axis=2)
+    write_video(poses / "same_pose.mp4", big, 16)
+    write_video(poses / "trimmed_pose.mp4", frames[:33], 16)  # one frame short: reconciled
+    write_video(poses / "mismatch_pose.mp4", frames[:20], 16)  # far too short: rejected
+    write_video(poses / "widescreen_pose.mp4", np.zeros((34, 160, 288, 3), np.uint8), 16)
+    write_video(poses / "orphan_pose.mp4", frames[:20], 16)
+    (tmp_path / "captions.csv").write_text("name,caption\nsame.mp4,caption from csv\n")
+    cfg = dataclasses.replace(cfg, stride=0, max_clips_per_video=1)
+    prepare.run(cfg, videos, poses, tmp_path / "out", captions=tmp_path / "captions.csv")
+    rows = {r["clip_id"]: r for r in read_parquet(tmp_path / "out" / "manifest.parquet")}
+    assert rows["same-00000"]["status"] == "ok" and rows["same-00000"]["caption"] == "caption from csv"
+    assert "resized" in rows["same-00000"]["reason"]
+    video, _ = read_video(tmp_path / "out" / rows["same-00000"]["video_path"])
+    pose, _ = read_video(tmp_path / "out" / rows["same-00000"]["pose_path"])
+    assert np.abs(video.astype(int) - pose.astype(int)).mean() < 6  # identical crop of both videos
+    assert rows["trimmed-00000"]["status"] == "ok" and "trimmed to 33" in rows["trimmed-00000"]["reason"]
+    assert rows["trimmed-00000"]["caption"] == "a person dancing"  # default prompt
+    assert "length mismatch" in rows["mismatch"]["reason"]
+    assert "size mismatch" in rows["widescreen"]["reason"]
+    assert "no pose video" in rows["lonely"]["reason"]
+    assert "without a dance video" in rows["orphan_pose"]["reason"]
+    assert "mismatch-00000" not in rows
+
+
+def test_frame_count_and_size_rules(params):
+    from faceid.config import to_dict
+
+    data = to_dict(params)
+    for key, value, match in (("num_frames", 20, "4n\\+1"), ("height", 100, "multiple of 16"), ("width", 0, "multiple of 16")):
+        bad = {**data, "prepare_pose": {**data["prepare_pose"], key: value}}
+        with pytest.raises(ConfigError, match=match):
+            params_from_dict(bad)
+    assert prepare.clip_starts(40, 17, 8, 0) == [0, 8, 16]
+    assert prepare.clip_starts(40, 17, 0, 0) == [0, 17]
+    assert prepare.clip_starts(100, 17, 0, 2) == [0, 17]
+    assert prepare.clip_starts(16, 17, 0, 0) == []
+
+
+def test_person_aware_crop_and_keypoint_transform():
+    kps = np.zeros((3, 18, 3), np.float32)
+    kps[:, :, 2] = 1
+    kps[:, :, 0] = np.linspace(300, 340, 18)  # person at the right of a 480x360 landscape frame
+    kps[:, :, 1] = np.linspace(100, 300, 18)
+    box = prepare.crop_box(360, 480, 96, 64, kps)
+    x0, y0, w, h = box
+    assert (w, h) == (240, 360) and y0 == 0 and x0 == 200  # centred on x=320
+    assert prepare.crop_box(360, 480, 96, 64) == (120, 0, 240, 360)  # centre crop without a person
+    out = prepare.transform_keypoints(kps, box, 96, 64)
+    np.testing.assert_allclose(out[0, 0, :2], [(300 - 200) * 64 / 240, 100 * 96 / 360], rtol=1e-5)
+    kps[0, 0, 0] = 10  # outside the crop -> missing
+    assert prepare.transform_keypoints(kps, box, 96, 64)[0, 0, 2] == 0
+    assert prepare.reconcile_lengths(40, 39, 16)[0] == 39
+    with pytest.raises(prepare.Rejected, match="length mismatch"):
+        prepare.reconcile_lengths(40, 20, 16)
+    assert prepare.analysis_size(1080, 1920, 480, 832) == (720, 1280)
+    h, w = prepare.analysis_size(2160, 3840, 832, 480)  # a portrait crop of a 4K frame needs 832 rows
+    assert abs(h - 832) <= 2 and w == round(h * 16 / 9 / 2) * 2
+    assert prepare.analysis_size(288, 160, 96, 64) is None
+
+
+def test_missing_folders_are_reported(cfg, tmp_path):
+    from faceid.errors import InputError
+
+    with pytest.raises(InputError, match="folder not found"):
+        prepare.run(cfg, tmp_path / "nope", None, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
