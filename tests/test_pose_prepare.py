@@ -191,3 +191,26 @@ def test_missing_folders_are_reported(cfg, tmp_path):
     with pytest.raises(InputError, match="folder not found"):
         prepare.run(cfg, tmp_path / "nope", None, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_rotated_phone_video_is_prepared_upright(cfg, frames, tmp_path):
+    import av
+
+    (tmp_path / "videos").mkdir()
+    stored = np.ascontiguousarray(np.rot90(frames[:20], k=-1, axes=(1, 2)))  # sideways 160x288 + rotation flag
+    with av.open(str(tmp_path / "videos" / "phone.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 288, 160, "yuv420p"
+        stream.set_display_rotation(90)
+        for f in stored:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    prepare.run(dataclasses.replace(cfg, stride=0), tmp_path / "videos", None, tmp_path / "out")
+    (row,) = read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert row["status"] == "ok" and "rotated 90" in row["reason"]
+    assert row["pose_detection_rate"] >= 0.8  # an upright person is found; a sideways one mostly is not
+    kps = np.load(tmp_path / "out" / row["keypoints_path"])["keypoints"]
+    ok = kps[:, 0, 2] > 0
+    assert (kps[ok, 0, 1] < kps[ok, 1, 1]).all()  # nose above neck

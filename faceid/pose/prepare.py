@@ -13,7 +13,8 @@ crop needs), crops the same window from both videos (centred on the person when
 
 A clip whose folder already holds the same checksum (inputs + settings) is not redone, so a rerun
 does no work and a crashed run resumes. Bad inputs become ``rejected`` rows with a reason; a clip
-with too few frames showing a person is written but marked ``rejected``.
+with too few frames showing a person is written but marked ``rejected``. On ``ok`` rows ``reason``
+holds notes (variable frame rate resampled, container rotation, pose video trimmed or resized).
 """
 
 from __future__ import annotations
@@ -171,8 +172,12 @@ def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Pat
     for name, p in sorted(poses.items()):
         if name not in names:
             rejects.append((p, f"pose video without a dance video named {name}.*"))
-    pairs = []
+    pairs, seen = [], set()
     for p in dance:
+        if _stem(p) in seen:
+            rejects.append((p, f"another video is also named {_stem(p)} (clip ids come from the name)"))
+            continue
+        seen.add(_stem(p))
         pose = poses.get(_stem(p))
         if pose_dir is not None and pose is None:
             rejects.append((p, f"no pose video {_stem(p)}{POSE_SUFFIX}.* in {pose_dir}"))
