@@ -1,0 +1,1 @@
+"""Identity training: data (clips + embedding), latent cache, the recipe, and its Ray launcher."""

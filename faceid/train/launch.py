@@ -1,0 +1,159 @@
+"""``faceid train-lora``: launch the recipe on Ray Train, then log the run to MLflow (driver only).
+
+- Ray: ``TorchTrainer(train_loop_per_worker, ScalingConfig(num_workers, use_gpu))`` (DDP), local
+  Ray by default or ``ray_address`` for a cluster. Checkpoints every ``checkpoint_every`` steps go
+  to ``params.ray.storage_path/<run name>``; the run name hashes the identity, config and data, so
+  re-running the same command after a kill resumes from the last checkpoint, and a worker crash is
+  retried from it (``FailureConfig``). The identity folder comes back inside the final checkpoint.
+- MLflow (this process, i.e. rank 0's entry point): flattened params, per-step losses and learning
+  rates of both stages, throughput, peak memory, the identity card and loss table as artifacts,
+  the identity folder as a registered model ``faceid-<identity>`` with alias
+  ``params.tracking.register_alias``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from faceid.errors import TrainingError
+
+MAX_FAILURES = 2
+
+
+def run_name(params, identity: str, embeddings_dir: Path, clips_dir: Path) -> str:
+    """Stable per (identity, config, data): the same command resumes the same Ray run."""
+    from faceid.config import config_hash
+    from faceid.train.data import load_clips
+
+    data = sorted(c.checksum for c in load_clips(clips_dir))
+    emb = embeddings_dir / "embeddings.safetensors"
+    emb_id = emb.stat().st_size if emb.is_file() else str(embeddings_dir.resolve())
+    return f"train-lora-{identity}-{config_hash(params.model, params.train_lora, {'data': data, 'emb': emb_id})}"
+
+
+def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
+        ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None) -> dict:
+    """Train ``identity``, write ``output_dir`` (the identity folder), log to MLflow; return the summary.
+    ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from faceid.config import to_dict
+    from faceid.io import atomic_dir
+    from faceid.train.data import load_clips, load_embedding
+    from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
+
+    # 1. Check inputs here, before any worker starts
+    embeddings_dir, clips_dir, output_dir = Path(embeddings_dir), Path(clips_dir), Path(output_dir)
+    load_embedding(embeddings_dir)
+    load_clips(clips_dir)
+    tcfg = params.train_lora
+    name = run_name(params, identity, embeddings_dir, clips_dir)
+    storage = Path(params.ray.storage_path).resolve()
+    config = {
+        "params": to_dict(params),
+        "identity": identity,
+        "embeddings_dir": str(embeddings_dir.resolve()),
+        "clips_dir": str(clips_dir.resolve()),
+        "output_dir": "",  # set per worker (a temporary folder; the driver copies the final checkpoint)
+    }
+    config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
+    if fail_at_step is not None:
+        config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
+
+    # 2. Ray (local unless an address is given) and the trainer
+    started = not ray.is_initialized()
+    if started:
+        local = not ray_address
+        ray.init(address=ray_address or None, num_cpus=(params.ray.num_cpus or None) if local else None,
+                 include_dashboard=False, log_to_driver=True)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
+            run_config=RunConfig(
+                name=name, storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
+            raise TrainingError(f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if started:
+            ray.shutdown()
+
+    # 3. Outcome: NaN/inf stops with the recipe's message; otherwise copy the identity folder out
+    metrics = dict(result.metrics or {})
+    if metrics.get("error"):
+        raise TrainingError(metrics["error"])
+    if result.checkpoint is None or not metrics.get("done"):
+        raise TrainingError(f"train-lora {identity}: Ray finished without a final checkpoint (metrics: {metrics})")
+    with result.checkpoint.as_directory() as ckpt, atomic_dir(output_dir) as tmp:
+        shutil.copytree(Path(ckpt) / IDENTITY_SUBDIR, tmp, dirs_exist_ok=True)
+    metrics["ray_run"] = str(storage / name)
+
+    # 4. MLflow (driver only)
+    if mlflow_uri:
+        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri))
+    return metrics
+
+
+def read_loss_table(identity_dir: Path) -> list[dict]:
+    lines = (Path(identity_dir) / "metrics" / "train_loss.csv").read_text().splitlines()[1:]
+    rows = []
+    for line in lines:
+        step, stage, loss, lr = line.split(",")
+        rows.append({"step": int(step), "stage": stage, "loss": float(loss), "lr": float(lr)})
+    return rows
+
+
+def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str) -> dict:
+    """One MLflow run: params, per-step metrics, summary, artifacts, registered model + alias."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from faceid import tracking
+    from faceid.config import flatten
+    from faceid.io import read_json
+
+    tracking.setup(mlflow_uri, params.tracking.experiment)
+    card = read_json(identity_dir / "identity.json")
+    model_name = tracking.registered_model_name(identity)
+    client = MlflowClient()
+    with mlflow.start_run(run_name=f"train-lora-{identity}") as run:
+        mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
+                         "embedder": card["embedder"]})
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        keys = sorted(flat)
+        for i in range(0, len(keys), 100):
+            mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
+        now = int(time.time() * 1000)
+        rows = read_loss_table(identity_dir)
+        step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
+        step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
+        for i in range(0, len(step_metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifact(str(identity_dir / "identity.json"))
+        mlflow.log_artifact(str(identity_dir / "metrics" / "train_loss.csv"), artifact_path="metrics")
+        info = mlflow.pyfunc.log_model(
+            name="identity",
+            python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
+            artifacts={"identity": str(identity_dir)},
+            registered_model_name=model_name,
+        )
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
+    print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
+          f"@{params.tracking.register_alias}")
+    return {"mlflow_run_id": run.info.run_id, "model_name": model_name, "model_version": version}

@@ -1,0 +1,452 @@
+"""The identity training recipe, top to bottom: setup -> model -> data -> stage 1 -> stage 2 -> save.
+
+Stage 1 trains the FaceMapper alone (the DiT frozen): the face tokens learn to steer the frozen
+model through its cross-attention. Stage 2 trains mapper + LoRA (``faceid.model.lora``) so the
+model learns to read them. Each stage has its own AdamW optimizer, learning rate, linear warmup
+and step count (``params.train_lora.stage1/stage2``).
+
+Loss: rectified flow matching as in diffusers' SD3/Wan trainers. For clean latents x0, noise n and
+sigma ~ U(0, 1) mapped through the shifted training schedule (``FlowMatchEulerDiscreteScheduler``):
+``x_t = (1 - sigma) x0 + sigma n``; the DiT predicts the velocity ``n - x0`` (MSE). Conditioning:
+``[caption tokens | face tokens]``, or ``[caption tokens | null face]`` on a ``face_dropout``
+share of samples, so the unconditional branch of CFG (and ``face_scale`` = 0) is trained.
+
+Determinism and resume: the sample order, noise, sigma and face dropout of global step s on rank r
+come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint computes exactly what
+the uninterrupted run would have.
+
+``train(config, ...)`` is a plain function (tests call it directly); ``train_loop_per_worker`` is
+the thin adapter Ray Train launches (rank, device, checkpoints and metrics through ``ray.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from faceid.errors import TrainingError
+
+CKPT_WEIGHTS = "trainable.safetensors"
+CKPT_OPTIM = "optimizer.pt"
+CKPT_STATE = "state.json"
+IDENTITY_SUBDIR = "identity"
+
+Report = Callable[[dict, "Path | None"], None]  # (metrics, checkpoint folder or None)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class FaceConditionedDiT(nn.Module):
+    """The frozen Wan-VACE transformer (+ LoRA) and the FaceMapper as one module (one DDP wrapper)."""
+
+    def __init__(self, transformer: nn.Module, mapper: nn.Module):
+        super().__init__()
+        self.transformer, self.mapper = transformer, mapper
+        self.num_vace_layers = len(transformer.config.vace_layers)
+
+    def forward(self, noisy, timestep, text, control, embedding, drop_face):
+        face = self.mapper(embedding)
+        null = self.mapper.null_tokens(face.shape[0]).to(face.dtype)
+        face = torch.where(drop_face[:, None, None], null, face)  # both branches stay in the graph (DDP)
+        context = torch.cat([text, face.to(text.dtype)], dim=1)
+        scale = torch.ones(self.num_vace_layers, device=noisy.device, dtype=noisy.dtype)
+        return self.transformer(
+            hidden_states=noisy, timestep=timestep, encoder_hidden_states=context,
+            control_hidden_states=control, control_hidden_states_scale=scale, return_dict=False,
+        )[0]
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Everything random about global step ``step`` on ``rank`` (resume-safe)."""
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def make_batch(examples: list[dict], step: int, rank: int, world_size: int, batch_size: int, seed: int) -> dict:
+    """Samples of global ``step`` for ``rank``: a fresh seeded permutation per epoch, split over ranks."""
+    n = len(examples)
+    items = []
+    for j in range(batch_size):
+        flat = (step * world_size + rank) * batch_size + j
+        epoch, pos = divmod(flat, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        items.append(examples[int(perm[pos])])
+    return {k: torch.stack([it[k] for it in items]) for k in ("target", "control", "text", "embedding")}
+
+
+def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator, face_dropout: float,
+                       device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    x0 = batch["target"]
+    bsz = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=gen)
+    u = compute_density_for_timestep_sampling("none", bsz, generator=gen)
+    idx = (u * noise_scheduler.config.num_train_timesteps).long().clamp_max(noise_scheduler.config.num_train_timesteps - 1)
+    timesteps = noise_scheduler.timesteps[idx]
+    sigmas = noise_scheduler.sigmas[idx].view(-1, 1, 1, 1, 1)
+    drop_face = torch.rand(bsz, generator=gen) < face_dropout
+    noisy = (1.0 - sigmas) * x0 + sigmas * noise
+    target = noise - x0
+
+    def to(t):
+        return t.to(device)
+
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        pred = model(to(noisy), to(timesteps), to(batch["text"]), to(batch["control"]), to(batch["embedding"]), to(drop_face))
+    weighting = compute_loss_weighting_for_sd3("none", sigmas=to(sigmas))
+    return (weighting * (pred.float() - to(target)) ** 2).mean()
+
+
+def training_scheduler(flow_shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
+
+
+def make_optimizer(params: list[nn.Parameter], stage_cfg, weight_decay: float):
+    """AdamW + linear warmup to a constant learning rate."""
+    optimizer = torch.optim.AdamW(params, lr=stage_cfg.learning_rate, weight_decay=weight_decay)
+    warmup = max(stage_cfg.warmup_steps, 0)
+    lr_lambda = (lambda s: min(1.0, (s + 1) / warmup)) if warmup else (lambda s: 1.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+def trainable_state(model: FaceConditionedDiT) -> dict[str, torch.Tensor]:
+    """Mapper + LoRA tensors (what training changes), CPU float32, flat keys."""
+    from faceid.model.lora import lora_state_dict
+
+    state = {f"mapper.{k}": v for k, v in model.mapper.state_dict().items()}
+    if getattr(model.transformer, "peft_config", None):
+        state.update({f"lora.{k}": v for k, v in lora_state_dict(model.transformer).items()})
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tensor]) -> None:
+    from faceid.model.lora import set_lora_state_dict
+
+    model.mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")})
+    lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+    if lora:
+        set_lora_state_dict(model.transformer, lora)
+
+
+def save_checkpoint(folder: Path, model: FaceConditionedDiT, optimizer, lr_sched, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(folder / CKPT_WEIGHTS))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()}, folder / CKPT_OPTIM)
+    (folder / CKPT_STATE).write_text(json.dumps(state))
+    return folder
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_stage(
+    stage: str,
+    model: FaceConditionedDiT,
+    trainable: list[nn.Parameter],
+    examples: list[dict],
+    stage_cfg,
+    tcfg,
+    state: dict,
+    *,
+    device: torch.device,
+    noise_scheduler,
+    first_step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_optim: dict | None = None,
+    report: Report | None = None,
+    ddp_model: nn.Module | None = None,
+) -> None:
+    """Train ``trainable`` for ``stage_cfg.steps`` steps; global steps ``first_step ..``; appends
+    ``{step, stage, loss, lr}`` to ``state['history']``, checkpoints every ``tcfg.checkpoint_every``.
+    Resumes mid-stage from ``state['step']`` (with ``resume_optim``)."""
+    import torch.distributed as dist
+
+    from faceid.io import progress
+
+    last_step = first_step + stage_cfg.steps
+    if stage_cfg.steps == 0 or state["step"] >= last_step:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer, lr_sched = make_optimizer(trainable, stage_cfg, tcfg.weight_decay)
+    if resume_optim is not None and state["step"] > first_step:
+        optimizer.load_state_dict(resume_optim["optimizer"])
+        lr_sched.load_state_dict(resume_optim["lr_scheduler"])
+    forward = ddp_model or model
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    model.train()
+    steps = range(state["step"], last_step)
+    bar = progress(steps, total=stage_cfg.steps, desc=f"{stage}") if rank == 0 else steps
+    if rank == 0 and state["step"] > first_step:
+        bar.update(state["step"] - first_step)
+    t0, n0 = time.perf_counter(), state["step"]
+    for step in bar:
+        gen = step_generator(tcfg.seed, step, rank)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # module dropout, if any
+        batch = make_batch(examples, step, rank, world_size, tcfg.batch_size, tcfg.seed)
+        loss = flow_matching_loss(forward, batch, noise_scheduler, gen, tcfg.face_dropout, device, amp_dtype)
+        logged = loss.detach().clone()
+        if world_size > 1 and dist.is_initialized():
+            dist.all_reduce(logged)
+            logged /= world_size
+        if not torch.isfinite(logged):
+            raise TrainingError(
+                f"{stage}, step {step}: loss is {logged.item()} (NaN/inf); stopping. Lower "
+                f"train_lora.{stage}.learning_rate ({stage_cfg.learning_rate}) or check the inputs"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        lr_sched.step()
+        state["step"] = step + 1
+        state["history"].append({"step": step + 1, "stage": stage, "loss": float(logged), "lr": lr})
+        if rank == 0 and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(logged):.4f}", lr=f"{lr:.2e}", refresh=False)
+        done = state["step"] == last_step
+        if report is not None and (state["step"] % tcfg.checkpoint_every == 0 or done):
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "step": state["step"], "stage": stage, "loss": float(logged), "lr": lr,
+                "samples_per_s": (state["step"] - n0) * tcfg.batch_size * world_size / max(elapsed, 1e-9),
+                "peak_memory_mb": peak_memory_mb(device),
+            }
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = save_checkpoint(Path(tmp), model, optimizer, lr_sched, state) if rank == 0 else None
+                report(metrics, ckpt)
+    if rank == 0 and hasattr(bar, "close"):
+        bar.close()
+    model.eval()
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train(
+    config: dict,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    checkpoint_dir: Path | None = None,
+    report: Report | None = None,
+) -> dict:
+    """Two-stage training of one identity. ``config``: ``params`` (dict of Params), ``identity``,
+    ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity folder there).
+    ``checkpoint_dir``: resume from it. Returns the summary metrics."""
+    import torch.distributed as dist
+
+    from safetensors.torch import save_file
+
+    from faceid.config import config_hash, params_from_dict, to_dict
+    from faceid.io import sha256_file
+    from faceid.model import components as comp
+    from faceid.model.generate import build_pipeline
+    from faceid.model.identity import save_identity
+    from faceid.model.lora import add_lora, lora_parameters
+    from faceid.model.mapper import FaceMapper
+    from faceid.train.cache import cached_examples
+    from faceid.train.data import load_clips, load_embedding, read_clip
+
+    # 1. Setup
+    params = params_from_dict(config["params"])
+    mcfg, tcfg = params.model, params.train_lora
+    device = device or comp.resolve_device(mcfg)
+    torch.manual_seed(tcfg.seed)
+    t_start = time.perf_counter()
+
+    # 2. Base model (text encoder and VAE are needed only to fill the cache)
+    pipe = build_pipeline(mcfg, device)
+    pipe.set_progress_bar_config(disable=True)
+
+    # 3. Data: identity embedding + clips -> cached latents; then free text encoder and VAE
+    embedding, emb_meta = load_embedding(config["embeddings_dir"])
+    clips = load_clips(config["clips_dir"])
+    base_model = comp.base_model_id(mcfg)
+    examples = cached_examples(pipe, clips, tcfg.cache_dir, base_model, read_clip, show_progress=rank == 0)
+    emb = torch.from_numpy(embedding)
+    examples = [{**ex, "embedding": emb} for ex in examples]
+    transformer = pipe.transformer
+    del pipe
+    _free_memory()
+
+    # 4. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT)
+    torch.manual_seed(tcfg.seed)
+    mapper = FaceMapper(emb.numel(), comp.text_dim(mcfg), tcfg.num_face_tokens, tcfg.mapper_hidden_dim).to(device)
+    add_lora(transformer, tcfg.lora)
+    for p in lora_parameters(transformer):
+        p.data = p.data.float()
+    if tcfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    model = FaceConditionedDiT(transformer, mapper)
+
+    # 5. Resume from the last checkpoint (if any)
+    state, resume_optim = {"step": 0, "history": [], "resumed_from": None}, None
+    if checkpoint_dir is not None:
+        state, resume_optim = _load_checkpoint(model, Path(checkpoint_dir))
+        if rank == 0:
+            print(f"train-lora: resuming {config['identity']} from step {state['step']}")
+
+    ddp = None
+    if world_size > 1 and dist.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    common = dict(device=device, noise_scheduler=training_scheduler(mcfg.flow_shift), rank=rank,
+                  world_size=world_size, resume_optim=resume_optim, report=report, ddp_model=ddp)
+    s1 = tcfg.stage1.steps
+
+    # 6. Stage 1: mapper only, DiT frozen
+    run_stage("stage1", model, list(mapper.parameters()), examples, tcfg.stage1, tcfg, state, first_step=0, **common)
+
+    # 7. Stage 2: mapper + LoRA
+    trainable = list(mapper.parameters()) + lora_parameters(transformer)
+    run_stage("stage2", model, trainable, examples, tcfg.stage2, tcfg, state, first_step=s1, **common)
+
+    # 8. Save the identity folder (rank 0) and summarise
+    summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
+    if rank == 0:
+        card = {
+            "base_model": base_model,
+            "profile": mcfg.profile,
+            "embedder": emb_meta.get("embedder", "unknown"),
+            "lora": to_dict(tcfg.lora),
+            "train_config_hash": config_hash(mcfg, tcfg),
+            "train": {"stage1_steps": tcfg.stage1.steps, "stage2_steps": tcfg.stage2.steps, "seed": tcfg.seed,
+                      "final_loss": summary.get("stage2_loss_last", summary.get("stage1_loss_last"))},
+            "data": {
+                "embeddings_sha256": _embeddings_hash(Path(config["embeddings_dir"]), sha256_file),
+                "clips": {c.clip_id: c.checksum for c in clips},
+            },
+        }
+        save_identity(Path(config["output_dir"]), name=config["identity"], card=card, mapper=mapper,
+                      embedding=emb, transformer=transformer, loss_rows=state["history"])
+        print(format_summary(config["identity"], summary, config["output_dir"]))
+    if report is not None:  # final checkpoint: trainable state + the identity folder (Ray brings it back)
+        with tempfile.TemporaryDirectory() as tmp:
+            final = None
+            if rank == 0:
+                final = Path(tmp)
+                save_file(trainable_state(model), str(final / CKPT_WEIGHTS))
+                (final / CKPT_STATE).write_text(json.dumps(state))
+                shutil.copytree(config["output_dir"], final / IDENTITY_SUBDIR)
+            report({**summary, "done": True}, final)
+    return summary
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What Ray Train runs on each worker: rank/device/checkpoint from ``ray.train``, then :func:`train`.
+    The identity folder travels back to the driver inside the final checkpoint. A NaN/inf loss is
+    reported as ``error`` (no retry: it would fail the same way)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+
+    fail_at = config.get("fail_at_step")  # fault injection for the resume test
+    if fail_at is not None:
+        report = _failing_report(report, fail_at, Path(config["fail_marker"]))
+
+    checkpoint = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory() as tmp, (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
+        try:
+            train({**config, "output_dir": str(Path(tmp) / IDENTITY_SUBDIR)}, rank=rank, world_size=world,
+                  device=ray.train.torch.get_device(), checkpoint_dir=Path(ckpt_dir) if ckpt_dir else None,
+                  report=report)
+        except TrainingError as exc:
+            ray.train.report({"error": str(exc)})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_checkpoint(model: FaceConditionedDiT, folder: Path) -> tuple[dict, dict | None]:
+    from safetensors.torch import load_file
+
+    load_trainable_state(model, load_file(str(folder / CKPT_WEIGHTS)))
+    state = json.loads((folder / CKPT_STATE).read_text())
+    state["resumed_from"] = state["step"]
+    optim = torch.load(folder / CKPT_OPTIM, weights_only=False) if (folder / CKPT_OPTIM).is_file() else None
+    return state, optim
+
+
+def _embeddings_hash(path: Path, sha256_file) -> str:
+    file = path / "embeddings.safetensors" if path.is_dir() else path
+    return sha256_file(file) if file.is_file() else ""
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _summary(state: dict, tcfg, world_size: int, seconds: float, device: torch.device) -> dict:
+    out = {"steps": state["step"], "seconds": seconds, "peak_memory_mb": peak_memory_mb(device),
+           "resumed_from": state.get("resumed_from")}
+    for stage in ("stage1", "stage2"):
+        losses = [h["loss"] for h in state["history"] if h["stage"] == stage]
+        if losses:
+            k = max(1, min(5, len(losses) // 4))
+            out[f"{stage}_loss_first"] = sum(losses[:k]) / k
+            out[f"{stage}_loss_last"] = sum(losses[-k:]) / k
+    out["samples_per_s"] = state["step"] * tcfg.batch_size * world_size / max(seconds, 1e-9)
+    return out
+
+
+def format_summary(identity: str, s: dict, output_dir) -> str:
+    lines = [f"train-lora {identity}: {s['steps']} steps in {s['seconds']:.1f} s "
+             f"({s['samples_per_s']:.2f} samples/s, peak memory {s['peak_memory_mb']:.0f} MiB)"]
+    for stage in ("stage1", "stage2"):
+        if f"{stage}_loss_first" in s:
+            lines.append(f"  {stage}: loss {s[f'{stage}_loss_first']:.4f} -> {s[f'{stage}_loss_last']:.4f}")
+    if s.get("resumed_from") is not None:
+        lines.append(f"  resumed from step {s['resumed_from']}")
+    lines.append(f"  identity folder: {output_dir}")
+    return "\n".join(lines)
+
+
+def _failing_report(report: Report, fail_at: int, marker: Path) -> Report:
+    """Kill the worker process once, right after the checkpoint of step ``fail_at`` is reported."""
+    import os
+
+    def wrapped(metrics: dict, ckpt: Path | None) -> None:
+        report(metrics, ckpt)
+        if metrics.get("step") == fail_at and not marker.exists():
+            marker.write_text("killed")
+            os._exit(1)
+
+    return wrapped
+
+
+

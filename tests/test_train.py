@@ -1,0 +1,118 @@
+"""Training: the recipe run directly (loss decreases, only mapper/LoRA change, resume is exact,
+NaN stops) and one Ray-launched run (kill -> resume from checkpoint, MLflow model + alias)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from faceid.config import to_dict
+from faceid.errors import TrainingError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+F, H, W = 9, 32, 32
+
+
+def write_inputs(root: Path, n_clips: int = 2, dim: int = 128) -> tuple[Path, Path]:
+    """A prepare-pose-style clips folder and an embed-faces-style embeddings folder."""
+    from safetensors.torch import save_file
+
+    from faceid.io import write_parquet
+    from faceid.pose.video import write_video
+
+    clips, emb = root / "clips", root / "emb"
+    rows = []
+    for i in range(n_clips):
+        pose = np.zeros((F, H, W, 3), np.uint8)
+        video = np.full((F, H, W, 3), (200, 60 + 40 * i, 40), np.uint8)
+        for f in range(F):
+            pose[f, 8:20, 2 + 2 * f : 14 + 2 * f] = 255
+            video[f, 8:20, 2 + 2 * f : 14 + 2 * f] = (240, 200, 180)
+        d = clips / "clips" / f"c{i}"
+        d.mkdir(parents=True)
+        write_video(d / "video.mp4", video, 16)
+        write_video(d / "pose.mp4", pose, 16)
+        rows.append({"clip_id": f"c{i}", "source": "synthetic", "start_frame": 0, "num_frames": F, "fps": 16.0,
+                     "height": H, "width": W, "video_path": f"clips/c{i}/video.mp4", "pose_path": f"clips/c{i}/pose.mp4",
+                     "keypoints_path": "", "caption": "a person dancing", "pose_detection_rate": 1.0,
+                     "checksum": f"sum{i}", "status": "ok", "reason": ""})
+    rows.append({**rows[0], "clip_id": "bad", "status": "rejected", "video_path": "missing.mp4"})
+    write_parquet(clips / "manifest.parquet", rows)
+    e = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(1)), dim=0)
+    emb.mkdir(parents=True)
+    save_file({"identity": e, "per_image": e[None].repeat(3, 1)}, str(emb / "embeddings.safetensors"),
+              metadata={"embedder": "dlib", "dim": str(dim), "names": json.dumps(["a", "b", "c"])})
+    return clips, emb
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("train_inputs"))
+
+
+def small_params(params, tmp: Path, **kw):
+    from faceid.config import params_from_dict
+
+    overrides = [f"train_lora.cache_dir={tmp / 'cache'}", "train_lora.stage1.steps=6", "train_lora.stage2.steps=6",
+                 "train_lora.checkpoint_every=4", f"ray.storage_path={tmp / 'ray'}"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
+    return params_from_dict(to_dict(params), overrides)
+
+
+def config_for(p, clips, emb, out):
+    return {"params": to_dict(p), "identity": "synth", "embeddings_dir": str(emb), "clips_dir": str(clips),
+            "output_dir": str(out)}
+
+
+def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
+    from faceid.model.identity import load_identity
+    from faceid.train import recipe
+
+    clips, emb = inputs
+    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=0.01)
+    checkpoints: list[Path] = []
+
+    def keep(metrics, ckpt):
+        if ckpt is not None:
+            dst = tmp_path / ("ckpt_final" if metrics.get("done") else f"ckpt_{metrics['step']}")
+            import shutil
+            shutil.copytree(ckpt, dst)
+            checkpoints.append(dst)
+
+    full = recipe.train(config_for(p, clips, emb, tmp_path / "full"), report=keep)
+    # every 4 steps, at the end of each stage, and a final one with the identity folder
+    assert full["steps"] == 12
+    assert [c.name for c in checkpoints] == ["ckpt_4", "ckpt_6", "ckpt_8", "ckpt_12", "ckpt_final"]
+    assert (tmp_path / "ckpt_final" / "identity" / "identity.json").is_file()
+    assert full["stage2_loss_last"] < full["stage1_loss_first"]
+    ident = load_identity(tmp_path / "full", model_cfg=p.model, embedder="dlib", embed_dim=128)
+    card = ident.card
+    assert card["lora"]["targets"] == "main-cross-attn" and card["data"]["clips"] == {"c0": "sum0", "c1": "sum1"}
+    assert (tmp_path / "full" / "metrics" / "train_loss.csv").read_text().count("\n") == 13
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the latent cache was filled
+
+    # resume from the step-4 checkpoint (a run killed after step 4) -> identical result
+    resumed = recipe.train(config_for(p, clips, emb, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
+    assert resumed["resumed_from"] == 4
+    from safetensors.torch import load_file
+
+    for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows_full = (tmp_path / "full" / "metrics" / "train_loss.csv").read_text()
+    assert rows_full == (tmp_path / "resumed" / "metrics" / "train_loss.csv").read_text()
+
+
+def test_nan_loss_stops_with_clear_message(params, inputs, tmp_path):
+    from faceid.train import recipe
+
+    clips, emb = inputs
+    p = small_params(params, tmp_path, train_lora__stage1__learning_rate="1.0e+30", train_lora__grad_clip=0.0,
+                     train_lora__stage1__steps=20)
+    with pytest.raises(TrainingError, match=r"stage1, step \d+: loss is (nan|inf).*learning_rate"):
+        recipe.train(config_for(p, clips, emb, tmp_path / "out"))
