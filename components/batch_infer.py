@@ -1,0 +1,25 @@
+"""``batch_infer``: videos of a registered identity for every pose clip, on Ray Data (``faceid batch-infer``)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def batch_infer(
+    clips: Input[Dataset],
+    videos: Output[Dataset],
+    identity: str,
+    alias: str = "",
+    params_path: str = "",
+    profile: str = "",
+    ray_address: str = "",
+    mlflow_uri: str = "",
+):
+    """Identity ``models:/faceid-<identity>@<alias>`` ("" = tracking.validated_alias). ``videos``: *.mp4 + manifest.parquet."""
+    from faceid.orchestrate import registry_uri, run_stage
+
+    run_stage(params_path, "batch-infer", "--identity", registry_uri(params_path, identity, alias),
+              "--pose-videos", clips.path, "--output", videos.path, "--ray-address", ray_address,
+              "--mlflow-uri", mlflow_uri, profile=profile)

@@ -1,0 +1,14 @@
+"""``crop_faces``: detect, align, quality-filter and crop the identity photos (``faceid crop-faces``)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def crop_faces(photos: Input[Dataset], crops: Output[Dataset], params_path: str = ""):
+    """``photos``: a folder of photos of one person. ``crops``: manifest.parquet + crops/<size>/."""
+    from faceid.orchestrate import run_stage
+
+    run_stage(params_path, "crop-faces", "--input", photos.path, "--output", crops.path)

@@ -1,0 +1,301 @@
+"""``faceid pipeline {compile,run,submit}``: the KFP pipelines compiled, run locally, or submitted.
+
+The pipelines live in ``pipelines/`` (wiring only) and their components in ``components/`` (a typed
+interface, the pinned image, and one call to :func:`run_stage`). Everything a component does at run
+time goes through :func:`run_stage`, i.e. the same ``faceid`` CLI that DVC and users run.
+
+Pipeline parameters that mean "take it from params.yaml" are sentinels: ``""`` for strings and
+``-1`` for step counts. Their defaults live in ``params.yaml`` only.
+
+kfp is imported inside the functions that need it (the CLI stays fast).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from faceid.errors import FaceidError
+
+PIPELINE_NAMES = ("train", "infer")
+# Where profile overlays live (relative to the working directory: the repo root, /app in the image).
+PROFILE_DIR = Path("configs")
+# The one profile that is params.yaml itself rather than an overlay file.
+BASE_PROFILE = "tiny"
+
+
+# --------------------------------------------------------------------------- called by components
+
+
+def stage_argv(params_path: str, argv: tuple[str, ...] | list[str], profile: str = "",
+               stage1_steps: int = -1, stage2_steps: int = -1) -> list[str]:
+    """The ``faceid`` command line of one stage; sentinels ("" / -1) add nothing.
+
+    ``profile``: ``tiny`` sets ``model.profile=tiny``; any other name is the overlay
+    ``configs/<profile>.yaml`` (e.g. ``wan2.1-vace-1.3b``).
+    """
+    out: list[str] = ["--params", params_path] if params_path else []
+    if profile == BASE_PROFILE:
+        out += ["--set", f"model.profile={profile}"]
+    elif profile:
+        overlay = PROFILE_DIR / f"{profile}.yaml"
+        if not overlay.is_file():
+            known = sorted([BASE_PROFILE] + [p.stem for p in PROFILE_DIR.glob("*.yaml")])
+            raise FaceidError(f"profile {profile!r}: no overlay {overlay} (known profiles: {', '.join(known)})")
+        out += ["--set", f"@{overlay}"]
+    if stage1_steps >= 0:
+        out += ["--set", f"train_lora.stage1.steps={stage1_steps}"]
+    if stage2_steps >= 0:
+        out += ["--set", f"train_lora.stage2.steps={stage2_steps}"]
+    return out + list(argv)
+
+
+def run_stage(params_path: str, *argv: str, profile: str = "", stage1_steps: int = -1, stage2_steps: int = -1,
+              metrics: Any = None, metrics_file: str = "") -> None:
+    """Run ``faceid <argv>`` in-process; raise if it fails. The body of every KFP component.
+
+    ``metrics``/``metrics_file``: copy the numbers of a stage's metrics JSON into a KFP Metrics
+    artifact (shown in the KFP UI); nested keys are joined with dots.
+    """
+    from faceid.cli import main
+
+    full = stage_argv(params_path, argv, profile, stage1_steps, stage2_steps)
+    print("faceid " + " ".join(full), flush=True)
+    rc = main(full)
+    if rc != 0:
+        raise FaceidError(f"faceid {argv[0] if argv else ''} failed with exit code {rc} (message above)")
+    if metrics is not None:
+        for key, value in _numbers(json.loads(Path(metrics_file).read_text())).items():
+            metrics.log_metric(key, value)
+
+
+def _numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    items = obj.items() if isinstance(obj, dict) else []
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_numbers(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def registry_uri(params_path: str, identity: str, alias: str) -> str:
+    """``models:/faceid-<identity>@<alias>``; ``alias=""`` = ``tracking.validated_alias`` of the params."""
+    from faceid.config import load_params
+    from faceid.tracking import registered_model_name
+
+    if not alias:
+        alias = load_params(params_path or "params.yaml").tracking.validated_alias
+    return f"models:/{registered_model_name(identity)}@{alias}"
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def pipeline_func(name: str):
+    if name == "train":
+        from pipelines.train import train
+
+        return train
+    if name == "infer":
+        from pipelines.infer import infer
+
+        return infer
+    raise FaceidError(f"unknown pipeline {name!r} (expected one of {', '.join(PIPELINE_NAMES)})")
+
+
+def compile_pipelines(output_dir: Path) -> list[Path]:
+    """Write ``<output_dir>/train.yaml`` and ``infer.yaml`` (KFP v2 IR, for any KFP v2 backend)."""
+    from kfp import compiler
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in PIPELINE_NAMES:
+        path = output_dir / f"{name}.yaml"
+        compiler.Compiler().compile(pipeline_func(name), str(path))
+        print(f"pipeline {name}: {path}")
+        paths.append(path)
+    return paths
+
+
+_KFP_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}  # ComponentSpec input types
+
+
+def parse_arguments(name: str, arguments: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``["identity=obama", "stage1_steps=5"]`` -> typed pipeline arguments; unknown names are errors."""
+    spec = pipeline_func(name).component_spec.inputs or {}
+    items = arguments.items() if isinstance(arguments, dict) else [_split(a) for a in arguments]
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key not in spec:
+            raise FaceidError(f"pipeline {name}: unknown parameter {key!r} (parameters: {', '.join(spec)})")
+        tp = _KFP_TYPES.get(spec[key].type, str)
+        out[key] = _convert(name, key, value, tp)
+    return out
+
+
+def _split(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise FaceidError(f"pipeline argument {text!r}: expected NAME=VALUE, e.g. identity=obama")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def _convert(name: str, key: str, value: Any, tp: type) -> Any:
+    if not isinstance(value, str) or tp is str:
+        return value
+    try:
+        if tp is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        return tp(value)
+    except ValueError:
+        raise FaceidError(f"pipeline {name}: parameter {key}={value!r}: expected {tp.__name__}") from None
+
+
+def required_parameters(name: str) -> list[str]:
+    spec = pipeline_func(name).component_spec.inputs or {}
+    return [k for k, v in spec.items() if v.default is None and not v.optional]
+
+
+# --------------------------------------------------------------------------- local run
+
+
+def run_local(params, name: str, arguments: list[str] | dict[str, Any], params_path: Path, mlflow_uri: str) -> dict[str, str]:
+    """Run pipeline ``name`` with KFP's local SubprocessRunner (no Docker, no cluster).
+
+    1. The resolved params (``--set`` overrides applied) go to ``<pipeline_root>/params-<hash>.yaml``;
+       every task reads that file, so ``faceid --set ... pipeline run`` reaches every stage.
+    2. Inputs not given (``identity``, ``identity_photos``, ``dance_videos``) come from the sample
+       data, written first by the ``sample_data`` component under the same pipeline root.
+    3. The DAG runs task by task in this environment; MLflow logs to ``mlflow_uri``.
+    Returns the output artifact paths of the run.
+    """
+    import yaml
+    from kfp import local
+
+    from faceid.config import config_hash, to_dict
+
+    args = parse_arguments(name, arguments)
+    root = Path(params.pipeline.pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    # 1. Resolved params, one file per distinct config.
+    resolved = root / f"params-{config_hash(params)}.yaml"
+    resolved.write_text(f"# resolved from {params_path} with overrides; written by faceid pipeline run\n"
+                        + yaml.safe_dump(to_dict(params), sort_keys=False))
+    args.setdefault("params_path", str(resolved))
+    args.setdefault("mlflow_uri", mlflow_uri)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+
+    # 2. Sample data for whatever input is missing.
+    wanted = [k for k in ("identity_photos", "dance_videos") if k in required_parameters(name) and not args.get(k)]
+    if wanted:
+        sample = _local_sample_data(args["params_path"])
+        from faceid.sample_data import IDENTITY_NAME
+
+        args.setdefault("identity", IDENTITY_NAME)
+        if "identity_photos" in wanted:
+            photos = sample / "identities" / args["identity"]
+            if not photos.is_dir():
+                raise FaceidError(f"no photos given for identity {args['identity']!r} and the sample data has none "
+                                  f"({photos}); pass --arg identity_photos=FOLDER")
+            args["identity_photos"] = str(photos)
+        if "dance_videos" in wanted:
+            args["dance_videos"] = str(sample / "videos")
+        print(f"pipeline {name}: inputs from the sample data: " + ", ".join(f"{k}={args[k]}" for k in wanted))
+    missing = [k for k in required_parameters(name) if k not in args]
+    if missing:
+        raise FaceidError(f"pipeline {name}: missing parameter(s) {', '.join(missing)} (pass --arg NAME=VALUE)")
+
+    # 3. The DAG.
+    started = time.monotonic()
+    try:
+        task = pipeline_func(name)(**args)
+    except RuntimeError as exc:
+        raise FaceidError(f"pipeline {name} failed: {_plain(exc)} (task logs above; artifacts under {root})") from None
+    outputs = {key: artifact.path for key, artifact in (task.outputs or {}).items()}
+    print(f"pipeline {name}: done in {time.monotonic() - started:.0f} s; artifacts under {root}")
+    for key, path in outputs.items():
+        print(f"  {key}: {path}")
+    print(f"  MLflow: {args['mlflow_uri']}  (mlflow ui --backend-store-uri {args['mlflow_uri']})")
+    return outputs
+
+
+def _plain(exc: Exception) -> str:
+    """The local runner's message without its terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+
+
+def _local_sample_data(params_path: str) -> Path:
+    """Run the ``sample_data`` component on its own (KFP local task); return its output folder."""
+    from components.sample_data import sample_data
+
+    try:
+        task = sample_data(params_path=params_path)
+    except RuntimeError as exc:
+        raise FaceidError(f"sample-data failed: {_plain(exc)}") from None
+    return Path(task.outputs["sample"].path)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def check_reachable(host: str, timeout: float = 10.0) -> None:
+    """Raise a FaceidError unless ``host`` answers HTTP at all (any status, auth redirects included)."""
+    parsed = urllib.parse.urlparse(host)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise FaceidError(f"--host {host!r}: expected an http(s) URL, e.g. http://localhost:8080 "
+                          "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
+    try:
+        urllib.request.urlopen(host.rstrip("/") + "/apis/v2beta1/healthz", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (401/403/404 behind an auth proxy still means reachable)
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FaceidError(
+            f"cannot reach Kubeflow Pipelines at {host} ({reason}). Check the URL and your network, e.g. "
+            "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80` then --host http://localhost:8080"
+        ) from None
+
+
+def submit(name: str, host: str, arguments: list[str] | dict[str, Any], namespace: str | None = None,
+           experiment: str = "faceid") -> str:
+    """Submit pipeline ``name`` to the KFP v2 API at ``host`` (any KFP v2 backend; Argo on Kubeflow).
+
+    Every required parameter must be given (``identity``, data URIs such as ``s3://bucket/photos``);
+    on the cluster the tasks read the params.yaml baked into the image unless ``params_path`` is set.
+    Returns the run id.
+    """
+    args = parse_arguments(name, arguments)
+    missing = [k for k in required_parameters(name) if k not in args]
+    if missing:
+        raise FaceidError(f"pipeline {name}: missing parameter(s) {', '.join(missing)} (pass --arg NAME=VALUE)")
+    check_reachable(host)
+
+    import kfp
+
+    try:
+        client = kfp.Client(host=host, namespace=namespace)
+        run = client.create_run_from_pipeline_func(
+            pipeline_func(name), arguments=args, experiment_name=experiment,
+            run_name=f"faceid-{name}-{args.get('identity', '')}-{time.strftime('%Y%m%d-%H%M%S')}",
+            namespace=namespace)
+    except FaceidError:
+        raise
+    except Exception as exc:  # kfp_server_api / urllib3 errors: one clear line
+        raise FaceidError(f"submitting pipeline {name} to {host} failed: {type(exc).__name__}: {exc}") from None
+    print(f"pipeline {name}: submitted run {run.run_id} to {host} (experiment {experiment})")
+    return run.run_id

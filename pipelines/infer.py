@@ -1,0 +1,34 @@
+"""Batch-inference pipeline: a registered identity + dance videos -> pose clips -> generated videos.
+
+    import-videos -> prepare-pose -> batch-infer (models:/faceid-<identity>@<alias>)
+
+``alias`` "" = ``tracking.validated_alias`` (the identity passed the validation gate); pass
+``alias=candidate`` to use the latest trained version.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset
+
+from components.batch_infer import batch_infer
+from components.prepare_pose import prepare_pose
+from pipelines import on_cpu, on_gpu
+
+
+@dsl.pipeline(name="faceid-infer", description="Generate videos of a registered identity dancing like the given videos")
+def infer(
+    identity: str,
+    dance_videos: str,
+    alias: str = "",
+    params_path: str = "",
+    profile: str = "",
+    ray_address: str = "",
+    mlflow_uri: str = "",
+) -> Dataset:
+    videos = dsl.importer(artifact_uri=dance_videos, artifact_class=Dataset, reimport=False)
+    videos.set_display_name("import-videos")
+    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
+    generated = on_gpu(batch_infer(
+        clips=clips.outputs["clips"], identity=identity, alias=alias, params_path=params_path,
+        profile=profile, ray_address=ray_address, mlflow_uri=mlflow_uri,
+    ))
+    return generated.outputs["videos"]

@@ -1,0 +1,57 @@
+"""Training pipeline: photos + dance videos -> crops, embedding, pose clips -> identity adapter -> validation.
+
+    import-photos -> crop-faces -> embed-faces ----+--> train-lora -> render-validation
+    import-videos -> prepare-pose -----------------+
+
+``identity_photos`` and ``dance_videos`` are folder URIs: a local path for ``faceid pipeline run
+--local``, ``s3://...`` / ``minio://...`` / ``gs://...`` on a cluster. "" / -1 parameters mean
+"the value in params.yaml" (``params_path``; "" = the params.yaml baked into the image).
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Model
+
+from components.crop_faces import crop_faces
+from components.embed_faces import embed_faces
+from components.prepare_pose import prepare_pose
+from components.render_validation import render_validation
+from components.train_lora import train_lora
+from pipelines import on_cpu, on_gpu
+
+
+@dsl.pipeline(name="faceid-train", description="Train a face-identity adapter for Wan2.1-VACE and validate it")
+def train(
+    identity: str,
+    identity_photos: str,
+    dance_videos: str,
+    params_path: str = "",
+    profile: str = "",
+    stage1_steps: int = -1,
+    stage2_steps: int = -1,
+    ray_address: str = "",
+    mlflow_uri: str = "",
+) -> NamedTuple("Outputs", identity_dir=Model, validation=Dataset):
+    photos = dsl.importer(artifact_uri=identity_photos, artifact_class=Dataset, reimport=False)
+    photos.set_display_name("import-photos")
+    videos = dsl.importer(artifact_uri=dance_videos, artifact_class=Dataset, reimport=False)
+    videos.set_display_name("import-videos")
+
+    crops = on_cpu(crop_faces(photos=photos.output, params_path=params_path))
+    embeddings = on_cpu(embed_faces(crops=crops.outputs["crops"], params_path=params_path))
+    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
+
+    trained = on_gpu(train_lora(
+        embeddings=embeddings.outputs["embeddings"], clips=clips.outputs["clips"], identity=identity,
+        params_path=params_path, profile=profile, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+        ray_address=ray_address, mlflow_uri=mlflow_uri,
+    ))
+    validated = on_gpu(render_validation(
+        identity_dir=trained.outputs["identity_dir"], clips=clips.outputs["clips"],
+        embeddings=embeddings.outputs["embeddings"], params_path=params_path, profile=profile,
+        mlflow_uri=mlflow_uri,
+    ), memory="32Gi")
+
+    Outputs = NamedTuple("Outputs", identity_dir=Model, validation=Dataset)
+    return Outputs(identity_dir=trained.outputs["identity_dir"], validation=validated.outputs["validation"])

@@ -1,0 +1,106 @@
+"""End to end on this machine, as a user runs it (CPU, tiny profile, few steps):
+
+(a) ``faceid pipeline run train --local``: KFP's local runner runs the whole training DAG on the
+    sample identity and leaves a registered MLflow model version ``faceid-obama@candidate``;
+(b) ``dvc repro`` in a fresh ``git clone`` runs every stage, a second ``dvc repro`` is a no-op, and
+    changing ``train_lora.stage2.steps`` reruns only train_lora and render_validation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO / ".cache" / "packages" / "face_recognition-1.3.0.tar.gz"
+VENV_BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 1500
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "KF_PIPELINES_ENDPOINT")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def test_local_kfp_run_registers_a_model_version(tmp_path):
+    from mlflow import MlflowClient
+
+    assert ARCHIVE.is_file(), f"{ARCHIVE} missing: run `make install`"
+    out = _run([sys.executable, "-m", "faceid.cli", "--params", str(REPO / "params.yaml"),
+                "--set", f"sample_data.photo_archive={ARCHIVE}",
+                "--set", f"train_lora.cache_dir={tmp_path / 'latents'}",
+                "--set", f"ray.storage_path={tmp_path / 'ray'}",
+                "pipeline", "run", "train", "--local", "--arg", "stage1_steps=2", "--arg", "stage2_steps=2"],
+               cwd=tmp_path, env=_env())
+    assert "finished with status" in out and "FAILURE" not in out
+    for task in ["sample-data", "crop-faces", "embed-faces", "prepare-pose", "train-lora", "render-validation"]:
+        assert re.search(rf"Task \S*'{task}'\S* finished with status \S*SUCCESS", out), task
+
+    runs = list((tmp_path / ".kfp").glob("faceid-train-*"))
+    assert len(runs) == 1
+    identity_dir = runs[0] / "train-lora" / "identity_dir"
+    assert (identity_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (identity_dir / "metrics" / "train_loss.csv").is_file()
+    assert (runs[0] / "render-validation" / "validation" / "metrics.json").is_file()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("faceid-obama", "candidate")
+    assert int(version.version) >= 1
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params.get("train_lora.stage2.steps") == "2"  # the pipeline parameter reached the stage
+
+
+def _ran_stages(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", out))
+
+
+def test_dvc_repro_in_a_fresh_clone(tmp_path):
+    assert ARCHIVE.is_file(), f"{ARCHIVE} missing: run `make install`"
+    clone = tmp_path / "faceid"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    (clone / ARCHIVE.relative_to(REPO)).parent.mkdir(parents=True)
+    shutil.copy(ARCHIVE, clone / ARCHIVE.relative_to(REPO))
+    params_file = clone / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["train_lora"]["stage1"]["steps"] = 2
+    params["train_lora"]["stage2"]["steps"] = 2
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(PYTHONPATH=str(clone))  # the clone's code, not this checkout's
+    dvc = [str(VENV_BIN / "dvc")]
+
+    first = _run(dvc + ["repro"], clone, env)
+    assert _ran_stages(first) == {"sample_data", "crop_faces", "embed_faces", "prepare_pose", "train_lora", "render_validation"}
+    assert (clone / "data/work/obama/validation/metrics.json").is_file()
+    assert (clone / "data/work/obama/identity/metrics/train_loss.csv").is_file()
+    assert "validation/metrics.json" in _run(dvc + ["metrics", "show"], clone, env)
+
+    second = _run(dvc + ["repro"], clone, env)
+    assert _ran_stages(second) == set() and "up to date" in second
+
+    params["train_lora"]["stage2"]["steps"] = 3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(dvc + ["repro"], clone, env)
+    assert _ran_stages(third) == {"train_lora", "render_validation"}
+
+    # The default remote is a local folder beside the repository.
+    _run(dvc + ["push"], clone, env)
+    assert any((tmp_path / "faceid-dvc-storage").rglob("*"))
