@@ -88,6 +88,13 @@ def test_planted_photo_is_flagged_exactly(planted):
     assert rows["obama"]["crop_path"] == "crops/150/obama.png"
 
 
+def test_several_planted_people_are_all_flagged(crops_all, params, tmp_path):
+    report = embed.run(params.embed_faces, crops_all, tmp_path / "emb")
+    assert sorted(o["name"] for o in report["outliers"]) == ["astronaut", "biden", "grace_hopper"]
+    assert min(report["similarity"][Path(n).stem] for n in OBAMA) > 0.95
+    assert max(o["similarity"] for o in report["outliers"]) < 0.86
+
+
 def test_identity_embedding_excludes_the_outlier(planted):
     from safetensors.numpy import load_file
 
@@ -121,6 +128,9 @@ def test_leave_one_out_similarity_pure():
     sims = embed.leave_one_out_similarity(np.vstack([same, other]))
     assert sims[:4].min() > 0.9 and sims[4] < 0.6
     assert np.isnan(embed.leave_one_out_similarity(base[None])).all()
+    sims, outlier = embed.find_outliers(np.vstack([same, other, other + 0.01]), threshold=0.8)
+    assert outlier.tolist() == [False] * 4 + [True, True]
+    assert sims[:4].min() > 0.95 and sims[4:].max() < 0.6
 
 
 def test_load_identity_embedding_errors(tmp_path):
