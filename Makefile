@@ -30,9 +30,9 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# dvc runs each stage's `faceid ...` cmd through the shell: put the venv on PATH.
 repro: install
-	test -d .dvc || $(VENV)/bin/dvc init -q
-	$(VENV)/bin/dvc repro
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 infer: install
 	$(FACEID) pipeline run infer --local

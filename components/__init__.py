@@ -2,9 +2,8 @@
 
 The component images are pinned here and only here: the tag is the faceid package version
 (``faceid.__version__``), so a release builds and pushes ``faceid:<version>`` and
-``faceid-cuda:<version>`` from ``infra/Dockerfile`` and ``infra/Dockerfile.cuda``.
-``tests/test_infra.py`` checks that ``params.yaml`` (``pipeline.image``/``gpu_image``) and the
-Kubernetes manifests name the same tags.
+``faceid-cuda:<version>`` from ``infra/Dockerfile`` (the CUDA image with a build argument).
+``tests/test_infra.py`` checks that the Kubernetes manifests name the same tags.
 
 Component bodies run inside the image (or, with KFP's local runner, in this environment); each
 imports :func:`faceid.orchestrate.run_stage` and calls the stage's CLI command with the artifact

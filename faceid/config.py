@@ -191,8 +191,6 @@ class RayConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     pipeline_root: str
-    image: str
-    gpu_image: str
 
 
 @dataclass(frozen=True)
