@@ -92,7 +92,8 @@ def load_lora(pipe, folder: str | Path, adapter_name: str) -> None:
         raise InputError(f"{path}: file not found (expected the identity's LoRA, written by train-lora)")
     pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=adapter_name)
     expected = load_file(str(path))
-    loaded = lora_state_dict(pipe.transformer, adapter_name)
+    has_adapter = adapter_name in (getattr(pipe.transformer, "peft_config", None) or {})
+    loaded = lora_state_dict(pipe.transformer, adapter_name) if has_adapter else {}
     mismatched = [
         k for k, v in expected.items()
         if k.removeprefix("transformer.") not in loaded
