@@ -14,6 +14,7 @@ Settings left as ``None`` come from ``params.batch_infer`` (one place for defaul
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -271,6 +272,8 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
         "fps": float(fps),
+        # of the raw frames: H.264 files of equal frames may differ across processes (encoder threads)
+        "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),
         **info,
         "load_s": round(t1 - t0, 4),
         "generate_s": round(t2 - t1, 4),

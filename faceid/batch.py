@@ -1,0 +1,230 @@
+"""``faceid batch-infer`` (DVC stage / KFP component ``batch_infer``): many pose videos, Ray Data.
+
+Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manifest.parquet`` ->
+``pose_path`` and ``caption`` of the ``ok`` clips) or such a manifest file. One job per pose video
+(``--interpolate A,B``: ``batch_infer.interpolation_steps`` jobs per pose video, ``<name>__tKK.mp4``).
+
+- Ray Data: ``from_items(jobs).map(Worker, concurrency=batch_infer.num_workers)``; each worker
+  builds the pipeline once (``faceid.infer.Generator``). Local Ray unless an address is given.
+- Resumable: an output that exists is not redone (status ``skipped``); videos are written atomically.
+- A failing video is recorded (status ``failed`` + error) and the others continue.
+- ``<out>/manifest.parquet``: one row per job with settings, seed, timings and FaceSim to the
+  (main) identity's own embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from faceid.errors import FaceidError, InputError
+
+MANIFEST = "manifest.parquet"
+STATUSES = ("ok", "failed", "skipped")
+
+
+# --------------------------------------------------------------------------- jobs (pure)
+
+
+def list_pose_videos(pose_videos: Path) -> list[dict]:
+    """``[{"name", "pose_video", "caption"}]`` from a folder of *.mp4, a prepare-pose folder or its manifest."""
+    from faceid.io import read_parquet
+
+    pose_videos = Path(pose_videos)
+    manifest = pose_videos if pose_videos.suffix == ".parquet" else pose_videos / MANIFEST
+    if manifest.is_file():
+        root = manifest.parent
+        rows = [r for r in read_parquet(manifest) if r.get("status", "ok") == "ok" and r.get("pose_path")]
+        items = [{"name": str(r.get("clip_id") or Path(r["pose_path"]).parent.name), "pose_video": str(root / r["pose_path"]),
+                  "caption": r.get("caption") or None} for r in rows]
+    elif pose_videos.is_dir():
+        items = [{"name": p.stem, "pose_video": str(p), "caption": None} for p in sorted(pose_videos.glob("*.mp4"))]
+    else:
+        raise InputError(f"{pose_videos}: not found (expected a folder of .mp4 pose videos or a prepare-pose output folder)")
+    if not items:
+        raise InputError(f"{pose_videos}: no pose videos (*.mp4, or ok clips in {MANIFEST})")
+    names = [i["name"] for i in items]
+    if len(set(names)) != len(names):
+        raise InputError(f"{pose_videos}: pose video names are not unique ({sorted({n for n in names if names.count(n) > 1})[:3]})")
+    return items
+
+
+def plan_jobs(items: list[dict], output_dir: Path, spec: dict, interpolation_steps: int) -> list[dict]:
+    """One job per pose video (``spec`` = identity or blend), or ``interpolation_steps`` per video."""
+    jobs = []
+    for item in items:
+        if "interpolate" in spec:
+            for k in range(interpolation_steps):
+                step = {**spec, "step": k, "steps": interpolation_steps}
+                jobs.append({**item, "key": f"{item['name']}__t{k:02d}", "output": str(output_dir / f"{item['name']}__t{k:02d}.mp4"),
+                             "spec": json.dumps(step)})
+        else:
+            jobs.append({**item, "key": item["name"], "output": str(output_dir / f"{item['name']}.mp4"), "spec": json.dumps(spec)})
+    return jobs
+
+
+def summarize(rows: list[dict]) -> dict:
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    return {"total": len(rows), **counts, "failures": {r["key"]: r["error"] for r in rows if r["status"] == "failed"}}
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """A Ray Data callable class: builds the pipeline once per worker, renders one job per call."""
+
+    def __init__(self, params, settings, mlflow_uri: str | None):
+        from faceid.infer import Generator
+
+        self.params, self.settings = params, settings
+        self.generator = Generator(params, mlflow_uri=mlflow_uri)
+        self.generator.pipe.set_progress_bar_config(disable=True)
+        self._interpolations: dict[tuple, list] = {}
+        self._scorers: dict[str, object] = {}
+
+    def conditioning(self, spec: dict):
+        """``(conditioning, main identity ref, t)`` for a job spec."""
+        g = self.generator
+        if "interpolate" in spec:
+            a, b = spec["interpolate"]
+            key = (a, b, spec["steps"])
+            if key not in self._interpolations:
+                self._interpolations[key] = g.interpolation(a, b, spec["steps"])
+            t, cond = self._interpolations[key][spec["step"]]
+            return cond, (a if t <= 0.5 else b), t
+        if "blend" in spec:
+            pairs = [(ref, float(w)) for ref, w in spec["blend"]]
+            return g.conditioning(blend=pairs), max(pairs, key=lambda p: p[1])[0], None
+        return g.conditioning(spec["identity"]), spec["identity"], None
+
+    def facesim(self, ref: str, output: str) -> dict:
+        """FaceSim of the written video to the identity's own embedding (same embedder only)."""
+        from faceid.faces.similarity import FaceSimScorer
+        from faceid.pose.video import read_video
+
+        identity = self.generator.identity(ref)
+        if identity.card["embedder"] != self.params.embed_faces.embedder:
+            return {"facesim": None, "face_detection_rate": None}
+        if ref not in self._scorers:
+            self._scorers[ref] = FaceSimScorer(identity.embedding.numpy(), self.params.crop_faces, self.params.embed_faces)
+        frames, _ = read_video(output)
+        res = self._scorers[ref].score(frames)
+        return {"facesim": res["mean"], "facesim_std": res["std"], "face_detection_rate": res["detection_rate"]}
+
+    def __call__(self, job: dict) -> dict:
+        from faceid.infer import render_one
+
+        t0 = time.perf_counter()
+        row = {"key": job["key"], "pose_video": job["pose_video"], "output": job["output"], "worker": f"{os.uname().nodename}:{os.getpid()}"}
+        try:
+            cond, main_ref, t = self.conditioning(json.loads(job["spec"]))
+            row.update(render_one(self.generator, cond, Path(job["pose_video"]), Path(job["output"]), self.settings, job["caption"]))
+            row["interp_t"] = t
+            row.update(self.facesim(main_ref, job["output"]))
+            row.update(status="ok", error=None)
+        except Exception as exc:  # one bad video must not stop the batch
+            message = str(exc) if isinstance(exc, FaceidError) else f"{type(exc).__name__}: {exc}"
+            row.update(status="failed", error=message.splitlines()[0][:500] if message else type(exc).__name__)
+        row["total_s"] = round(time.perf_counter() - t0, 4)
+        return {"result": json.dumps(row, default=str)}
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None) -> list[dict]:
+    import ray
+    from ray.data import DataContext
+
+    from faceid.io import progress
+
+    started = False
+    if not ray.is_initialized():
+        local = not ray_address
+        ray.init(address=ray_address or None, num_cpus=(params.ray.num_cpus or None) if local else None,
+                 include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        DataContext.get_current().enable_progress_bars = False
+        cfg = params.batch_infer
+        ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map(
+            Worker,
+            fn_constructor_kwargs={"params": params, "settings": settings, "mlflow_uri": mlflow_uri},
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+            num_cpus=1,
+            num_gpus=1 if cfg.use_gpu else 0,
+        )
+        return [json.loads(r["result"]) for r in progress(ds.iter_rows(), total=len(jobs), desc="batch-infer")]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(
+    params,
+    identity: str | None,
+    pose_videos: Path,
+    output_dir: Path,
+    blend: str | None = None,
+    interpolate: str | None = None,
+    ray_address: str = "",
+    mlflow_uri: str | None = None,
+) -> dict:
+    """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``."""
+    from faceid.infer import parse_blend, parse_interpolate, resolve_identity, settings_from
+    from faceid.io import read_parquet, write_parquet
+    from faceid.model.identity import load_identity
+
+    # 1. Check inputs: pose videos, identities (compatibility with the base model), settings
+    output_dir = Path(output_dir)
+    items = list_pose_videos(Path(pose_videos))
+    if interpolate:
+        a, b = parse_interpolate(interpolate, identity)
+        spec, refs = {"interpolate": [a, b]}, [a, b]
+        if params.batch_infer.interpolation_steps < 2:
+            raise InputError(f"batch_infer.interpolation_steps: expected >= 2, got {params.batch_infer.interpolation_steps}")
+    elif blend:
+        pairs = parse_blend(blend)
+        spec, refs = {"blend": [[r, w] for r, w in pairs]}, [r for r, _ in pairs]
+    elif identity:
+        spec, refs = {"identity": str(identity)}, [str(identity)]
+    else:
+        raise InputError("batch-infer: expected --identity, --blend or --interpolate")
+    for ref in refs:
+        load_identity(resolve_identity(ref, mlflow_uri), model_cfg=params.model)
+    settings = settings_from(params)
+
+    # 2. Plan: skip outputs that exist (resume), keeping their earlier manifest rows
+    output_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(items, output_dir, spec, params.batch_infer.interpolation_steps)
+    previous = {}
+    if (output_dir / MANIFEST).is_file():
+        previous = {r["key"]: r for r in read_parquet(output_dir / MANIFEST)}
+    done = [j for j in jobs if Path(j["output"]).is_file()]
+    todo = [j for j in jobs if not Path(j["output"]).is_file()]
+    rows = {j["key"]: {**previous.get(j["key"], {}), "key": j["key"], "pose_video": j["pose_video"], "output": j["output"],
+                       "status": "skipped", "error": None} for j in done}
+
+    # 3. Generate the rest on Ray Data workers
+    if todo:
+        for r in _run_ray(params, todo, settings, ray_address, mlflow_uri):
+            rows[r["key"]] = r
+
+    # 4. Manifest in job order (same columns on every row) and a summary
+    ordered = [rows[j["key"]] for j in jobs]
+    columns = list(dict.fromkeys(k for r in ordered for k in r))
+    write_parquet(output_dir / MANIFEST, [{c: r.get(c) for c in columns} for r in ordered])
+    summary = summarize(ordered)
+    print(f"batch-infer: {summary['ok']} generated, {summary['skipped']} skipped (exist), {summary['failed']} failed "
+          f"-> {output_dir / MANIFEST}")
+    for key, error in summary["failures"].items():
+        print(f"  failed {key}: {error}")
+    if summary["failed"] == summary["total"]:
+        raise FaceidError(f"batch-infer: all {summary['total']} videos failed (first: {next(iter(summary['failures'].values()))})")
+    return summary

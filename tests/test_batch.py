@@ -1,0 +1,137 @@
+"""faceid batch-infer on local Ray Data (one Ray session for the module): outputs and manifest, a
+corrupted pose video fails alone, a second run skips done work, interpolation endpoints equal the
+pure identities, prepare-pose folders as input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faceid.errors import InputError
+from test_infer import make_identity, read, small, write_pose_video
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, params, ray_session):
+    root = tmp_path_factory.mktemp("batch")
+    p = small(params, batch_infer__interpolation_steps=3)
+    a = make_identity(root / "a", p, "a", seed=1)
+    b = make_identity(root / "b", p, "b", seed=2)
+    poses = root / "poses"
+    poses.mkdir()
+    write_pose_video(poses / "one.mp4", 9)
+    write_pose_video(poses / "two.mp4", 10)  # trimmed to 9
+    (poses / "broken.mp4").write_bytes((poses / "one.mp4").read_bytes()[:700])  # truncated file
+    return {"root": root, "params": p, "a": a, "b": b, "poses": poses}
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    from faceid import batch
+
+    out = world["root"] / "out"
+    summary = batch.run(world["params"], str(world["a"]), world["poses"], out)
+    return out, summary
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    from faceid.io import read_parquet
+
+    return {r["key"]: r for r in read_parquet(out / "manifest.parquet")}
+
+
+def test_outputs_manifest_and_a_corrupted_video_fails_alone(first_run):
+    from faceid.pose.video import probe
+
+    out, summary = first_run
+    assert (summary["ok"], summary["failed"], summary["skipped"]) == (2, 1, 0)
+    rows = manifest(out)
+    assert rows["broken"]["status"] == "failed" and "broken.mp4: not a readable video" in rows["broken"]["error"]
+    assert not (out / "broken.mp4").exists()
+    for key in ("one", "two"):
+        r = rows[key]
+        assert r["status"] == "ok" and r["error"] is None
+        info = probe(out / f"{key}.mp4")
+        assert (info["frames"], info["height"], info["width"], info["fps"]) == (9, 32, 32, 16.0)
+        assert (r["num_frames"], r["seed"], r["num_inference_steps"], r["identity"]) == (9, 0, 2, "a")
+        assert r["generate_s"] > 0 and r["total_s"] >= r["generate_s"]
+        assert r["prompt"] == "a person dancing"
+        assert "face_detection_rate" in r and "facesim" in r
+    assert rows["two"]["trimmed_frames"] == 1
+
+
+def test_second_run_skips_done_work(world, first_run):
+    from faceid import batch
+
+    out, _ = first_run
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    summary = batch.run(world["params"], str(world["a"]), world["poses"], out)
+    assert (summary["ok"], summary["skipped"], summary["failed"]) == (0, 2, 1)  # the broken one is retried
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
+    rows = manifest(out)
+    assert rows["one"]["status"] == "skipped" and rows["one"]["seed"] == 0  # earlier settings kept
+    assert rows["broken"]["status"] == "failed"
+
+
+def test_interpolation_endpoints_equal_the_pure_identities(world, first_run, tmp_path):
+    from faceid import batch
+
+    out_a, _ = first_run
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    shutil.copy(world["poses"] / "one.mp4", poses / "one.mp4")
+    out_b, out_i = tmp_path / "b", tmp_path / "interp"
+    batch.run(world["params"], str(world["b"]), poses, out_b)
+    summary = batch.run(world["params"], None, poses, out_i, interpolate=f"{world['a']},{world['b']}")
+    assert summary["ok"] == 3
+    # compare the raw frames (their hashes): H.264 bitstreams of equal frames differ across processes
+    sha = [manifest(out_i)[f"one__t{k:02d}"]["frames_sha256"] for k in range(3)]
+    assert sha[0] == manifest(out_a)["one"]["frames_sha256"]
+    assert sha[2] == manifest(out_b)["one"]["frames_sha256"]
+    assert len(set(sha)) == 3
+    assert [manifest(out_i)[f"one__t{k:02d}"]["interp_t"] for k in range(3)] == [0.0, 0.5, 1.0]
+
+
+def test_pose_videos_from_a_prepare_pose_folder(tmp_path):
+    from faceid.batch import list_pose_videos, plan_jobs
+    from faceid.io import write_parquet
+
+    (tmp_path / "clips" / "c0").mkdir(parents=True)
+    rows = [{"clip_id": "c0", "pose_path": "clips/c0/pose.mp4", "caption": "a man dancing", "status": "ok"},
+            {"clip_id": "c1", "pose_path": "clips/c1/pose.mp4", "caption": "", "status": "rejected"}]
+    write_parquet(tmp_path / "manifest.parquet", rows)
+    items = list_pose_videos(tmp_path)
+    assert items == [{"name": "c0", "pose_video": str(tmp_path / "clips/c0/pose.mp4"), "caption": "a man dancing"}]
+    jobs = plan_jobs(items, tmp_path / "out", {"interpolate": ["a", "b"]}, 2)
+    assert [j["output"] for j in jobs] == [str(tmp_path / "out" / f"c0__t{k:02d}.mp4") for k in range(2)]
+    with pytest.raises(InputError, match="no pose videos"):
+        list_pose_videos(tmp_path / "clips")
+
+
+def test_incompatible_identity_fails_before_any_work(world, tmp_path):
+    import json
+
+    from faceid import batch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(world["a"], bad)
+    card = json.loads((bad / "identity.json").read_text())
+    card["base_model"] = "wan2.1-vace-1.3b"
+    (bad / "identity.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="trained on base model"):
+        batch.run(world["params"], None, world["poses"], tmp_path / "out", blend=f"{world['a']}=0.5,{bad}=0.5")
+    assert not (tmp_path / "out").exists()
