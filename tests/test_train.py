@@ -116,3 +116,53 @@ def test_nan_loss_stops_with_clear_message(params, inputs, tmp_path):
                      train_lora__stage1__steps=20)
     with pytest.raises(TrainingError, match=r"stage1, step \d+: loss is (nan|inf).*learning_rate"):
         recipe.train(config_for(p, clips, emb, tmp_path / "out"))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ray_session):
+    """Ray Train launch: the worker is killed after the step-4 checkpoint, FailureConfig restarts it
+    from that checkpoint, and the result equals the uninterrupted recipe run directly; MLflow gets params,
+    per-step losses and a registered model version with the alias."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from faceid.tracking import local_store_uri
+    from faceid.train import launch, recipe
+
+    clips, emb = inputs
+    p = small_params(params, tmp_path)
+    uri = local_store_uri(tmp_path / "mlruns")
+    summary = launch.run(p, "synth", emb, clips, tmp_path / "identity", ray_address="", mlflow_uri=uri, fail_at_step=4)
+    assert summary["resumed_from"] == 4 and summary["steps"] == 12
+    assert (Path(summary["ray_run"]) / "fault_injected").is_file()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray worker (OMP_NUM_THREADS=1): same float reduction order
+    try:
+        direct = recipe.train(config_for(p, clips, emb, tmp_path / "direct"))
+    finally:
+        torch.set_num_threads(threads)
+    assert direct["steps"] == 12
+    for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = load_file(str(tmp_path / "identity" / name)), load_file(str(tmp_path / "direct" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("faceid-synth", p.tracking.register_alias)
+    assert str(mv.version) == summary["model_version"]
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train_lora.stage1.steps"] == "6"
+    history = client.get_metric_history(run.info.run_id, "stage2_loss")
+    assert [m.step for m in history] == list(range(7, 13))
+    local = mlflow.artifacts.download_artifacts(f"models:/faceid-synth@{p.tracking.register_alias}",
+                                                dst_path=str(tmp_path / "dl"))
+    assert (Path(local) / "artifacts" / "identity" / "identity.json").is_file()

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -29,7 +31,8 @@ def run_name(params, identity: str, embeddings_dir: Path, clips_dir: Path) -> st
     data = sorted(c.checksum for c in load_clips(clips_dir))
     emb = embeddings_dir / "embeddings.safetensors"
     emb_id = emb.stat().st_size if emb.is_file() else str(embeddings_dir.resolve())
-    return f"train-lora-{identity}-{config_hash(params.model, params.train_lora, {'data': data, 'emb': emb_id})}"
+    payload = json.dumps([config_hash(params.model, params.train_lora), data, emb_id], default=str)
+    return f"train-lora-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
 def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir: Path,

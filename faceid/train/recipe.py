@@ -371,7 +371,7 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, ckpt: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
-    fail_at = config.get("fail_at_step")  # fault injection for the resume test
+    fail_at = config.get("fail_at_step")  # fault injection for the resume test (launch.run(fail_at_step=...))
     if fail_at is not None:
         report = _failing_report(report, fail_at, Path(config["fail_marker"]))
 
@@ -437,16 +437,15 @@ def format_summary(identity: str, s: dict, output_dir) -> str:
 
 
 def _failing_report(report: Report, fail_at: int, marker: Path) -> Report:
-    """Kill the worker process once, right after the checkpoint of step ``fail_at`` is reported."""
+    """Kill the worker process once, at the first report after step ``fail_at`` (whose checkpoint
+    Ray has registered by then) -- the run must resume from the step-``fail_at`` checkpoint."""
     import os
 
     def wrapped(metrics: dict, ckpt: Path | None) -> None:
-        report(metrics, ckpt)
-        if metrics.get("step") == fail_at and not marker.exists():
+        if metrics.get("step", 0) > fail_at and not marker.exists():
             marker.write_text("killed")
+            time.sleep(5.0)  # Ray's controller collects reports by polling: let it register the checkpoint
             os._exit(1)
+        report(metrics, ckpt)
 
     return wrapped
-
-
-
