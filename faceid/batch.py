@@ -157,7 +157,12 @@ def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: s
             num_cpus=1,
             num_gpus=1 if cfg.use_gpu else 0,
         )
-        return [json.loads(r["result"]) for r in progress(ds.iter_rows(), total=len(jobs), desc="batch-infer")]
+        try:
+            return [json.loads(r["result"]) for r in progress(ds.iter_rows(), total=len(jobs), desc="batch-infer")]
+        except Exception as exc:  # a worker could not start (e.g. model weights missing there): show the cause
+            cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise FaceidError(f"batch-infer: the Ray Data job failed ({type(exc).__name__}: {cause}); "
+                              f"outputs written so far are kept and a rerun resumes") from exc
     finally:
         if started:
             ray.shutdown()
