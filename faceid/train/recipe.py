@@ -173,7 +173,6 @@ def run_stage(
     world_size: int = 1,
     resume_optim: dict | None = None,
     report: Report | None = None,
-    ddp_model: nn.Module | None = None,
 ) -> None:
     """Train ``trainable`` for ``stage_cfg.steps`` steps; global steps ``first_step ..``; appends
     ``{step, stage, loss, lr}`` to ``state['history']``, checkpoints every ``tcfg.checkpoint_every``.
@@ -193,7 +192,11 @@ def run_stage(
     if resume_optim is not None and state["step"] > first_step:
         optimizer.load_state_dict(resume_optim["optimizer"])
         lr_sched.load_state_dict(resume_optim["lr_scheduler"])
-    forward = ddp_model or model
+    forward = model
+    if world_size > 1 and dist.is_initialized():  # wrapped per stage: DDP registers the params that need grads now
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     model.train()
     steps = range(state["step"], last_step)
@@ -257,8 +260,6 @@ def train(
     """Two-stage training of one identity. ``config``: ``params`` (dict of Params), ``identity``,
     ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity folder there).
     ``checkpoint_dir``: resume from it. Returns the summary metrics."""
-    import torch.distributed as dist
-
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
@@ -310,13 +311,8 @@ def train(
         if rank == 0:
             print(f"train-lora: resuming {config['identity']} from step {state['step']}")
 
-    ddp = None
-    if world_size > 1 and dist.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     common = dict(device=device, noise_scheduler=training_scheduler(mcfg.flow_shift), rank=rank,
-                  world_size=world_size, resume_optim=resume_optim, report=report, ddp_model=ddp)
+                  world_size=world_size, resume_optim=resume_optim, report=report)
     s1 = tcfg.stage1.steps
 
     # 6. Stage 1: mapper only, DiT frozen
