@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,30 +67,10 @@ def read_clip(clip: Clip) -> tuple[np.ndarray, np.ndarray]:
 
 def load_embedding(embeddings_dir: str | Path) -> tuple[np.ndarray, dict]:
     """``(embedding [D] float32, meta{embedder, dim, ...})`` from the embed_faces output."""
-    try:
-        from faceid.faces.embed import load_identity_embedding
-    except ImportError:  # embed_faces not installed in this tree yet: read the documented file layout
-        load_identity_embedding = _read_embeddings_file
+    from faceid.faces.embed import load_identity_embedding
+
     emb, meta = load_identity_embedding(embeddings_dir)
     emb = np.asarray(emb, dtype=np.float32)
     if emb.ndim != 1 or not np.isfinite(emb).all():
         raise InputError(f"{embeddings_dir}: identity embedding must be a finite 1-D vector, got shape {emb.shape}")
     return emb, dict(meta)
-
-
-def _read_embeddings_file(path: str | Path) -> tuple[np.ndarray, dict]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    file = path / "embeddings.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise InputError(f"{file}: not found (expected embeddings.safetensors written by embed-faces)")
-    with safe_open(str(file), framework="numpy") as f:
-        if "identity" not in f.keys():
-            raise InputError(f"{file}: tensor 'identity' missing")
-        emb = f.get_tensor("identity")
-        meta = dict(f.metadata() or {})
-    meta["dim"] = int(meta.get("dim", emb.shape[0]))
-    if "names" in meta:
-        meta["names"] = json.loads(meta["names"])
-    return emb, meta
