@@ -201,3 +201,24 @@ def test_generate_checks_inputs_and_blends(params, pipe, identity_dir):
     a, b = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     mid = slerp(a, b, 0.5)
     assert np.allclose(mid, [np.sqrt(0.5)] * 2) and np.allclose(slerp(a, b, 0.0), a)
+
+
+def test_tiny_tokenizer_gives_the_same_ids_in_every_process(params, repo):
+    """Same prompt -> same ids -> same video, in any process (rare characters included)."""
+    import json
+    import subprocess
+    import sys
+
+    from faceid.model.components import build_tiny_tokenizer
+
+    text = "xylophone Zebra 42! a person dancing"
+    code = (
+        "import json, sys; from faceid.config import load_params; "
+        "from faceid.model.components import build_tiny_tokenizer; "
+        f"print(json.dumps(build_tiny_tokenizer(load_params(sys.argv[1]).model.tiny)({text!r}).input_ids))"
+    )
+    here = build_tiny_tokenizer(params.model.tiny)(text).input_ids
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code, str(repo / "params.yaml")], capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+    assert 2 not in here  # no <unk>: every character of the prompt is in the vocabulary

@@ -84,19 +84,30 @@ def build_components(cfg: ModelConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tiny
 
 
+def tiny_vocab(vocab_size: int) -> list[tuple[str, float]]:
+    """A fixed Unigram vocabulary (pure function of the corpus and size, no training): specials,
+    then the corpus words as whole pieces (preferred), then single characters as the fallback.
+    Training a Unigram model instead is not deterministic across processes for rare characters."""
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    chars = sorted({c for line in _TINY_CORPUS for c in line if c != " "})
+    char_pieces = [("\u2581", -3.0)] + [(f"\u2581{c}", -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    words = sorted({w for line in _TINY_CORPUS for w in line.split() if len(w) > 1})
+    room = vocab_size - len(specials) - len(char_pieces)
+    if room < 0:
+        raise InputError(f"model.tiny.vocab_size: expected at least {len(specials) + len(char_pieces)}, got {vocab_size}")
+    word_pieces = [(f"\u2581{w}", -1.0) for w in words[:room]]
+    return specials + word_pieces + char_pieces
+
+
 def build_tiny_tokenizer(tiny: TinyModelConfig):
-    """A Unigram tokenizer trained on a fixed corpus (offline, deterministic), UMT5-style ids:
-    ``<pad>``=0, ``</s>``=1, ``<unk>``=2; ``</s>`` appended to every sequence."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """An offline Unigram tokenizer over :func:`tiny_vocab`, UMT5-style ids: ``<pad>``=0,
+    ``</s>``=1, ``<unk>``=2; ``</s>`` appended to every sequence. Same ids in every process."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.Unigram(tiny_vocab(tiny.vocab_size), unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=tiny.vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=tiny.max_text_len
