@@ -139,6 +139,7 @@ class TrainLoraConfig:
     use_gpu: bool
     gradient_checkpointing: bool
     face_dropout: float  # probability of training a step with the null face (for CFG)
+    holdout_clips: int  # last N clips (by clip_id) kept out of training for render_validation
     cache_dir: str  # latent cache (VAE latents + text embeddings per clip, keyed by checksum + config)
 
 
@@ -294,6 +295,8 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}.{name}: expected a positive multiple of 16, got {v}")
     if isinstance(obj, LoraConfig) and obj.rank <= 0:
         raise ConfigError(f"{prefix}.rank: expected a positive integer, got {obj.rank}")
+    if isinstance(obj, TrainLoraConfig) and obj.holdout_clips < 0:
+        raise ConfigError(f"{prefix}.holdout_clips: expected >= 0, got {obj.holdout_clips}")
     if isinstance(obj, StageConfig) and obj.steps < 0:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
 

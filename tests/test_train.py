@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 F, H, W = 9, 32, 32
 
 
-def write_inputs(root: Path, n_clips: int = 2, dim: int = 128) -> tuple[Path, Path]:
+def write_inputs(root: Path, n_clips: int = 3, dim: int = 128) -> tuple[Path, Path]:
     """A prepare-pose-style clips folder and an embed-faces-style embeddings folder."""
     from safetensors.torch import save_file
 
@@ -92,6 +92,7 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     assert full["stage2_loss_last"] < full["stage1_loss_first"]
     ident = load_identity(tmp_path / "full", model_cfg=p.model, embedder="dlib", embed_dim=128)
     card = ident.card
+    # the last clip (train_lora.holdout_clips=1) is kept out of training for render_validation
     assert card["lora"]["targets"] == "main-cross-attn" and card["data"]["clips"] == {"c0": "sum0", "c1": "sum1"}
     assert (tmp_path / "full" / "metrics" / "train_loss.csv").read_text().count("\n") == 13
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the latent cache was filled
@@ -166,3 +167,14 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     local = mlflow.artifacts.download_artifacts(f"models:/faceid-synth@{p.tracking.register_alias}",
                                                 dst_path=str(tmp_path / "dl"))
     assert (Path(local) / "artifacts" / "identity" / "identity.json").is_file()
+
+
+def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):
+    from faceid.errors import InputError
+    from faceid.train.data import training_clips
+
+    clips, _ = inputs
+    assert [c.clip_id for c in training_clips(clips, 0)] == ["c0", "c1", "c2"]
+    assert [c.clip_id for c in training_clips(clips, 1)] == ["c0", "c1"]
+    with pytest.raises(InputError, match=r"3 usable clip\(s\) but train_lora.holdout_clips=3"):
+        training_clips(clips, 3)

@@ -50,6 +50,18 @@ def load_clips(clips_dir: str | Path) -> list[Clip]:
     return clips
 
 
+def training_clips(clips_dir: str | Path, holdout: int) -> list[Clip]:
+    """The clips to train on: all ``ok`` clips but the last ``holdout`` by clip_id, which
+    render_validation renders as unseen poses (the identity card lists the trained clips)."""
+    clips = sorted(load_clips(clips_dir), key=lambda c: c.clip_id)
+    if holdout >= len(clips):
+        raise InputError(
+            f"{Path(clips_dir) / 'manifest.parquet'}: {len(clips)} usable clip(s) but train_lora.holdout_clips={holdout}; "
+            "expected more clips than held out (add videos or lower holdout_clips)"
+        )
+    return clips[: len(clips) - holdout]
+
+
 def read_clip(clip: Clip) -> tuple[np.ndarray, np.ndarray]:
     """``(target, pose)``, each ``[F, H, W, 3]`` uint8, checked against the manifest."""
     from faceid.pose.video import read_video

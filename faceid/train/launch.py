@@ -26,11 +26,12 @@ MAX_FAILURES = 2
 def run_name(params, identity: str, embeddings_dir: Path, clips_dir: Path) -> str:
     """Stable per (identity, config, data): the same command resumes the same Ray run."""
     from faceid.config import config_hash
-    from faceid.train.data import load_clips
+    from faceid.io import sha256_file
+    from faceid.train.data import training_clips
 
-    data = sorted(c.checksum for c in load_clips(clips_dir))
+    data = sorted(c.checksum for c in training_clips(clips_dir, params.train_lora.holdout_clips))
     emb = embeddings_dir / "embeddings.safetensors"
-    emb_id = emb.stat().st_size if emb.is_file() else str(embeddings_dir.resolve())
+    emb_id = sha256_file(emb) if emb.is_file() else str(embeddings_dir.resolve())
     payload = json.dumps([config_hash(params.model, params.train_lora), data, emb_id], default=str)
     return f"train-lora-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
@@ -45,13 +46,13 @@ def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir
 
     from faceid.config import to_dict
     from faceid.io import atomic_dir
-    from faceid.train.data import load_clips, load_embedding
+    from faceid.train.data import load_embedding, training_clips
     from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
 
     # 1. Check inputs here, before any worker starts
     embeddings_dir, clips_dir, output_dir = Path(embeddings_dir), Path(clips_dir), Path(output_dir)
     load_embedding(embeddings_dir)
-    load_clips(clips_dir)
+    training_clips(clips_dir, params.train_lora.holdout_clips)
     tcfg = params.train_lora
     name = run_name(params, identity, embeddings_dir, clips_dir)
     storage = Path(params.ray.storage_path).resolve()

@@ -270,7 +270,7 @@ def train(
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import FaceMapper
     from faceid.train.cache import cached_examples
-    from faceid.train.data import load_clips, load_embedding, read_clip
+    from faceid.train.data import load_embedding, read_clip, training_clips
 
     # 1. Setup
     params = params_from_dict(config["params"])
@@ -285,7 +285,7 @@ def train(
 
     # 3. Data: identity embedding + clips -> cached latents; then free text encoder and VAE
     embedding, emb_meta = load_embedding(config["embeddings_dir"])
-    clips = load_clips(config["clips_dir"])
+    clips = training_clips(config["clips_dir"], tcfg.holdout_clips)
     base_model = comp.base_model_id(mcfg)
     examples = cached_examples(pipe, clips, tcfg.cache_dir, base_model, read_clip, show_progress=rank == 0)
     emb = torch.from_numpy(embedding)
