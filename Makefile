@@ -34,8 +34,10 @@ test: install
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
+# the demo's tiny random model renders no face, so its FaceSim gate never promotes it to
+# `validated`: the demo batch inference takes the `candidate` alias.
 infer: install
-	$(FACEID) pipeline run infer --local
+	$(FACEID) pipeline run infer --local --arg alias=candidate
 
 compile: install
 	$(FACEID) pipeline compile
