@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 FACEID := $(VENV)/bin/faceid
 STAMP := $(VENV)/.faceid-installed
 
-.PHONY: install demo test repro infer compile bench clean
+.PHONY: install demo test repro infer compile bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -42,8 +42,12 @@ infer: install
 compile: install
 	$(FACEID) pipeline compile
 
+# CPU figures (written to benchmarks/results/); bench-gpu needs a CUDA machine.
 bench: install
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in bench_faces bench_pose bench_train_tiny; do $(PY) benchmarks/$$b.py || exit 1; done
+
+bench-gpu: install
+	$(PY) benchmarks/bench_train_gpu.py --steps 10 --frames 81 33
 
 clean:
 	rm -rf .kfp mlruns .ray_results data/work
