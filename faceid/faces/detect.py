@@ -73,6 +73,14 @@ def _quiet_protobuf_noise():
         sys.stderr = saved
 
 
+def import_mediapipe():
+    """``import mediapipe`` without its harmless protobuf noise (face detection and pose estimation)."""
+    with _quiet_protobuf_noise():
+        import mediapipe
+
+    return mediapipe
+
+
 def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     h, w = image.shape[:2]
     scale = min(1.0, max_side / max(h, w))
@@ -88,8 +96,7 @@ class MediapipeDetector:
     name = "mediapipe"
 
     def __init__(self, min_confidence: float):
-        with _quiet_protobuf_noise():
-            import mediapipe as mp
+        mp = import_mediapipe()
         self._fd = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
 
     def detect(self, image: np.ndarray) -> list[Face]:

@@ -45,8 +45,9 @@ class MediapipePoseEstimator:
         self.min_tracking_confidence = min_tracking_confidence
 
     def estimate(self, frames: np.ndarray) -> np.ndarray:
-        import mediapipe as mp
+        from faceid.faces.detect import import_mediapipe
 
+        mp = import_mediapipe()
         frames = np.asarray(frames)
         out = np.zeros((len(frames), 33, 3), np.float32)
         found = np.zeros(len(frames), bool)
