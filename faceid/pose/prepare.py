@@ -136,10 +136,6 @@ def reconcile_lengths(n_video: int, n_pose: int, fps: float) -> tuple[int, str]:
 # --------------------------------------------------------------------------- inputs
 
 
-def _stem(path: Path) -> str:
-    return path.stem
-
-
 def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Path, Path | None]], list[tuple[Path, str]]]:
     """``[(dance video, pose video or None)]`` matched by name, and ``[(file, reason)]`` rejects.
 
@@ -168,19 +164,19 @@ def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Pat
                 if name in poses and poses[name].stem.endswith(POSE_SUFFIX):
                     continue  # prefer <name>_pose over <name>
                 poses[name] = p
-    names = {_stem(p) for p in dance}
+    names = {p.stem for p in dance}
     for name, p in sorted(poses.items()):
         if name not in names:
             rejects.append((p, f"pose video without a dance video named {name}.*"))
     pairs, seen = [], set()
     for p in dance:
-        if _stem(p) in seen:
-            rejects.append((p, f"another video is also named {_stem(p)} (clip ids come from the name)"))
+        if p.stem in seen:
+            rejects.append((p, f"another video is also named {p.stem} (clip ids come from the name)"))
             continue
-        seen.add(_stem(p))
-        pose = poses.get(_stem(p))
+        seen.add(p.stem)
+        pose = poses.get(p.stem)
         if pose_dir is not None and pose is None:
-            rejects.append((p, f"no pose video {_stem(p)}{POSE_SUFFIX}.* in {pose_dir}"))
+            rejects.append((p, f"no pose video {p.stem}{POSE_SUFFIX}.* in {pose_dir}"))
             continue
         pairs.append((p, pose))
     return pairs, rejects
@@ -203,9 +199,8 @@ def caption_for(video: Path, table: dict[str, str], default: str) -> str:
     if table.get(video.stem):
         return table[video.stem]
     sidecar = video.with_suffix(".txt")
-    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip():
-        return sidecar.read_text(encoding="utf-8").strip()
-    return default
+    text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+    return text or default
 
 
 # --------------------------------------------------------------------------- plan and clips
