@@ -123,7 +123,8 @@ def run(cfg: SampleDataConfig, output: Path) -> dict:
         others.mkdir()
         for src, dst in OTHER_PHOTOS.items():
             (others / dst).write_bytes(photos[src])
-        for name, array in package_photos().items():
+        extra = package_photos()
+        for name, array in extra.items():
             Image.fromarray(array).save(others / f"{name}.png")
 
         videos = tmp / "videos"
@@ -143,7 +144,7 @@ def run(cfg: SampleDataConfig, output: Path) -> dict:
     summary = {
         "identity": IDENTITY_NAME,
         "identity_photos": len(IDENTITY_PHOTOS),
-        "other_photos": len(OTHER_PHOTOS) + 2,
+        "other_photos": len(OTHER_PHOTOS) + len(extra),
         "videos": cfg.num_videos,
         "frames_per_video": num_frames,
         "output": str(output),
