@@ -118,12 +118,12 @@ class DlibHogDetector:
     name = "dlib-hog"
 
     def __init__(self, min_confidence: float):
+        """``min_confidence`` is not used: HOG scores are SVM margins (about -1..3), not
+        probabilities, so every detection dlib reports at its own threshold is kept and the
+        margin recorded as the score."""
         import dlib
 
         self._hog = dlib.get_frontal_face_detector()
-        # HOG scores are SVM margins (about -1..3), not probabilities: keep every detection dlib
-        # reports at its own threshold and record the margin as the score.
-        self._min_confidence = min_confidence
 
     def detect(self, image: np.ndarray) -> list[Face]:
         small, scale = _downscale(image, DETECT_MAX_SIDE)
