@@ -72,20 +72,11 @@ def run_stage(params_path: str, *argv: str, profile: str = "", stage1_steps: int
     if rc != 0:
         raise FaceidError(f"faceid {argv[0] if argv else ''} failed with exit code {rc} (message above)")
     if metrics is not None:
-        for key, value in _numbers(json.loads(Path(metrics_file).read_text())).items():
-            metrics.log_metric(key, value)
+        from faceid.config import flatten
 
-
-def _numbers(obj: Any, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    items = obj.items() if isinstance(obj, dict) else []
-    for key, value in items:
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_numbers(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
+        for key, value in flatten(json.loads(Path(metrics_file).read_text())).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.log_metric(key, float(value))
 
 
 def registry_uri(params_path: str, identity: str, alias: str) -> str:
