@@ -261,7 +261,9 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
                 image = loaded.pixels
                 row.update(height=image.shape[0], width=image.shape[1], exif_rotated=loaded.exif_rotated)
                 result = crop_face(image, detector, aligner, cfg)
-                hashes[len(rows)] = (phash64(image), (-image.shape[0] * image.shape[1], loaded.had_alpha, name))
+                phash = phash64(image)
+                row["phash"] = f"{phash:016x}"
+                hashes[len(rows)] = (phash, (-image.shape[0] * image.shape[1], loaded.had_alpha, name))
             except UnreadableImage as exc:
                 result = Rejection(exc.reason, exc.detail)
             found = result if isinstance(result, FaceCrop) else result.found
@@ -273,8 +275,6 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
                 )
             if isinstance(result, Rejection):
                 row.update(reason=result.reason, detail=result.detail)
-            if len(rows) in hashes:
-                row["phash"] = f"{hashes[len(rows)][0]:016x}"
             rows.append(row)
             results.append(result)
             tiles.append(_thumb(result, image))
