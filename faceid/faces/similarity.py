@@ -20,8 +20,7 @@ from faceid.errors import InputError
 from faceid.faces.detect import Aligner, build_detector, select_main_face
 from faceid.faces.embed import build_embedder, l2_normalize, load_identity_embedding
 from faceid.io import write_json
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+from faceid.pose.video import VIDEO_EXTENSIONS
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None, float | None]:
@@ -128,9 +127,9 @@ def _list_videos(video: Path) -> list[Path]:
     if video.is_file():
         return [video]
     if video.is_dir():
-        found = sorted(p for p in video.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        found = sorted(p for p in video.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
         if not found:
-            raise InputError(f"{video}: no videos ({', '.join(VIDEO_SUFFIXES)})")
+            raise InputError(f"{video}: no videos ({', '.join(VIDEO_EXTENSIONS)})")
         return found
     raise InputError(f"{video}: not found (expected a video file or a folder of videos)")
 

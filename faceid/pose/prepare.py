@@ -32,8 +32,8 @@ import numpy as np
 from faceid.config import PreparePoseConfig, to_dict
 from faceid.errors import InputError
 from faceid.io import atomic_dir, progress, require_dir, require_file, sha256_file, write_parquet
+from faceid.pose.video import VIDEO_EXTENSIONS
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 POSE_SUFFIX = "_pose"
 ANALYSIS_LONG_SIDE = 1280  # px: pose estimation resolution cap
 MAX_LENGTH_MISMATCH = 0.05  # dance vs pose video length, relative (at least 2 frames tolerated)

@@ -17,6 +17,7 @@ import numpy as np
 from faceid.errors import InputError
 from faceid.io import atomic_path
 
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")  # what counts as a video in an input folder
 # Relative spread of frame intervals above which a video counts as variable frame rate.
 _VFR_TOLERANCE = 0.1
 
