@@ -61,12 +61,16 @@ class FaceSimScorer:
                 face = faces[select_main_face(faces, *frame.shape[:2])]
                 chips.append(self._aligner.align(frame, face, (size,), self._padding).crops[size])
                 found.append(i)
-        emb = self.embedder.embed(chips) if chips else np.zeros((0, self.embedder.dim), np.float32)
-        cos = (l2_normalize(emb) @ self.reference).astype(np.float64) if len(emb) else np.zeros(0)
-        per_frame: list[float | None] = [None] * len(frames)
-        for i, c in zip(found, cos):
-            per_frame[i] = float(c)
-        mean, low, std = _stats([float(c) for c in cos])
+        emb = self.embedder.embed(chips)  # [0, D] when no frame has a face
+        cos = (l2_normalize(emb) @ self.reference).astype(np.float64)
+
+        def per_frame(values: np.ndarray) -> list[float | None]:
+            out: list[float | None] = [None] * len(frames)
+            for i, v in zip(found, values):
+                out[i] = float(v)
+            return out
+
+        mean, low, std = _stats(cos.tolist())
         out = {
             "metric": self.metric,
             "embedder": self.embedder.name,
@@ -76,15 +80,12 @@ class FaceSimScorer:
             "detection_rate": len(found) / len(frames) if len(frames) else 0.0,
             "num_frames": int(len(frames)),
             "num_detected": len(found),
-            "per_frame": per_frame,
+            "per_frame": per_frame(cos),
         }
         if self.embedder.name == "dlib":
-            dist = np.linalg.norm(emb, axis=1) * np.sqrt(np.maximum(0.0, 2.0 - 2.0 * cos)) if len(emb) else np.zeros(0)
-            per_frame_dist: list[float | None] = [None] * len(frames)
-            for i, d in zip(found, dist):
-                per_frame_dist[i] = float(d)
-            out["mean_euclidean"] = _stats([float(d) for d in dist])[0]
-            out["per_frame_euclidean"] = per_frame_dist
+            dist = np.linalg.norm(emb, axis=1) * np.sqrt(np.maximum(0.0, 2.0 - 2.0 * cos))
+            out["mean_euclidean"] = _stats(dist.tolist())[0]
+            out["per_frame_euclidean"] = per_frame(dist)
         return out
 
     def close(self) -> None:
