@@ -190,9 +190,8 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     clips, held_out = select_clips(_clip_rows(Path(clips_dir)), trained, cfg.num_clips)
     settings = settings_from(params, cfg.face_scale, cfg.guidance_scale, cfg.num_inference_steps, cfg.seed, "")
 
-    # 2. Model, FaceSim scorer, pose estimator (each built once)
+    # 2. Model, FaceSim scorer, pose estimator (each built once); the identity loaded above conditions it
     generator = Generator(params)
-    cond = generator.conditioning(str(identity_dir))
     estimator = build_estimator(params.prepare_pose)
 
     # 3. Render and measure every clip, into a temporary folder that replaces output_dir at the end
@@ -200,7 +199,7 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     with atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer:
         per_clip = {}
         for clip in clips:
-            per_clip[clip["clip_id"]] = _render_clip(generator, cond, scorer, estimator, clip, settings, cfg.face_scale, tmp)
+            per_clip[clip["clip_id"]] = _render_clip(generator, identity, scorer, estimator, clip, settings, cfg.face_scale, tmp)
             print(f"render-validation: {clip['clip_id']} rendered")
         summary = {v: aggregate([{k: x for k, x in m[v].items() if k != "per_frame_facesim"} for m in per_clip.values()])
                    for v in VARIANTS}
