@@ -17,6 +17,7 @@ import numpy as np
 
 from faceid.config import PreparePoseConfig
 from faceid.errors import ConfigError, InputError
+from faceid.io import require_file
 
 NUM_KEYPOINTS = 18
 NECK = 1
@@ -97,9 +98,7 @@ class OnnxPoseEstimator:
     def __init__(self, path: str | Path, min_confidence: float = 0.3, padding: float = 1.25):
         import onnxruntime as ort
 
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: ONNX pose model not found (prepare_pose.onnx_path: a DWPose/RTMPose .onnx file)")
+        path = require_file(path, "a DWPose/RTMPose ONNX file (prepare_pose.onnx_path)")
         self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
         shape = self.session.get_inputs()[0].shape
         self.input_name = self.session.get_inputs()[0].name
