@@ -140,7 +140,7 @@ def _clip_rows(clips_dir: Path) -> list[dict]:
     return rows
 
 
-def _render_clip(generator, cond, scorer, estimator, clip: dict, settings, face_scale: float, out: Path) -> dict:
+def _render_clip(generator, cond, scorer, estimator, clip: dict, settings, out: Path) -> dict:
     from faceid.pose.metrics import pose_fidelity
     from faceid.pose.video import read_video, write_video
 
@@ -149,7 +149,7 @@ def _render_clip(generator, cond, scorer, estimator, clip: dict, settings, face_
     prompt = clip.get("caption") or generator.params.prepare_pose.default_caption
     name = clip["clip_id"]
     videos, metrics = {}, {}
-    for variant, scale in zip(VARIANTS, (face_scale, 0.0)):
+    for variant, scale in zip(VARIANTS, (settings.face_scale, 0.0)):
         frames = generator.generate(cond, pose_frames, prompt, settings, face_scale=scale)
         videos[variant] = frames
         write_video(out / "videos" / (f"{name}.mp4" if variant == "identity" else f"{name}_{variant}.mp4"), frames, fps)
@@ -199,7 +199,7 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     with atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer:
         per_clip = {}
         for clip in clips:
-            per_clip[clip["clip_id"]] = _render_clip(generator, identity, scorer, estimator, clip, settings, cfg.face_scale, tmp)
+            per_clip[clip["clip_id"]] = _render_clip(generator, identity, scorer, estimator, clip, settings, tmp)
             print(f"render-validation: {clip['clip_id']} rendered")
         summary = {v: aggregate([{k: x for k, x in m[v].items() if k != "per_frame_facesim"} for m in per_clip.values()])
                    for v in VARIANTS}
