@@ -126,17 +126,19 @@ def side_by_side(*videos: np.ndarray) -> np.ndarray:
 
 
 def _clip_rows(clips_dir: Path) -> list[dict]:
-    from faceid.io import read_parquet, require_dir
+    """The ``ok`` clips as training reads them (``load_clips``: columns and files checked), plus
+    the control keypoints file of each (a manifest column training does not use)."""
+    from faceid.io import read_parquet
     from faceid.train.data import load_clips
 
-    clips_dir = require_dir(clips_dir, "the output folder of prepare-pose")
-    load_clips(clips_dir)  # checks columns and files
-    rows = [r for r in read_parquet(clips_dir / "manifest.parquet") if r["status"] == "ok"]
-    for r in rows:
-        for key in ("pose_path", "keypoints_path"):
-            r[key] = clips_dir / r[key]
-            if not r[key].is_file():
-                raise InputError(f"{r[key]}: clip {r['clip_id']} listed in the manifest but the file is missing")
+    clips = load_clips(clips_dir)
+    keypoints = {str(r["clip_id"]): r["keypoints_path"] for r in read_parquet(clips_dir / "manifest.parquet") if r["status"] == "ok"}
+    rows = []
+    for clip in clips:
+        path = clips_dir / keypoints[clip.clip_id]
+        if not path.is_file():
+            raise InputError(f"{path}: clip {clip.clip_id} listed in the manifest but the file is missing")
+        rows.append({"clip_id": clip.clip_id, "pose_path": clip.pose_path, "keypoints_path": path, "caption": clip.caption})
     return rows
 
 
