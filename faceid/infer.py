@@ -248,12 +248,13 @@ def describe(conditioning) -> str:
 
 
 def render_one(generator: Generator, conditioning, pose_video: Path, output: Path, settings: Settings,
-               caption: str | None = None) -> dict:
-    """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings."""
+               caption: str | None = None, pose: tuple[np.ndarray, float, dict] | None = None) -> dict:
+    """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings.
+    ``pose``: what :func:`load_pose_video` returned, when the caller has already read the video."""
     from faceid.pose.video import write_video
 
     t0 = time.perf_counter()
-    pose_frames, fps, info = load_pose_video(pose_video, generator.params.batch_infer.frame_count_policy)
+    pose_frames, fps, info = pose or load_pose_video(pose_video, generator.params.batch_infer.frame_count_policy)
     prompt = choose_prompt(settings, caption, generator.params.prepare_pose.default_caption)
     t1 = time.perf_counter()
     frames = generator.generate(conditioning, pose_frames, prompt, settings)
@@ -305,7 +306,9 @@ def infer_one(
         raise InputError(f"{output}: the output must be an .mp4 file")
     settings = settings_from(params, face_scale, guidance_scale, num_inference_steps, seed, prompt)
     pairs = parse_blend(blend) if blend else None
-    load_pose_video(pose_video, params.batch_infer.frame_count_policy)
+    t0 = time.perf_counter()
+    pose = load_pose_video(pose_video, params.batch_infer.frame_count_policy)
+    load_s = time.perf_counter() - t0
 
     # 2. Model and identity (compatibility checked against the base model)
     t0 = time.perf_counter()
@@ -313,9 +316,9 @@ def infer_one(
     conditioning = generator.conditioning(identity, pairs)
     setup_s = time.perf_counter() - t0
 
-    # 3. Generate and write
-    row = render_one(generator, conditioning, Path(pose_video), output, settings)
-    row["setup_s"] = round(setup_s, 4)
+    # 3. Generate and write (the pose video read in step 1)
+    row = render_one(generator, conditioning, Path(pose_video), output, settings, pose=pose)
+    row.update(load_s=round(load_s, 4), setup_s=round(setup_s, 4))
     print(f"faceid infer: wrote {output} ({row['num_frames']} frames {row['height']}x{row['width']} @ {row['fps']:g} fps, "
           f"identity {row['identity']}, {row['generate_s']:.1f} s)")
     return row
