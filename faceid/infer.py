@@ -241,16 +241,11 @@ class Generator:
             raise out_of_memory_error(exc, pose_frames) from None
 
 
-def describe(conditioning) -> str:
-    from faceid.model.generate import describe as _describe
-
-    return _describe(conditioning)
-
-
 def render_one(generator: Generator, conditioning, pose_video: Path, output: Path, settings: Settings,
                caption: str | None = None, pose: tuple[np.ndarray, float, dict] | None = None) -> dict:
     """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings.
     ``pose``: what :func:`load_pose_video` returned, when the caller has already read the video."""
+    from faceid.model.generate import describe
     from faceid.pose.video import write_video
 
     t0 = time.perf_counter()
