@@ -5,7 +5,7 @@
   It runs the real diffusers code on CPU in seconds; the same config always gives the same weights.
 - ``wan2.1-vace-1.3b``: real weights from the local diffusers folder ``params.model.weights_dir``.
 
-``build_components(cfg) -> dict`` returns the keyword arguments of ``WanVACEPipeline``.
+``build_components(cfg, dtype) -> dict`` returns the keyword arguments of ``WanVACEPipeline``.
 ``base_model_id(cfg)`` names the base model in identity cards (compatibility checks).
 """
 
@@ -73,12 +73,18 @@ def base_model_id(cfg: ModelConfig) -> str:
     return cfg.profile
 
 
-def build_components(cfg: ModelConfig) -> dict[str, Any]:
-    """``WanVACEPipeline(**build_components(cfg))``; modules on CPU in float32 (tiny) or the
-    checkpoint dtype (real); the caller moves them to a device."""
-    if cfg.profile == "tiny":
-        return build_tiny_components(cfg.tiny, cfg.flow_shift)
-    return load_real_components(cfg)
+def build_components(cfg: ModelConfig, dtype=None) -> dict[str, Any]:
+    """``WanVACEPipeline(**build_components(cfg, dtype))``; modules on CPU, transformer and text
+    encoder in ``dtype`` (default float32), the VAE in float32; the caller moves them to a device."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if cfg.profile != "tiny":
+        return load_real_components(cfg, dtype)
+    components = build_tiny_components(cfg.tiny, cfg.flow_shift)
+    for name in ("transformer", "text_encoder"):
+        components[name].to(dtype=dtype)
+    return components
 
 
 # --------------------------------------------------------------------------- tiny
@@ -186,15 +192,15 @@ def _check_weights_dir(cfg: ModelConfig) -> Path:
     return root
 
 
-def load_real_components(cfg: ModelConfig) -> dict[str, Any]:
-    """Load every component from the local folder (never from a hub); weights in bfloat16 except
-    the VAE (float32, as the Wan docs recommend). ``from_pretrained`` on a folder path is offline."""
+def load_real_components(cfg: ModelConfig, dtype) -> dict[str, Any]:
+    """Load every component from the local folder (never from a hub); transformer and text encoder
+    in ``dtype``, the VAE in float32 (as the Wan docs recommend). ``from_pretrained`` on a folder
+    path is offline."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACETransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     root = _check_weights_dir(cfg)
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
     transformer = WanVACETransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True)
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
     text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)

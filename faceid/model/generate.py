@@ -44,12 +44,7 @@ def build_pipeline(model_cfg, device=None):
     from faceid.model.components import build_components, resolve_device, resolve_dtype
 
     device = device or resolve_device(model_cfg)
-    dtype = resolve_dtype(model_cfg, device)
-    components = build_components(model_cfg)
-    for name in ("transformer", "text_encoder"):
-        if components[name].dtype != dtype:  # the real profile already loads in its dtype
-            components[name].to(dtype=dtype)
-    pipe = WanVACEPipeline(**components)
+    pipe = WanVACEPipeline(**build_components(model_cfg, resolve_dtype(model_cfg, device)))
     pipe.to(device)
     pipe.set_progress_bar_config(leave=False)
     return pipe
