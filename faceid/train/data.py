@@ -86,3 +86,13 @@ def load_embedding(embeddings_dir: str | Path) -> tuple[np.ndarray, dict]:
     if emb.ndim != 1 or not np.isfinite(emb).all():
         raise InputError(f"{embeddings_dir}: identity embedding must be a finite 1-D vector, got shape {emb.shape}")
     return emb, dict(meta)
+
+
+def embeddings_sha256(embeddings_dir: str | Path) -> str:
+    """sha256 of the embed_faces file (``<dir>/embeddings.safetensors``, or the path itself if it
+    is a file); ``""`` when there is no such file."""
+    from faceid.io import sha256_file
+
+    path = Path(embeddings_dir)
+    file = path / "embeddings.safetensors" if path.is_dir() else path
+    return sha256_file(file) if file.is_file() else ""

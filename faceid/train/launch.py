@@ -23,15 +23,14 @@ from faceid.errors import TrainingError
 MAX_FAILURES = 2
 
 
-def run_name(params, identity: str, embeddings_dir: Path, clips_dir: Path) -> str:
-    """Stable per (identity, config, data): the same command resumes the same Ray run."""
+def run_name(params, identity: str, embeddings_dir: Path, clips: list) -> str:
+    """Stable per (identity, config, data): the same command resumes the same Ray run.
+    ``clips``: the training clips (:func:`faceid.train.data.training_clips`)."""
     from faceid.config import config_hash
-    from faceid.io import sha256_file
-    from faceid.train.data import training_clips
+    from faceid.train.data import embeddings_sha256
 
-    data = sorted(c.checksum for c in training_clips(clips_dir, params.train_lora.holdout_clips))
-    emb = embeddings_dir / "embeddings.safetensors"
-    emb_id = sha256_file(emb) if emb.is_file() else str(embeddings_dir.resolve())
+    data = sorted(c.checksum for c in clips)
+    emb_id = embeddings_sha256(embeddings_dir) or str(embeddings_dir.resolve())
     payload = json.dumps([config_hash(params.model, params.train_lora), data, emb_id], default=str)
     return f"train-lora-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
@@ -52,9 +51,9 @@ def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir
     # 1. Check inputs here, before any worker starts
     embeddings_dir, clips_dir, output_dir = Path(embeddings_dir), Path(clips_dir), Path(output_dir)
     load_embedding(embeddings_dir)
-    training_clips(clips_dir, params.train_lora.holdout_clips)
+    clips = training_clips(clips_dir, params.train_lora.holdout_clips)
     tcfg = params.train_lora
-    name = run_name(params, identity, embeddings_dir, clips_dir)
+    name = run_name(params, identity, embeddings_dir, clips)
     storage = Path(params.ray.storage_path).resolve()
     config = {
         "params": to_dict(params),

@@ -263,14 +263,13 @@ def train(
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
-    from faceid.io import sha256_file
     from faceid.model import components as comp
     from faceid.model.generate import build_pipeline
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import FaceMapper
     from faceid.train.cache import cached_examples
-    from faceid.train.data import load_embedding, read_clip, training_clips
+    from faceid.train.data import embeddings_sha256, load_embedding, read_clip, training_clips
 
     # 1. Setup
     params = params_from_dict(config["params"])
@@ -334,7 +333,7 @@ def train(
             "train": {"stage1_steps": tcfg.stage1.steps, "stage2_steps": tcfg.stage2.steps, "seed": tcfg.seed,
                       "final_loss": summary.get("stage2_loss_last", summary.get("stage1_loss_last"))},
             "data": {
-                "embeddings_sha256": _embeddings_hash(Path(config["embeddings_dir"]), sha256_file),
+                "embeddings_sha256": embeddings_sha256(config["embeddings_dir"]),
                 "clips": {c.clip_id: c.checksum for c in clips},
             },
         }
@@ -392,11 +391,6 @@ def _load_checkpoint(model: FaceConditionedDiT, folder: Path) -> tuple[dict, dic
     state["resumed_from"] = state["step"]
     optim = torch.load(folder / CKPT_OPTIM, weights_only=False) if (folder / CKPT_OPTIM).is_file() else None
     return state, optim
-
-
-def _embeddings_hash(path: Path, sha256_file) -> str:
-    file = path / "embeddings.safetensors" if path.is_dir() else path
-    return sha256_file(file) if file.is_file() else ""
 
 
 def _free_memory() -> None:
