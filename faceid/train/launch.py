@@ -108,7 +108,9 @@ def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir
 
 
 def read_loss_table(identity_dir: Path) -> list[dict]:
-    lines = (Path(identity_dir) / "metrics" / "train_loss.csv").read_text().splitlines()[1:]
+    from faceid.model.identity import LOSS_FILE
+
+    lines = (Path(identity_dir) / LOSS_FILE).read_text().splitlines()[1:]
     rows = []
     for line in lines:
         step, stage, loss, lr = line.split(",")
@@ -127,9 +129,10 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     from faceid import tracking
     from faceid.config import flatten
     from faceid.io import read_json
+    from faceid.model.identity import CARD_FILE, LOSS_FILE
 
     tracking.setup(mlflow_uri, params.tracking.experiment)
-    card = read_json(identity_dir / "identity.json")
+    card = read_json(identity_dir / CARD_FILE)
     model_name = tracking.registered_model_name(identity)
     client = MlflowClient()
     with mlflow.start_run(run_name=f"train-lora-{identity}") as run:
@@ -147,8 +150,8 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
             client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
         mlflow.log_metrics({k: float(v) for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        mlflow.log_artifact(str(identity_dir / "identity.json"))
-        mlflow.log_artifact(str(identity_dir / "metrics" / "train_loss.csv"), artifact_path="metrics")
+        mlflow.log_artifact(str(identity_dir / CARD_FILE))
+        mlflow.log_artifact(str(identity_dir / LOSS_FILE), artifact_path=str(Path(LOSS_FILE).parent))
         info = mlflow.pyfunc.log_model(
             name="identity",
             python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
