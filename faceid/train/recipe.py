@@ -173,10 +173,11 @@ def run_stage(
     world_size: int = 1,
     resume_optim: dict | None = None,
     report: Report | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> None:
     """Train ``trainable`` for ``stage_cfg.steps`` steps; global steps ``first_step ..``; appends
     ``{step, stage, loss, lr}`` to ``state['history']``, checkpoints every ``tcfg.checkpoint_every``.
-    Resumes mid-stage from ``state['step']`` (with ``resume_optim``)."""
+    Resumes mid-stage from ``state['step']`` (with ``resume_optim``). ``amp_dtype``: CUDA autocast dtype (None = off)."""
     import torch.distributed as dist
 
     from faceid.io import progress
@@ -197,7 +198,6 @@ def run_stage(
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     model.train()
     steps = range(state["step"], last_step)
     bar = progress(steps, total=stage_cfg.steps, desc=f"{stage}") if rank == 0 else steps
@@ -310,8 +310,11 @@ def train(
         if rank == 0:
             print(f"train-lora: resuming {config['identity']} from step {state['step']}")
 
+    # autocast to the model dtype on CUDA (bf16 by default); float32 -> no autocast; CPU -> float32
+    model_dtype = comp.resolve_dtype(mcfg, device)
+    amp_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
     common = dict(device=device, noise_scheduler=training_scheduler(mcfg.flow_shift), rank=rank,
-                  world_size=world_size, resume_optim=resume_optim, report=report)
+                  world_size=world_size, resume_optim=resume_optim, report=report, amp_dtype=amp_dtype)
     s1 = tcfg.stage1.steps
 
     # 6. Stage 1: mapper only, DiT frozen
