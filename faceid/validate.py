@@ -194,11 +194,11 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
 
     # 2. Model, FaceSim scorer, pose estimator (each built once); the identity loaded above conditions it
     generator = Generator(params)
-    estimator = build_estimator(params.prepare_pose)
 
     # 3. Render and measure every clip, into a temporary folder that replaces output_dir at the end
     output_dir = Path(output_dir)
-    with atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer:
+    with (atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer,
+          build_estimator(params.prepare_pose) as estimator):
         per_clip = {}
         for clip in clips:
             per_clip[clip["clip_id"]] = _render_clip(generator, identity, scorer, estimator, clip, settings, tmp)
@@ -216,8 +216,6 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
             "videos": per_clip,
         }
         write_json(tmp / "metrics.json", result)
-    if hasattr(estimator, "close"):
-        estimator.close()
 
     # 4. MLflow: metrics, videos, sheets; alias when the gate passes
     if mlflow_uri:
