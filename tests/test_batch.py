@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from faceid.errors import InputError
-from test_infer import make_identity, read, small, write_pose_video
+from test_infer import copy_with_card, make_identity, read, small, write_pose_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -123,15 +123,9 @@ def test_pose_videos_from_a_prepare_pose_folder(tmp_path):
 
 
 def test_incompatible_identity_fails_before_any_work(world, tmp_path):
-    import json
-
     from faceid import batch
 
-    bad = tmp_path / "bad"
-    shutil.copytree(world["a"], bad)
-    card = json.loads((bad / "identity.json").read_text())
-    card["base_model"] = "wan2.1-vace-1.3b"
-    (bad / "identity.json").write_text(json.dumps(card))
+    bad = copy_with_card(world["a"], tmp_path / "bad", base_model="wan2.1-vace-1.3b")
     with pytest.raises(InputError, match="trained on base model"):
         batch.run(world["params"], None, world["poses"], tmp_path / "out", blend=f"{world['a']}=0.5,{bad}=0.5")
     assert not (tmp_path / "out").exists()

@@ -42,6 +42,15 @@ def make_identity(folder: Path, params, name: str, seed: int) -> Path:
     return save_identity(folder, name=name, card=card, mapper=mapper, embedding=embedding, transformer=transformer)
 
 
+def copy_with_card(src: Path, dst: Path, **card_changes) -> Path:
+    """A copy of the identity folder ``src`` whose identity.json has ``card_changes`` applied."""
+    shutil.copytree(src, dst)
+    card = json.loads((dst / "identity.json").read_text())
+    card.update(card_changes)
+    (dst / "identity.json").write_text(json.dumps(card))
+    return dst
+
+
 def write_pose_video(path: Path, num_frames: int, height: int = H, width: int = W, fps: int = 16) -> Path:
     from faceid.pose.video import write_video
 
@@ -188,11 +197,7 @@ def test_bad_pose_videos_are_clear_errors(world, tmp_path):
 def test_incompatible_or_missing_identity(world, generator, tmp_path, capsys, repo):
     from faceid.cli import main
 
-    bad = tmp_path / "other_base"
-    shutil.copytree(world["a"], bad)
-    card = json.loads((bad / "identity.json").read_text())
-    card["base_model"] = "wan2.1-vace-1.3b"
-    (bad / "identity.json").write_text(json.dumps(card))
+    bad = copy_with_card(world["a"], tmp_path / "other_base", base_model="wan2.1-vace-1.3b")
     with pytest.raises(InputError, match="trained on base model 'wan2.1-vace-1.3b'.*retrain or switch profile"):
         generator.identity(str(bad))
     (bad / "face_mapper.safetensors").unlink()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from faceid.errors import InputError
-from test_infer import make_identity, small
+from test_infer import copy_with_card, make_identity, small
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -150,11 +149,7 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
     from faceid import validate
 
     p = world["params"]
-    bad = tmp_path / "identity"
-    shutil.copytree(world["identity"], bad)
-    card = json.loads((bad / "identity.json").read_text())
-    card["embedder"] = "arcface-onnx"
-    (bad / "identity.json").write_text(json.dumps(card))
+    bad = copy_with_card(world["identity"], tmp_path / "identity", embedder="arcface-onnx")
     with pytest.raises(InputError, match="uses embedder 'arcface-onnx', not 'dlib'"):
         validate.run(p, bad, world["root"] / "clips", world["root"] / "emb", tmp_path / "out", None)
     with pytest.raises(InputError, match="manifest not found|folder not found"):
