@@ -7,7 +7,13 @@ Layout (docs/architecture.md)::
       face_mapper.safetensors            FaceMapper weights (+ its config as metadata)
       identity_embedding.safetensors     tensor "identity" [D] (the embedding the mapper was trained on)
       identity.json                      the card (below)
+      reference.png                      the identity's best aligned face crop (sharp, frontal), RGB
       metrics/train_loss.csv             step,stage,loss,lr (DVC plot)
+
+``reference.png`` is optional (folders written before it existed have none). It is what
+``faceid infer --reference-only`` gives base VACE as ``reference_images`` (the training-free
+baseline), and what an identity trained with ``train_lora.reference_image`` passes at inference
+(card key ``reference_image``: ``{"file", "source", "in_training"}``).
 
 The card names the base model, the embedder and every dimension; :func:`load_identity` refuses
 a folder whose card does not match the model or embedder it is used with (``InputError``).
@@ -20,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from faceid.errors import InputError
 
 CARD_FILE = "identity.json"
 MAPPER_FILE = "face_mapper.safetensors"
 EMBEDDING_FILE = "identity_embedding.safetensors"
 LOSS_FILE = "metrics/train_loss.csv"
+REFERENCE_FILE = "reference.png"
 CARD_VERSION = 1
 
 
@@ -38,6 +47,13 @@ class Identity:
     card: dict[str, Any]
     embedding: Any  # torch.Tensor [D]
     mapper: Any  # FaceMapper
+    reference: Any = None  # np.ndarray [H, W, 3] uint8 RGB (reference.png), or None
+
+    @property
+    def reference_in_training(self) -> bool:
+        """True when the adapter was trained with the reference image as VACE ``reference_images``
+        (then inference must pass it too)."""
+        return bool((self.card.get("reference_image") or {}).get("in_training"))
 
     @property
     def lora_path(self) -> Path:
@@ -63,9 +79,11 @@ def save_identity(
     transformer,
     loss_rows: list[dict] = (),
     adapter_name: str = "default",
+    reference=None,
 ) -> Path:
     """Write the identity folder atomically. ``card`` holds the training facts (base_model, embedder,
-    lora, train_config_hash, data hashes...); dims are filled in from ``mapper``."""
+    lora, train_config_hash, data hashes...); dims are filled in from ``mapper``. ``reference``:
+    the best aligned face crop ([H, W, 3] uint8 RGB) written as ``reference.png``, or None."""
     import torch
     from safetensors.torch import save_file
 
@@ -93,6 +111,10 @@ def save_identity(
         save_file(mapper_state, str(tmp / MAPPER_FILE), metadata={"config": json.dumps(mcfg)})
         save_file({"identity": embedding}, str(tmp / EMBEDDING_FILE),
                   metadata={"embedder": str(card.get("embedder", "")), "dim": str(embedding.numel())})
+        if reference is not None:
+            from PIL import Image
+
+            Image.fromarray(_check_rgb(reference, f"identity {name}: reference image")).save(tmp / REFERENCE_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
         (tmp / "metrics").mkdir()
         lines = ["step,stage,loss,lr"] + [f"{r['step']},{r['stage']},{r['loss']:.6g},{r['lr']:.6g}" for r in loss_rows]
@@ -131,7 +153,19 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
     embedding = load_file(str(path / EMBEDDING_FILE)).get("identity")
     if embedding is None or embedding.shape != (card["embed_dim"],):
         raise InputError(f"{path / EMBEDDING_FILE}: expected tensor 'identity' of shape [{card['embed_dim']}]")
-    identity = Identity(name=card["name"], path=path, card=card, embedding=embedding.to(torch.float32), mapper=mapper)
+    reference = None
+    if (path / REFERENCE_FILE).is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(path / REFERENCE_FILE) as im:
+                reference = np.asarray(im.convert("RGB"))
+        except OSError as exc:
+            raise InputError(f"{path / REFERENCE_FILE}: unreadable reference image ({exc})") from None
+    if (card.get("reference_image") or {}).get("in_training") and reference is None:
+        raise InputError(f"{path}: the card says the adapter was trained with {REFERENCE_FILE}, but the file is missing")
+    identity = Identity(name=card["name"], path=path, card=card, embedding=embedding.to(torch.float32), mapper=mapper,
+                        reference=reference)
     check_compatible(identity, model_cfg=model_cfg, embedder=embedder, embed_dim=embed_dim)
     return identity
 
@@ -153,3 +187,10 @@ def check_compatible(identity: Identity, model_cfg=None, embedder: str | None = 
         raise InputError(f"{where}: identity {identity.name} uses embedder {card['embedder']!r}, not {embedder!r}")
     if embed_dim is not None and card["embed_dim"] != embed_dim:
         raise InputError(f"{where}: identity {identity.name} expects {card['embed_dim']}-D embeddings, got {embed_dim}-D")
+
+
+def _check_rgb(image, where: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise InputError(f"{where}: expected a uint8 RGB array [H, W, 3], got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
