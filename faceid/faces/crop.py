@@ -1,11 +1,14 @@
 """``faceid crop-faces``: detect, align, quality-filter and crop reference photos of one person.
 
 Pure core: :func:`load_image` (EXIF rotation, any mode -> RGB), :func:`crop_face` (one image ->
-:class:`FaceCrop` or :class:`Rejection`), :func:`find_duplicates` (set level). Thin shell:
-:func:`run` writes ``<out>/manifest.parquet``, ``crops/<size>/<name>.png``, ``summary.txt`` and
-``contact_sheet.png`` atomically. Every input file gets a manifest row; rejections carry a reason
-code (``unreadable``, ``image_too_small``, ``image_too_large``, ``no_face``, ``face_too_small``,
-``extreme_pose``, ``too_blurry``, ``duplicate``) and a human-readable detail.
+:class:`FaceCrop` or :class:`Rejection`), :func:`downscale_photo`, :func:`find_duplicates` (set
+level), :func:`choose_reference`. Thin shell: :func:`run` writes ``<out>/manifest.parquet``,
+``photos/<name>.png`` (the upright photo, long side <= ``photo_max_side``), ``crops/<size>/<name>.png``,
+``summary.txt`` and ``contact_sheet.png`` atomically. Every input photo gets a manifest row; rejections
+carry a reason code (``unreadable``, ``image_too_small``, ``image_too_large``, ``no_face``,
+``face_too_small``, ``extreme_pose``, ``too_blurry``, ``duplicate``) and a human-readable detail.
+``<stem>.txt`` files are caption sidecars of the photos named ``<stem>.*``, not inputs.
+Readers: :func:`read_accepted` (aligned crops) and :func:`read_photos` (photos, for training).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from faceid.faces.detect import Aligner, Face, build_detector, estimate_yaw, sel
 from faceid.io import atomic_dir, progress, read_parquet, require_dir, sha256_file, write_parquet
 
 QUALITY_SIZE = 150  # sharpness is measured on the aligned chip at this size (dlib's recogniser input)
+CAPTION_SUFFIX = ".txt"  # <stem>.txt beside a photo is its caption
+PHOTO_COLUMNS = ("photo_path", "photo_scale", "caption")  # what read_photos needs beyond the original manifest
 
 
 class UnreadableImage(Exception):
@@ -48,6 +53,21 @@ class FaceCrop:
     crops: dict[int, np.ndarray]  # size -> aligned square RGB crop
     sharpness: float  # Laplacian variance of the aligned QUALITY_SIZE crop
     yaw: float  # degrees, rough
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: an ndarray field has no truth value
+class PhotoRecord:
+    """One accepted photo of a crop-faces output, as training reads it (coordinates in photo pixels)."""
+
+    name: str
+    photo_path: Path  # absolute: <crops>/photos/<name>.png
+    sha256: str  # of the original input file
+    box: tuple[float, float, float, float]  # face box x0, y0, x1, y1, photo pixels (may extend past the edges)
+    landmarks: np.ndarray  # [5, 2] float32, photo pixels, dlib 5-point order; read-only
+    sharpness: float  # Laplacian variance of the aligned QUALITY_SIZE crop
+    yaw_degrees: float
+    caption: str | None
+    crop_path: Path  # absolute: the aligned crop at the largest size written
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,32 @@ def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfi
     return found
 
 
+def downscale_photo(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """``(photo, scale)``: ``image`` shrunk (INTER_AREA) so its long side is ``max_side`` if longer
+    (0 = keep full size; never enlarged). Photo px = image px * scale."""
+    h, w = image.shape[:2]
+    if max_side == 0 or max(h, w) <= max_side:
+        return image, 1.0
+    import cv2
+
+    scale = max_side / max(h, w)
+    size = (max_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), max_side)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+def choose_reference(records: list[PhotoRecord]) -> PhotoRecord:
+    """The identity's reference for VACE ``reference_images`` (use its ``crop_path``): sharp and frontal.
+
+    Rule: among the records whose sharpness is at least the median sharpness of ``records``, the one
+    with the smallest |yaw|; ties go to the higher sharpness, then to the lower name.
+    """
+    if not records:
+        raise InputError("choose_reference: no photos to choose from (expected the accepted photos of read_photos)")
+    median = float(np.median([r.sharpness for r in records]))
+    sharp = [r for r in records if r.sharpness >= median]
+    return min(sharp, key=lambda r: (abs(r.yaw_degrees), -r.sharpness, r.name))
+
+
 def find_duplicates(hashes: list[int], ranks: list[tuple], max_distance: int) -> dict[int, int]:
     """``{index: index kept instead}`` for near-identical images (Hamming distance <= ``max_distance``).
 
@@ -161,11 +207,28 @@ def find_duplicates(hashes: list[int], ranks: list[tuple], max_distance: int) ->
 # --------------------------------------------------------------------------- I/O shell
 
 
-def _list_inputs(input_dir: Path) -> list[Path]:
+def _list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
+    """``(photos, caption sidecars)``: every visible file; ``.txt`` files are captions, not photos."""
     files = sorted(p for p in input_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise InputError(f"{input_dir}: no files (expected photos of one person: JPEG/PNG/WebP)")
-    return files
+    photos = [p for p in files if p.suffix.lower() != CAPTION_SUFFIX]
+    sidecars = [p for p in files if p.suffix.lower() == CAPTION_SUFFIX]
+    if not photos:
+        only = f"; found only caption sidecars: {', '.join(p.name for p in sidecars)}" if sidecars else ""
+        raise InputError(f"{input_dir}: no photos (expected photos of one person: JPEG/PNG/WebP{only})")
+    return photos, sidecars
+
+
+def _read_captions(sidecars: list[Path]) -> dict[str, str]:
+    """``{stem: caption}`` of ``<stem>.txt`` sidecars (UTF-8, stripped; empty ones left out)."""
+    captions = {}
+    for path in sidecars:
+        try:
+            text = path.read_text(encoding="utf-8-sig").strip()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: caption sidecar is not UTF-8 text ({exc})") from exc
+        if text:
+            captions[path.stem] = text
+    return captions
 
 
 def _unique_names(files: list[Path]) -> list[str]:
@@ -184,7 +247,8 @@ def _row(path: Path, name: str, sizes: tuple[int, ...]) -> dict:
         "path": path.name, "name": name, "sha256": sha256_file(path), "status": "rejected", "reason": None,
         "detail": None, "width": None, "height": None, "exif_rotated": None, "num_faces": None, "face_index": None,
         "box": None, "det_score": None, "face_size": None, "landmarks": None, "sharpness": None,
-        "yaw_degrees": None, "phash": None, "duplicate_of": None,
+        "yaw_degrees": None, "phash": None, "duplicate_of": None, "caption": None, "photo_path": None,
+        "photo_scale": None,
     }
     row.update({f"crop_{s}": None for s in sizes})
     return row
@@ -199,7 +263,8 @@ def _manifest_schema(sizes: tuple[int, ...]):
         ("exif_rotated", pa.bool_()), ("num_faces", pa.int32()), ("face_index", pa.int32()),
         ("box", pa.list_(pa.float32())), ("det_score", pa.float32()), ("face_size", pa.float32()),
         ("landmarks", pa.list_(pa.float32())), ("sharpness", pa.float32()), ("yaw_degrees", pa.float32()),
-        ("phash", pa.string()), ("duplicate_of", pa.string()),
+        ("phash", pa.string()), ("duplicate_of", pa.string()), ("caption", pa.string()),
+        ("photo_path", pa.string()), ("photo_scale", pa.float64()),
     ]
     fields += [(f"crop_{s}", pa.string()) for s in sizes]
     return pa.schema(fields)
@@ -240,76 +305,84 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str, str, bool]], columns: int =
 
 
 def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
-    """Crop every photo in ``input_dir``; write the manifest, crops, summary and contact sheet to ``output_dir``."""
+    """Crop every photo in ``input_dir``; write the manifest, photos, crops, summary and contact sheet to ``output_dir``."""
     from PIL import Image
 
     # 1. Check inputs
     input_dir = require_dir(input_dir, "a folder of photos of one person")
-    files = _list_inputs(input_dir)
+    files, sidecars = _list_inputs(input_dir)
+    captions = _read_captions(sidecars)
+    unused = [p.name for p in sidecars if p.stem not in {f.stem for f in files}]
     names = _unique_names(files)
     sizes = tuple(sorted(set(cfg.crop_sizes)))
 
-    # 2. Per image: decode, detect, align, quality
-    detector, aligner = build_detector(cfg.detector, cfg.min_detection_confidence), Aligner()
-    rows, results, tiles, hashes = [], [], [], {}
-    try:
-        for path, name in progress(list(zip(files, names)), desc="crop-faces"):
-            row = _row(path, name, sizes)
-            image = None
-            try:
-                loaded = load_image(path, cfg.max_image_pixels)
-                image = loaded.pixels
-                row.update(height=image.shape[0], width=image.shape[1], exif_rotated=loaded.exif_rotated)
-                result = crop_face(image, detector, aligner, cfg)
-                phash = phash64(image)
-                row["phash"] = f"{phash:016x}"
-                hashes[len(rows)] = (phash, (-image.shape[0] * image.shape[1], loaded.had_alpha, name))
-            except UnreadableImage as exc:
-                result = Rejection(exc.reason, exc.detail)
-            found = result if isinstance(result, FaceCrop) else result.found
-            if found is not None:
-                row.update(
-                    num_faces=found.num_faces, face_index=found.face_index, box=list(found.face.box),
-                    det_score=found.face.score, face_size=found.face.size, landmarks=found.landmarks.flatten().tolist(),
-                    sharpness=found.sharpness, yaw_degrees=found.yaw,
-                )
-            if isinstance(result, Rejection):
-                row.update(reason=result.reason, detail=result.detail)
-            rows.append(row)
-            results.append(result)
-            tiles.append(_thumb(result, image))
-    finally:
-        detector.close()
+    with atomic_dir(output_dir) as tmp:  # nothing appears at output_dir unless every step succeeds
+        # 2. Per image: decode once, detect, align, quality; the photo of each image that passes is written now
+        (tmp / "photos").mkdir()
+        detector, aligner = build_detector(cfg.detector, cfg.min_detection_confidence), Aligner()
+        rows, results, tiles, hashes, photo_scales = [], [], [], {}, {}
+        try:
+            for path, name in progress(list(zip(files, names)), desc="crop-faces"):
+                row = _row(path, name, sizes)
+                row["caption"] = captions.get(path.stem)
+                image = None
+                try:
+                    loaded = load_image(path, cfg.max_image_pixels)
+                    image = loaded.pixels
+                    row.update(height=image.shape[0], width=image.shape[1], exif_rotated=loaded.exif_rotated)
+                    result = crop_face(image, detector, aligner, cfg)
+                    phash = phash64(image)
+                    row["phash"] = f"{phash:016x}"
+                    hashes[len(rows)] = (phash, (-image.shape[0] * image.shape[1], loaded.had_alpha, name))
+                except UnreadableImage as exc:
+                    result = Rejection(exc.reason, exc.detail)
+                found = result if isinstance(result, FaceCrop) else result.found
+                if found is not None:
+                    row.update(
+                        num_faces=found.num_faces, face_index=found.face_index, box=list(found.face.box),
+                        det_score=found.face.score, face_size=found.face.size, landmarks=found.landmarks.flatten().tolist(),
+                        sharpness=found.sharpness, yaw_degrees=found.yaw,
+                    )
+                if isinstance(result, Rejection):
+                    row.update(reason=result.reason, detail=result.detail)
+                else:
+                    photo, photo_scales[len(rows)] = downscale_photo(image, cfg.photo_max_side)
+                    Image.fromarray(photo).save(tmp / "photos" / f"{name}.png", compress_level=1)
+                rows.append(row)
+                results.append(result)
+                tiles.append(_thumb(result, image))
+        finally:
+            detector.close()
 
-    # 3. Duplicates among the images that passed the per-image checks (keep the largest; no alpha first)
-    candidates = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
-    dups = find_duplicates([hashes[i][0] for i in candidates], [hashes[i][1] for i in candidates], cfg.duplicate_max_distance)
-    for k, kept in dups.items():
-        i, j = candidates[k], candidates[kept]
-        rows[i].update(reason="duplicate", detail=f"near-identical to {rows[j]['path']} (perceptual hash)", duplicate_of=rows[j]["path"])
-        results[i] = Rejection("duplicate", rows[i]["detail"], results[i])
-    accepted = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
+        # 3. Duplicates among the images that passed the per-image checks (keep the largest; no alpha first)
+        candidates = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
+        dups = find_duplicates([hashes[i][0] for i in candidates], [hashes[i][1] for i in candidates], cfg.duplicate_max_distance)
+        for k, kept in dups.items():
+            i, j = candidates[k], candidates[kept]
+            rows[i].update(reason="duplicate", detail=f"near-identical to {rows[j]['path']} (perceptual hash)", duplicate_of=rows[j]["path"])
+            results[i] = Rejection("duplicate", rows[i]["detail"], results[i])
+            (tmp / "photos" / f"{rows[i]['name']}.png").unlink()
+        accepted = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
 
-    # 4. Enough usable photos?
-    if len(accepted) < cfg.min_photos:
-        listing = "\n".join(f"  {r['path']}: {r['reason']}: {r['detail']}" for r in rows if r["reason"])
-        raise InputError(
-            f"{input_dir}: only {len(accepted)} usable photo(s) of {len(rows)}, crop_faces.min_photos is {cfg.min_photos}. "
-            f"Rejected:\n{listing or '  (none)'}"
-        )
+        # 4. Enough usable photos?
+        if len(accepted) < cfg.min_photos:
+            listing = "\n".join(f"  {r['path']}: {r['reason']}: {r['detail']}" for r in rows if r["reason"])
+            raise InputError(
+                f"{input_dir}: only {len(accepted)} usable photo(s) of {len(rows)}, crop_faces.min_photos is {cfg.min_photos}. "
+                f"Rejected:\n{listing or '  (none)'}"
+            )
 
-    # 5. Write everything atomically
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r["reason"]:
-            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    rejected_text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    line = f"crop-faces: {len(accepted)}/{len(rows)} photos accepted" + (f" (rejected: {rejected_text})" if counts else "") + f" -> {output_dir}"
-    with atomic_dir(output_dir) as tmp:
+        # 5. Write crops, manifest, summary, contact sheet
+        counts: dict[str, int] = {}
+        for r in rows:
+            if r["reason"]:
+                counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+        rejected_text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        line = f"crop-faces: {len(accepted)}/{len(rows)} photos accepted" + (f" (rejected: {rejected_text})" if counts else "") + f" -> {output_dir}"
         for size in sizes:
             (tmp / "crops" / str(size)).mkdir(parents=True)
         for i in accepted:
-            rows[i]["status"] = "accepted"
+            rows[i].update(status="accepted", photo_path=f"photos/{rows[i]['name']}.png", photo_scale=photo_scales[i])
             for size in sizes:
                 rel = f"crops/{size}/{rows[i]['name']}.png"
                 Image.fromarray(results[i].crops[size]).save(tmp / rel)
@@ -319,13 +392,18 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
             f"  {r['status']:8s} {r['path']}: "
             + (f"{r['reason']}: {r['detail']}" if r["reason"] else f"face {r['face_size']:.0f} px, sharpness {r['sharpness']:.0f}, yaw {r['yaw_degrees']:.0f} deg")
             + (f" (main face of {r['num_faces']})" if (r["num_faces"] or 0) > 1 else "")
+            + (" (captioned)" if r["caption"] else "")
             for r in rows
         ]
+        details += [f"  unused   {n}: caption sidecar without a photo named {Path(n).stem}.*" for n in unused]
         (tmp / "summary.txt").write_text("\n".join([line, *details]) + "\n")
         notes = [(t, r["name"], "accepted" if i in accepted else r["reason"], i in accepted) for i, (t, r) in enumerate(zip(tiles, rows))]
         contact_sheet(notes).save(tmp / "contact_sheet.png")
     print(line)
-    return {"accepted": len(accepted), "rejected": len(rows) - len(accepted), "reasons": counts, "output": str(output_dir)}
+    return {
+        "accepted": len(accepted), "rejected": len(rows) - len(accepted), "reasons": counts,
+        "unused_sidecars": unused, "output": str(output_dir),
+    }
 
 
 def read_accepted(crops_dir: Path, size: int) -> list[tuple[str, Path]]:
@@ -339,3 +417,33 @@ def read_accepted(crops_dir: Path, size: int) -> list[tuple[str, Path]]:
         raise InputError(f"{crops_dir}: crops of size >= {size} px needed, found {available or 'none'} (crop_faces.crop_sizes)")
     chosen = larger[0]
     return [(r["name"], crops_dir / r[f"crop_{chosen}"]) for r in rows]
+
+
+def read_photos(crops_dir: Path) -> list[PhotoRecord]:
+    """The accepted photos of a crop_faces output, in manifest order, with box and landmarks scaled to
+    photo pixels (``photo_scale``) and ``crop_path`` the aligned crop at the largest size written."""
+    crops_dir = require_dir(crops_dir, "a crop-faces output folder").resolve()
+    rows = read_parquet(crops_dir / "manifest.parquet")
+    missing = [c for c in PHOTO_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise InputError(
+            f"{crops_dir}: manifest.parquet lacks column(s) {', '.join(missing)}: written by an older crop-faces; rerun crop-faces"
+        )
+    sizes = sorted(int(k[len("crop_"):]) for k in (rows[0] if rows else {}) if k.startswith("crop_"))
+    if rows and not sizes:
+        raise InputError(f"{crops_dir}: manifest.parquet has no crop_<size> column (crop_faces.crop_sizes is empty?)")
+    records = []
+    for r in (r for r in rows if r["status"] == "accepted"):
+        photo, crop_path = crops_dir / r["photo_path"], crops_dir / r[f"crop_{sizes[-1]}"]
+        for path, what in ((photo, "photo"), (crop_path, "aligned crop")):
+            if not path.is_file():
+                raise InputError(f"{crops_dir}: {what} {path.relative_to(crops_dir)} of accepted {r['path']} is missing; rerun crop-faces")
+        scale = float(r["photo_scale"])
+        landmarks = np.asarray(r["landmarks"], np.float32).reshape(5, 2) * np.float32(scale)
+        landmarks.flags.writeable = False
+        records.append(PhotoRecord(
+            name=r["name"], photo_path=photo, sha256=r["sha256"], box=tuple(float(v) * scale for v in r["box"]),
+            landmarks=landmarks, sharpness=float(r["sharpness"]), yaw_degrees=float(r["yaw_degrees"]),
+            caption=r["caption"], crop_path=crop_path,
+        ))
+    return records
