@@ -1,4 +1,4 @@
-"""The prepare_pose stage end to end on real videos: clips, pairing, captions, bad inputs, reruns."""
+"""The prepare_pose stage end to end on real videos: clips, face regions, pairing, captions, bad inputs, reruns."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from faceid.pose.video import probe, read_video, write_video
 
 COLUMNS = [
     "clip_id", "source", "start_frame", "num_frames", "fps", "height", "width", "video_path", "pose_path",
-    "keypoints_path", "caption", "pose_detection_rate", "checksum", "status", "reason",
+    "keypoints_path", "faces_path", "caption", "pose_detection_rate", "num_face_regions", "checksum", "status",
+    "reason",
 ]  # fmt: skip
+FACE_ARRAYS = {"regions", "frames", "boxes", "sizes", "checksum"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def frames():
 def cfg(params):
     return dataclasses.replace(
         params.prepare_pose, fps=16, num_frames=17, height=96, width=64, stride=8, max_clips_per_video=0,
-        min_pose_detection_rate=0.5, default_caption="a person dancing", person_aware_crop=True,
+        min_pose_detection_rate=0.5, default_caption="a person dancing", person_aware_crop=True, face_samples=5,
     )
 
 
@@ -99,6 +101,90 @@ def test_clip_files_follow_the_contract(first_run, frames):
     assert len(neck) >= 14 and (neck[:, 0] < 64).all() and (neck[:, 1] < 96).all()
 
 
+def check_faces_file(path, row):
+    """The documented faces.npz arrays, consistent with each other and with the manifest row."""
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) == FACE_ARRAYS
+        faces = {k: z[k] for k in z.files}
+    k = row["num_face_regions"]
+    assert faces["regions"].shape == (k, 256, 256, 3) and faces["regions"].dtype == np.uint8
+    assert faces["frames"].shape == (k,) and faces["frames"].dtype == np.int64
+    assert faces["boxes"].shape == (k, 4) and faces["boxes"].dtype == np.float32
+    assert faces["sizes"].shape == (k,) and faces["sizes"].dtype == np.float32
+    assert str(faces["checksum"]) == row["checksum"]
+    assert set(faces["frames"].tolist()) <= {0, 4, 8, 12, 16}  # 5 samples spread over 17 frames
+    box = faces["boxes"]
+    np.testing.assert_allclose(faces["sizes"], np.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]), rtol=1e-5)
+    return faces
+
+
+def test_every_ok_clip_has_face_regions(first_run):
+    out, _, rows = first_run
+    for r in rows.values():
+        if r["status"] == "ok":
+            assert r["faces_path"] == f"clips/{r['clip_id']}/faces.npz"
+            check_faces_file(out / r["faces_path"], r)
+    assert rows["short"]["faces_path"] is None and rows["short"]["num_face_regions"] is None
+
+
+@pytest.fixture(scope="module")
+def sample_run(cfg, sample_dir, tmp_path_factory):
+    """prepare-pose on the sample dance videos (480x320 sources) at a 96x64 clip size."""
+    out = tmp_path_factory.mktemp("sample_clips")
+    prepare.run(dataclasses.replace(cfg, max_clips_per_video=1), sample_dir / "videos", None, out)
+    return out, [r for r in read_parquet(out / "manifest.parquet") if r["status"] == "ok"]
+
+
+def test_face_regions_come_from_the_source_resolution(sample_run, sample_dir):
+    from faceid.faces.detect import build_detector
+    from faceid.pose.video import probe
+
+    out, rows = sample_run
+    assert [r["clip_id"] for r in rows] == ["dance_00-00000", "dance_01-00000"]
+    detector = build_detector("mediapipe", 0.5)
+    try:
+        for r in rows:
+            faces = check_faces_file(out / r["faces_path"], r)
+            assert r["num_face_regions"] >= 4, r  # a real face in (nearly) every sampled frame
+            info = probe(sample_dir / "videos" / r["source"])
+            box = faces["boxes"]
+            # boxes are in source pixels (480x320), far larger than the 96x64 clip could hold
+            assert (box[:, 0] > -10).all() and (box[:, 2] < info["width"] + 10).all() and (box[:, 3] < info["height"] + 10).all()
+            assert (faces["sizes"] > 30).all()
+            # each region is centred on the face, which spans about half its side
+            for region in faces["regions"]:
+                found = detector.detect(region)
+                assert found, r["clip_id"]
+                x0, y0, x1, y1 = max(found, key=lambda f: f.size).box
+                assert abs((x0 + x1) / 2 - 128) < 30 and abs((y0 + y1) / 2 - 128) < 40
+                assert 70 < max(x1 - x0, y1 - y0) < 180
+    finally:
+        detector.close()
+
+
+def test_face_samples_zero_writes_empty_arrays(cfg, videos, first_run, tmp_path):
+    _, _, rows5 = first_run
+    off = dataclasses.replace(cfg, face_samples=0, max_clips_per_video=1)
+    prepare.run(off, videos, None, tmp_path / "out")
+    row = next(r for r in read_parquet(tmp_path / "out" / "manifest.parquet") if r["clip_id"] == "dancer-00000")
+    assert row["status"] == "ok" and row["num_face_regions"] == 0
+    faces = check_faces_file(tmp_path / "out" / row["faces_path"], row)
+    assert faces["regions"].shape == (0, 256, 256, 3) and faces["boxes"].shape == (0, 4)
+    assert row["checksum"] != rows5["dancer-00000"]["checksum"]  # face_samples is part of the checksum
+
+
+def test_face_region_geometry():
+    frame = np.full((100, 200, 3), 200, np.uint8)
+    region = prepare.face_region(frame, (0.0, 10.0, 40.0, 50.0))  # 40 px face at the left edge: 80 px square
+    assert region.shape == (256, 256, 3) and region.dtype == np.uint8
+    # the square spans x -20..60, y -10..70 of the frame (x 3.2 to 256 px): black left of x=0 and above y=0
+    assert region[:, :56].max() == 0 and region[:26].max() == 0
+    assert region[40:, 72:].min() == 200
+    np.testing.assert_array_equal(prepare.face_sample_frames(17, 5), [0, 4, 8, 12, 16])
+    np.testing.assert_array_equal(prepare.face_sample_frames(5, 9), [0, 1, 2, 3, 4])
+    assert prepare.face_sample_frames(17, 0).shape == (0,)
+
+
 def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     out, _, rows = first_run
     clip = out / "clips" / "dancer-00000"
@@ -106,6 +192,7 @@ def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     summary = prepare.run(cfg, videos, None, out)
     assert summary["clips_written"] == 0 and summary["clips_skipped"] == 4
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert sum(p.name == "faces.npz" for p in mtimes) == 4
     # a crash mid-clip leaves a temporary folder and no finished clip; the rerun redoes only that clip
     import shutil
 
@@ -116,6 +203,11 @@ def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(k for k, r in rows.items() if r["video_path"])
     new_rows = {r["clip_id"]: r for r in read_parquet(out / "manifest.parquet")}
     assert new_rows["dancer-00000"]["checksum"] == rows["dancer-00000"]["checksum"]
+    # a clip folder without faces.npz (an older prepare-pose) is not done: only it is redone
+    (out / "clips" / "dancer-00008" / "faces.npz").unlink()
+    summary = prepare.run(cfg, videos, None, out)
+    assert summary["clips_written"] == 1 and summary["clips_skipped"] == 3
+    assert (out / "clips" / "dancer-00008" / "faces.npz").is_file()
 
 
 def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
@@ -153,7 +245,8 @@ def test_frame_count_and_size_rules(params):
     from faceid.config import to_dict
 
     data = to_dict(params)
-    for key, value, match in (("num_frames", 20, "4n\\+1"), ("height", 100, "multiple of 16"), ("width", 0, "multiple of 16")):
+    for key, value, match in (("num_frames", 20, "4n\\+1"), ("height", 100, "multiple of 16"), ("width", 0, "multiple of 16"),
+                              ("face_samples", -1, "face_samples: expected >= 0")):
         bad = {**data, "prepare_pose": {**data["prepare_pose"], key: value}}
         with pytest.raises(ConfigError, match=match):
             params_from_dict(bad)

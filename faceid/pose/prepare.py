@@ -9,12 +9,22 @@ crop needs), crops the same window from both videos (centred on the person when
     <out>/clips/<clip_id>/video.mp4     target RGB clip (H.264 yuv420p)
     <out>/clips/<clip_id>/pose.mp4      the given pose video, or the skeleton drawn ControlNet-style
     <out>/clips/<clip_id>/keypoints.npz keypoints [F, 18, 3] in clip pixels, detected [F], checksum
+    <out>/clips/<clip_id>/faces.npz     face regions at source resolution (see below), checksum
     <out>/manifest.parquet              one row per clip or rejected input (docs/architecture.md)
 
 A clip whose folder already holds the same checksum (inputs + settings) is not redone, so a rerun
 does no work and a crashed run resumes. Bad inputs become ``rejected`` rows with a reason; a clip
 with too few frames showing a person is written but marked ``rejected``. On ``ok`` rows ``reason``
 holds notes (variable frame rate resampled, container rotation, pose video trimmed or resized).
+
+Face regions: on ``face_samples`` frames spread evenly over each clip, decoded at the source
+video's native resolution (a face in a small full-body clip is often too small to detect), the
+main face (mediapipe) is cut out as a square of ``FACE_REGION_SCALE`` x the face box's longer side
+(black past the frame edges) resized to ``FACE_REGION_SIZE``. ``faces.npz`` holds, for the K
+sampled frames where a face was found (K may be 0): ``regions`` [K, 256, 256, 3] uint8, ``frames``
+[K] int64 (index within the clip), ``boxes`` [K, 4] float32 (x0, y0, x1, y1 in source pixels),
+``sizes`` [K] float32 (box shorter side, source pixels) and ``checksum``. Clips are independent
+of any identity; training scores the regions per identity (faceid.train.routing).
 """
 
 from __future__ import annotations
@@ -39,13 +49,19 @@ ANALYSIS_LONG_SIDE = 1280  # px: pose estimation resolution cap
 MAX_LENGTH_MISMATCH = 0.05  # dance vs pose video length, relative (at least 2 frames tolerated)
 MAX_ASPECT_MISMATCH = 0.02
 DRAW_MIN_CONFIDENCE = 0.3
-FORMAT_VERSION = 1  # bump when the clip files change meaning
+FORMAT_VERSION = 2  # bump when the clip files change meaning (2: faces.npz)
+FACE_DETECTOR = "mediapipe"  # face regions: detector and its minimum confidence
+FACE_MIN_CONFIDENCE = 0.5
+FACE_REGION_SCALE = 2.0  # region side / face box longer side: the whole head and some context
+FACE_REGION_SIZE = 256  # px, side of the stored face regions
+CLIP_FILES = ("video.mp4", "pose.mp4", "keypoints.npz", "faces.npz")
 
 COLUMNS = (
     ("clip_id", "string"), ("source", "string"), ("start_frame", "int64"), ("num_frames", "int64"),
     ("fps", "float64"), ("height", "int64"), ("width", "int64"), ("video_path", "string"),
-    ("pose_path", "string"), ("keypoints_path", "string"), ("caption", "string"),
-    ("pose_detection_rate", "float64"), ("checksum", "string"), ("status", "string"), ("reason", "string"),
+    ("pose_path", "string"), ("keypoints_path", "string"), ("faces_path", "string"), ("caption", "string"),
+    ("pose_detection_rate", "float64"), ("num_face_regions", "int64"), ("checksum", "string"), ("status", "string"),
+    ("reason", "string"),
 )  # fmt: skip
 
 
@@ -107,6 +123,59 @@ def transform_keypoints(kps: np.ndarray, box: tuple[int, int, int, int], out_h: 
     out[~inside, 2] = 0.0
     out[out[..., 2] == 0] = 0.0
     return out
+
+
+def face_sample_frames(num_frames: int, samples: int) -> np.ndarray:
+    """Indices (within a clip) of ``samples`` frames spread evenly over ``num_frames``, first and last included."""
+    if samples <= 0:
+        return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, num_frames - 1, min(samples, num_frames)).round().astype(np.int64))
+
+
+def face_region(frame: np.ndarray, box, scale: float = FACE_REGION_SCALE, size: int = FACE_REGION_SIZE) -> np.ndarray:
+    """Square ``size`` x ``size`` region around a face box (x0, y0, x1, y1): side = ``scale`` x the box's
+    longer side, centred on the box, black where it extends past the frame."""
+    import cv2
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(1, int(round(scale * max(x1 - x0, y1 - y0))))
+    left = int(round((x0 + x1) / 2 - side / 2))
+    top = int(round((y0 + y1) / 2 - side / 2))
+    h, w = frame.shape[:2]
+    region = np.zeros((side, side, 3), np.uint8)
+    sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(w, left + side), min(h, top + side)
+    if sx1 > sx0 and sy1 > sy0:
+        region[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = frame[sy0:sy1, sx0:sx1]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(region, (size, size), interpolation=interp)
+
+
+def face_regions(frames: np.ndarray, clip_frames: np.ndarray, detector) -> dict[str, np.ndarray]:
+    """The main face's region in each of ``frames`` (source resolution) that shows a face.
+
+    ``clip_frames`` are the frames' indices within the clip. Returns the ``faces.npz`` arrays
+    (without checksum): regions, frames, boxes, sizes, with one row per frame where a face was found.
+    """
+    from faceid.faces.detect import select_main_face
+
+    regions, found, boxes, sizes = [], [], [], []
+    for index, frame in zip(clip_frames, frames):
+        frame = np.ascontiguousarray(frame)
+        faces = detector.detect(frame)
+        if not faces:
+            continue
+        face = faces[select_main_face(faces, *frame.shape[:2])]
+        regions.append(face_region(frame, face.box))
+        found.append(int(index))
+        boxes.append(face.box)
+        sizes.append(face.size)
+    n = FACE_REGION_SIZE
+    return {
+        "regions": np.stack(regions) if regions else np.zeros((0, n, n, 3), np.uint8),
+        "frames": np.asarray(found, np.int64),
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "sizes": np.asarray(sizes, np.float32),
+    }
 
 
 def analysis_size(src_h: int, src_w: int, out_h: int, out_w: int) -> tuple[int, int] | None:
@@ -273,19 +342,27 @@ def clip_checksum(key: dict, start: int) -> str:
     return hashlib.sha256(json.dumps({**key, "start": start}, sort_keys=True).encode()).hexdigest()
 
 
-def _done(clip_dir: Path, checksum: str) -> np.ndarray | None:
-    """The ``detected`` flags of a finished clip with this checksum, else None."""
-    if not all((clip_dir / n).is_file() for n in ("video.mp4", "pose.mp4", "keypoints.npz")):
+def _done(clip_dir: Path, checksum: str) -> tuple[np.ndarray, int] | None:
+    """``(detected flags, number of face regions)`` of a finished clip with this checksum, else None."""
+    if not all((clip_dir / n).is_file() for n in CLIP_FILES):
         return None
     try:
-        with np.load(clip_dir / "keypoints.npz", allow_pickle=False) as z:
-            return z["detected"] if str(z["checksum"]) == checksum else None
+        with np.load(clip_dir / "keypoints.npz", allow_pickle=False) as kz, \
+                np.load(clip_dir / "faces.npz", allow_pickle=False) as fz:
+            if str(kz["checksum"]) != checksum or str(fz["checksum"]) != checksum:
+                return None
+            return kz["detected"], int(len(fz["frames"]))
     except Exception:
         return None
 
 
-def make_clip(cfg: PreparePoseConfig, plan: VideoPlan, start: int, estimator, clip_dir: Path, checksum: str) -> np.ndarray:
-    """Decode, estimate, crop, draw and write one clip atomically; return its ``detected`` flags."""
+def make_clip(cfg: PreparePoseConfig, plan: VideoPlan, start: int, estimator, detector, clip_dir: Path,
+              checksum: str) -> tuple[np.ndarray, int]:
+    """Decode, estimate, crop, draw, cut face regions and write one clip atomically.
+
+    Returns the ``detected`` flags and the number of face regions (``detector`` may be None when
+    ``face_samples`` is 0).
+    """
     from faceid.pose.draw import draw_poses
     from faceid.pose.video import read_frames, write_video
 
@@ -304,12 +381,17 @@ def make_clip(cfg: PreparePoseConfig, plan: VideoPlan, start: int, estimator, cl
         pose_frames = apply_crop(read_frames(plan.pose, plan.pose_indices[start:stop], (h, w)), box, cfg.height, cfg.width)
     else:
         pose_frames = draw_poses(clip_kps, cfg.height, cfg.width, DRAW_MIN_CONFIDENCE)
-    # 4. Write all three files or none.
+    # 4. Face regions on a few frames decoded at the source's native resolution (same source frames).
+    picks = face_sample_frames(cfg.num_frames, cfg.face_samples)
+    native = read_frames(plan.video, plan.video_indices[start:stop][picks]) if len(picks) else np.zeros((0, 1, 1, 3), np.uint8)
+    faces = face_regions(native, picks, detector)
+    # 5. Write all four files or none.
     with atomic_dir(clip_dir) as tmp:
         write_video(tmp / "video.mp4", clip, cfg.fps)
         write_video(tmp / "pose.mp4", pose_frames, cfg.fps)
         np.savez(tmp / "keypoints.npz", keypoints=clip_kps, detected=detected, checksum=np.array(checksum))
-    return detected
+        np.savez(tmp / "faces.npz", **faces, checksum=np.array(checksum))
+    return detected, len(faces["frames"])
 
 
 def _row(**values) -> dict:
@@ -335,6 +417,7 @@ def _clean_partial(clips_root: Path) -> None:
 
 def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_dir: Path, captions: Path | None = None) -> dict:
     """Prepare every video in ``videos_dir``; write clips and ``manifest.parquet`` to ``output_dir``."""
+    from faceid.faces.detect import build_detector
     from faceid.pose.estimate import build_estimator
 
     # 1. Check inputs.
@@ -360,7 +443,7 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
 
     # 3. Make the clips that are not done yet (same checksum = skip).
     written = skipped = 0
-    estimator = None
+    estimator = detector = None
     try:
         for plan, start in progress(jobs, total=len(jobs), desc="prepare-pose"):
             clip_id = f"{plan.video.stem}-{start:05d}"
@@ -368,13 +451,16 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
             checksum = clip_checksum(plan.key, start)
             common = dict(clip_id=clip_id, source=plan.video.name, start_frame=start, num_frames=cfg.num_frames,
                           fps=float(cfg.fps), height=cfg.height, width=cfg.width, caption=plan.caption, checksum=checksum)
-            detected = _done(clip_dir, checksum)
+            done = _done(clip_dir, checksum)
             try:
-                if detected is None:
+                if done is None:
                     estimator = estimator or build_estimator(cfg)
-                    detected = make_clip(cfg, plan, start, estimator, clip_dir, checksum)
+                    if cfg.face_samples > 0:
+                        detector = detector or build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE)
+                    detected, num_regions = make_clip(cfg, plan, start, estimator, detector, clip_dir, checksum)
                     written += 1
                 else:
+                    detected, num_regions = done
                     skipped += 1
             except Exception as exc:  # one bad clip never stops the stage; it is reported
                 rows.append(_row(**common, status="rejected", reason=f"failed: {type(exc).__name__}: {exc}"))
@@ -387,11 +473,14 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
                 notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
             rel = f"clips/{clip_id}"
             rows.append(_row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
-                             keypoints_path=f"{rel}/keypoints.npz", pose_detection_rate=rate, status=status,
+                             keypoints_path=f"{rel}/keypoints.npz", faces_path=f"{rel}/faces.npz",
+                             pose_detection_rate=rate, num_face_regions=num_regions, status=status,
                              reason="; ".join(notes)))
     finally:
         if estimator is not None:
             estimator.close()
+        if detector is not None:
+            detector.close()
 
     # 4. Manifest; remove clip folders that no row refers to (older settings or inputs).
     write_parquet(output_dir / "manifest.parquet", rows, schema=_schema())
