@@ -11,6 +11,7 @@ from components import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_lora(
+    crops: Input[Dataset],
     embeddings: Input[Dataset],
     clips: Input[Dataset],
     identity_dir: Output[Model],
@@ -25,6 +26,6 @@ def train_lora(
     """``identity_dir``: LoRA + face mapper + identity card. "" / -1 = the value in params.yaml."""
     from faceid.orchestrate import run_stage
 
-    run_stage(params_path, "train-lora", "--identity", identity, "--embeddings", embeddings.path,
+    run_stage(params_path, "train-lora", "--identity", identity, "--crops", crops.path, "--embeddings", embeddings.path,
               "--clips", clips.path, "--output", identity_dir.path, "--ray-address", ray_address,
               "--mlflow-uri", mlflow_uri, profile=profile, stage1_steps=stage1_steps, stage2_steps=stage2_steps)

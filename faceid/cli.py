@@ -60,6 +60,7 @@ def _cmd_train_lora(params, args) -> None:
     launch.run(
         params,
         identity=args.identity,
+        crops_dir=Path(args.crops),
         embeddings_dir=Path(args.embeddings),
         clips_dir=Path(args.clips),
         output_dir=Path(args.output),
@@ -90,11 +91,14 @@ def _cmd_infer(params, args) -> None:
         pose_video=Path(args.pose_video),
         output=Path(args.output),
         face_scale=args.face_scale,
+        lora_scale=args.lora_scale,
         guidance_scale=args.cfg_scale,
         num_inference_steps=args.steps,
         seed=args.seed,
         prompt=args.prompt,
         blend=args.blend,
+        reference_only=args.reference_only,
+        reference_image=Path(args.reference_image) if args.reference_image else None,
         mlflow_uri=_mlflow_uri(params, args),
     )
 
@@ -109,9 +113,18 @@ def _cmd_batch_infer(params, args) -> None:
         output_dir=Path(args.output),
         blend=args.blend,
         interpolate=args.interpolate,
+        face_scale=args.face_scale,
+        lora_scale=args.lora_scale,
         ray_address=_ray_address(params, args),
         mlflow_uri=_mlflow_uri(params, args),
     )
+
+
+def _cmd_make_test_weights(params, args) -> None:
+    from faceid.model import test_weights
+
+    output = Path(args.output) if args.output else test_weights.default_output(args.size)
+    test_weights.write_test_weights(output, args.size, params.model.tiny, seed=args.seed)
 
 
 def _cmd_pipeline(params, args) -> None:
@@ -187,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, _cmd_train_lora, "two-stage identity training (face mapper, then mapper + LoRA) on Ray Train"
                 + (" (alias of train-lora)" if name == "train" else ""))
         p.add_argument("--identity", required=True, help="identity name (MLflow model faceid-<name>)")
+        p.add_argument("--crops", required=True, help="crop-faces output folder (the photos are training targets)")
         p.add_argument("--embeddings", required=True, help="embed-faces output folder")
         p.add_argument("--clips", required=True, help="prepare-pose output folder")
         p.add_argument("--output", required=True, help="identity folder to write")
@@ -200,11 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--mlflow-uri", help=mlflow_help)
 
+    face_scale_help = "identity strength, >= 0: scales face tokens and LoRA; 0 = the base model (default batch_infer.face_scale)"
+    lora_scale_help = "scales the LoRA alone, >= 0 (default batch_infer.lora_scale)"
     p = add("infer", _cmd_infer, "generate one video for an identity and a pose video")
-    p.add_argument("--identity", required=True, help="identity folder or models:/faceid-<name>@<alias>")
+    p.add_argument("--identity", help="identity folder or models:/faceid-<name>@<alias>")
     p.add_argument("--pose-video", required=True)
     p.add_argument("--output", required=True, help="output .mp4")
-    p.add_argument("--face-scale", type=float)
+    p.add_argument("--face-scale", type=float, help=face_scale_help)
+    p.add_argument("--lora-scale", type=float, help=lora_scale_help)
+    p.add_argument("--reference-only", action="store_true",
+                   help="training-free baseline: base VACE with a reference image, no adapter, no face tokens")
+    p.add_argument("--reference-image", help="photo for --reference-only (an aligned face crop works best); "
+                                             "default: the --identity folder's reference.png")
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
@@ -218,8 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--blend", help="mix identities: a=0.7,b=0.3")
     p.add_argument("--interpolate", help="A,B: a sequence from identity A to B (batch_infer.interpolation_steps)")
+    p.add_argument("--face-scale", type=float, help=face_scale_help)
+    p.add_argument("--lora-scale", type=float, help=lora_scale_help)
     p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
     p.add_argument("--mlflow-uri", help=mlflow_help)
+
+    p = add("make-test-weights", _cmd_make_test_weights,
+            "write RANDOM test weights with the Wan2.1-VACE-1.3B folder layout (they draw noise; offline checks only)")
+    p.add_argument("--output", help="folder to write (default: .cache/test-weights/<size>)")
+    p.add_argument("--size", choices=["real", "tiny"], default="real",
+                   help="real: the 1.3B transformer/VAE configs (4.6 GB); tiny: params.yaml model.tiny (CI)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("pipeline", _cmd_pipeline, "compile, run locally or submit the KFP pipelines (train, infer)")
     psub = p.add_subparsers(dest="pipeline_command", required=True)

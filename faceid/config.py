@@ -65,6 +65,12 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"]
     max_text_len: int
     flow_shift: float
+    # Memory (faceid.model.memory): the text encoder lives on the CPU and visits the device only to
+    # encode prompts (UMT5-XXL is 11 GB in bf16); the VAE encodes/decodes in spatial tiles
+    # (tiling) or one video of a batch at a time (slicing, batches > 1 only).
+    text_encoder_offload: bool
+    vae_tiling: bool
+    vae_slicing: bool
     tiny: TinyModelConfig
 
 
@@ -80,6 +86,8 @@ class CropFacesConfig:
     crop_padding: float
     max_image_pixels: int
     min_photos: int
+    # Long side (px) of the upright copy of each accepted photo (photos/<name>.png); 0 = full size, else >= 256.
+    photo_max_side: int
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class PreparePoseConfig:
     min_pose_detection_rate: float
     default_caption: str
     person_aware_crop: bool
+    face_samples: int  # frames per clip whose face region (source resolution) goes to faces.npz; 0 = off
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,17 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class PhotoExamplesConfig:
+    """Identity photos as 1-frame training examples (``train_lora.photos``)."""
+
+    default_caption: str  # when a photo has no <stem>.txt caption sidecar
+    views: int  # cached views per photo: view 0 as is, the others augmented (flip, scale/shift jitter)
+    flip: bool  # mirror some augmented views (pose redrawn with left/right swapped)
+    scale_jitter: float  # relative zoom of the crop window, +-
+    shift_jitter: float  # shift of the crop window, +- this share of its size
+
+
+@dataclass(frozen=True)
 class TrainLoraConfig:
     num_face_tokens: int
     mapper_hidden_dim: int  # 0 = text_dim
@@ -139,13 +159,24 @@ class TrainLoraConfig:
     gradient_checkpointing: bool
     face_dropout: float  # probability of training a step with the null face (for CFG)
     holdout_clips: int  # last N clips (by clip_id) kept out of training for render_validation
-    cache_dir: str  # latent cache (VAE latents + text embeddings per clip, keyed by checksum + config)
+    cache_dir: str  # latent cache (VAE latents + text embeddings per example, keyed by content + geometry + model)
+    # Stage 2: share of samples drawn from identity examples (photos + clips that show the identity);
+    # the rest are prior clips trained with the null face. Stage 1 trains on identity examples only.
+    identity_share: float
+    # FaceSim (cosine) at or above which a clip counts as showing the identity; 0 = the embedder's
+    # calibrated same-person threshold (faceid.faces.embed.DEFAULT_OUTLIER_THRESHOLDS).
+    clip_identity_threshold: float
+    photos: PhotoExamplesConfig
+    face_loss_weight: float  # loss weight of latent tokens inside the face box (identity examples); 1 = uniform
+    timestep_sampling: Literal["uniform", "logit_normal", "mid_weighted"]
+    reference_image: bool  # pass the identity's best aligned crop as VACE reference_images (train + inference)
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_facesim_gain: float  # FaceSim(identity) - FaceSim(face_scale=0) must exceed this
+    min_facesim_gain: float  # FaceSim(identity) - FaceSim(base) must be >= this
     min_pose_pck: float
+    tolerance: float  # FaceSim(identity) must be >= FaceSim(reference_only) - this
 
 
 @dataclass(frozen=True)
@@ -162,7 +193,8 @@ class RenderValidationConfig:
 class BatchInferConfig:
     num_inference_steps: int
     guidance_scale: float
-    face_scale: float
+    face_scale: float  # identity strength: face tokens and LoRA (0 = the base model exactly)
+    lora_scale: float  # the LoRA alone: adapter weight = blend weight x face_scale x lora_scale
     seed: int
     prompt: str  # "" = the caption of each clip / prepare_pose.default_caption
     num_workers: int
@@ -278,6 +310,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 def _validate(obj: Any, prefix: str) -> None:
     """Cross-field rules that a type alone does not express."""
+    if isinstance(obj, CropFacesConfig) and obj.photo_max_side != 0 and obj.photo_max_side < 256:
+        raise ConfigError(f"{prefix}.photo_max_side: expected 0 (full size) or >= 256 px, got {obj.photo_max_side}")
     if isinstance(obj, PreparePoseConfig):
         if obj.num_frames < 5 or (obj.num_frames - 1) % 4:
             raise ConfigError(f"{prefix}.num_frames: expected 4n+1 (e.g. 17, 33, 49, 81), got {obj.num_frames}")
@@ -285,10 +319,26 @@ def _validate(obj: Any, prefix: str) -> None:
             v = getattr(obj, name)
             if v <= 0 or v % 16:
                 raise ConfigError(f"{prefix}.{name}: expected a positive multiple of 16, got {v}")
+        if obj.face_samples < 0:
+            raise ConfigError(f"{prefix}.face_samples: expected >= 0 (0 = no face regions), got {obj.face_samples}")
     if isinstance(obj, LoraConfig) and obj.rank <= 0:
         raise ConfigError(f"{prefix}.rank: expected a positive integer, got {obj.rank}")
-    if isinstance(obj, TrainLoraConfig) and obj.holdout_clips < 0:
-        raise ConfigError(f"{prefix}.holdout_clips: expected >= 0, got {obj.holdout_clips}")
+    if isinstance(obj, TrainLoraConfig):
+        if obj.holdout_clips < 0:
+            raise ConfigError(f"{prefix}.holdout_clips: expected >= 0, got {obj.holdout_clips}")
+        if not 0.0 < obj.identity_share <= 1.0:
+            raise ConfigError(f"{prefix}.identity_share: expected a share in (0, 1], got {obj.identity_share}")
+        if not 0.0 <= obj.clip_identity_threshold < 1.0:
+            raise ConfigError(f"{prefix}.clip_identity_threshold: expected a cosine in [0, 1) (0 = calibrated default), "
+                              f"got {obj.clip_identity_threshold}")
+        if not obj.face_loss_weight >= 1.0:
+            raise ConfigError(f"{prefix}.face_loss_weight: expected >= 1 (1 = uniform loss), got {obj.face_loss_weight}")
+    if isinstance(obj, PhotoExamplesConfig):
+        if obj.views < 1:
+            raise ConfigError(f"{prefix}.views: expected >= 1 (1 = no augmentation), got {obj.views}")
+        for name in ("scale_jitter", "shift_jitter"):
+            if not 0.0 <= getattr(obj, name) < 0.5:
+                raise ConfigError(f"{prefix}.{name}: expected a value in [0, 0.5), got {getattr(obj, name)}")
     if isinstance(obj, StageConfig) and obj.steps < 0:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
 

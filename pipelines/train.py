@@ -1,6 +1,7 @@
 """Training pipeline: photos + dance videos -> crops, embedding, pose clips -> identity adapter -> validation.
 
     import-photos -> crop-faces -> embed-faces ----+--> train-lora -> render-validation
+                         \__ (photos as targets) __/
     import-videos -> prepare-pose -----------------+
 
 ``identity_photos`` and ``dance_videos`` are folder URIs: a local path for ``faceid pipeline run
@@ -43,7 +44,8 @@ def train(
     clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
 
     trained = on_gpu(train_lora(
-        embeddings=embeddings.outputs["embeddings"], clips=clips.outputs["clips"], identity=identity,
+        crops=crops.outputs["crops"], embeddings=embeddings.outputs["embeddings"], clips=clips.outputs["clips"],
+        identity=identity,
         params_path=params_path, profile=profile, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
         ray_address=ray_address, mlflow_uri=mlflow_uri,
     ))

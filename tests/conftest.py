@@ -31,3 +31,14 @@ def sample_dir(tmp_path_factory, params) -> Path:
     out = tmp_path_factory.mktemp("sample") / "sample"
     sample_data.run(params.sample_data, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_identity(tmp_path_factory, params, sample_dir) -> tuple[Path, Path]:
+    """``(crops, embeddings)``: the real crop-faces and embed-faces outputs of the sample identity."""
+    from faceid.faces import crop, embed
+
+    root = tmp_path_factory.mktemp("sample_identity")
+    crop.run(params.crop_faces, sample_dir / "identities" / "obama", root / "crops")
+    embed.run(params.embed_faces, root / "crops", root / "embeddings")
+    return root / "crops", root / "embeddings"

@@ -52,7 +52,7 @@ def test_train_pipeline_dag(compiled):
     assert tasks == {"importer", "importer-2", "crop-faces", "embed-faces", "prepare-pose", "train-lora", "render-validation"}
     assert _edges(ir) == {
         ("importer", "crop-faces"), ("crop-faces", "embed-faces"), ("importer-2", "prepare-pose"),
-        ("embed-faces", "train-lora"), ("prepare-pose", "train-lora"),
+        ("crop-faces", "train-lora"), ("embed-faces", "train-lora"), ("prepare-pose", "train-lora"),
         ("train-lora", "render-validation"), ("prepare-pose", "render-validation"), ("embed-faces", "render-validation"),
     }
     # Data inputs are runtime URIs; "" / -1 mean "from params.yaml" (no defaults duplicated here).
@@ -72,7 +72,10 @@ def test_infer_pipeline_dag(compiled):
     assert set(ir["root"]["dag"]["tasks"]) == {"importer", "prepare-pose", "batch-infer"}
     assert _edges(ir) == {("importer", "prepare-pose"), ("prepare-pose", "batch-infer")}
     assert _params(ir) == {"identity": "<required>", "dance_videos": "<required>", "alias": "", "params_path": "",
-                           "profile": "", "ray_address": "", "mlflow_uri": ""}
+                           "profile": "", "face_scale": -1.0, "lora_scale": -1.0, "ray_address": "", "mlflow_uri": ""}
+    batch_inputs = ir["root"]["dag"]["tasks"]["batch-infer"]["inputs"]["parameters"]
+    assert batch_inputs["face_scale"]["componentInputParameter"] == "face_scale"
+    assert batch_inputs["lora_scale"]["componentInputParameter"] == "lora_scale"
 
 
 @pytest.mark.parametrize("name,gpu_tasks,cpu_tasks", [
@@ -130,6 +133,11 @@ def test_stage_argv_sentinels_add_nothing():
     assert stage_argv("p.yaml", ["train-lora"], profile="tiny", stage1_steps=0, stage2_steps=7) == [
         "--params", "p.yaml", "--set", "model.profile=tiny", "--set", "train_lora.stage1.steps=0",
         "--set", "train_lora.stage2.steps=7", "train-lora"]
+    # scales: negative = params.yaml; 0 is a real face_scale (the base model); nan goes through to be rejected
+    assert stage_argv("", ["batch-infer"], face_scale=-1.0, lora_scale=-1.0) == ["batch-infer"]
+    assert stage_argv("", ["batch-infer"], face_scale=0.0, lora_scale=0.5) == [
+        "--set", "batch_infer.face_scale=0.0", "--set", "batch_infer.lora_scale=0.5", "batch-infer"]
+    assert stage_argv("", ["batch-infer"], face_scale=float("nan"))[:2] == ["--set", "batch_infer.face_scale=nan"]
 
 
 def test_profile_is_an_overlay_file(repo, monkeypatch):
@@ -142,7 +150,7 @@ def test_profile_is_an_overlay_file(repo, monkeypatch):
 def test_stage_argv_is_accepted_by_the_cli(repo):
     from faceid.cli import build_parser
 
-    argv = stage_argv(str(repo / "params.yaml"), ["train-lora", "--identity", "a", "--embeddings", "e", "--clips", "c",
+    argv = stage_argv(str(repo / "params.yaml"), ["train-lora", "--identity", "a", "--crops", "p", "--embeddings", "e", "--clips", "c",
                                                   "--output", "o", "--ray-address", "", "--mlflow-uri", ""],
                       profile="tiny", stage1_steps=1)
     args = build_parser().parse_args(argv)
@@ -157,6 +165,7 @@ def test_registry_uri(repo):
 
 def test_arguments_are_typed_and_checked():
     assert parse_arguments("train", ["identity=ann", "stage1_steps=3"]) == {"identity": "ann", "stage1_steps": 3}
+    assert parse_arguments("infer", ["identity=ann", "face_scale=0"]) == {"identity": "ann", "face_scale": 0.0}
     with pytest.raises(FaceidError, match="unknown parameter 'steps'"):
         parse_arguments("train", ["steps=3"])
     with pytest.raises(FaceidError, match="stage2_steps='many': expected int"):

@@ -18,14 +18,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 F, H, W = 9, 32, 32
 
 
-def write_inputs(root: Path, n_clips: int = 3, dim: int = 128) -> tuple[Path, Path]:
-    """A prepare-pose-style clips folder and an embed-faces-style embeddings folder."""
-    from safetensors.torch import save_file
-
+def write_clips(root: Path, n_clips: int = 3) -> Path:
+    """A prepare-pose-style clips folder of synthetic clips (no face in them: every clip is prior)."""
     from faceid.io import write_parquet
     from faceid.pose.video import write_video
 
-    clips, emb = root / "clips", root / "emb"
+    clips = root / "clips"
     rows = []
     for i in range(n_clips):
         pose = np.zeros((F, H, W, 3), np.uint8)
@@ -37,22 +35,22 @@ def write_inputs(root: Path, n_clips: int = 3, dim: int = 128) -> tuple[Path, Pa
         d.mkdir(parents=True)
         write_video(d / "video.mp4", video, 16)
         write_video(d / "pose.mp4", pose, 16)
+        np.savez(d / "faces.npz", regions=np.zeros((0, 256, 256, 3), np.uint8), frames=np.zeros(0, np.int64),
+                 boxes=np.zeros((0, 4), np.float32), sizes=np.zeros(0, np.float32), checksum=np.array(f"sum{i}"))
         rows.append({"clip_id": f"c{i}", "source": "synthetic", "start_frame": 0, "num_frames": F, "fps": 16.0,
                      "height": H, "width": W, "video_path": f"clips/c{i}/video.mp4", "pose_path": f"clips/c{i}/pose.mp4",
                      "keypoints_path": "", "caption": "a person dancing", "pose_detection_rate": 1.0,
                      "checksum": f"sum{i}", "status": "ok", "reason": ""})
     rows.append({**rows[0], "clip_id": "bad", "status": "rejected", "video_path": "missing.mp4"})
     write_parquet(clips / "manifest.parquet", rows)
-    e = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(1)), dim=0)
-    emb.mkdir(parents=True)
-    save_file({"identity": e, "per_image": e[None].repeat(3, 1)}, str(emb / "embeddings.safetensors"),
-              metadata={"embedder": "dlib", "dim": str(dim), "names": json.dumps(["a", "b", "c"])})
-    return clips, emb
+    return clips
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return write_inputs(tmp_path_factory.mktemp("train_inputs"))
+def inputs(tmp_path_factory, sample_identity):
+    """(crops, embeddings, clips): the real sample identity's photos and embeddings, synthetic clips."""
+    crops, emb = sample_identity
+    return crops, emb, write_clips(tmp_path_factory.mktemp("train_inputs"))
 
 
 def small_params(params, tmp: Path, **kw):
@@ -64,16 +62,16 @@ def small_params(params, tmp: Path, **kw):
     return params_from_dict(to_dict(params), overrides)
 
 
-def config_for(p, clips, emb, out):
-    return {"params": to_dict(p), "identity": "synth", "embeddings_dir": str(emb), "clips_dir": str(clips),
-            "output_dir": str(out)}
+def config_for(p, inputs, out):
+    crops, emb, clips = inputs
+    return {"params": to_dict(p), "identity": "synth", "crops_dir": str(crops), "embeddings_dir": str(emb),
+            "clips_dir": str(clips), "output_dir": str(out)}
 
 
 def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     from faceid.model.identity import load_identity
     from faceid.train import recipe
 
-    clips, emb = inputs
     p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=0.01)
     checkpoints: list[Path] = []
 
@@ -84,7 +82,7 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
             shutil.copytree(ckpt, dst)
             checkpoints.append(dst)
 
-    full = recipe.train(config_for(p, clips, emb, tmp_path / "full"), report=keep)
+    full = recipe.train(config_for(p, inputs, tmp_path / "full"), report=keep)
     # every 4 steps, at the end of each stage, and a final one with the identity folder
     assert full["steps"] == 12
     assert [c.name for c in checkpoints] == ["ckpt_4", "ckpt_6", "ckpt_8", "ckpt_12", "ckpt_final"]
@@ -95,10 +93,20 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     # the last clip (train_lora.holdout_clips=1) is kept out of training for render_validation
     assert card["lora"]["targets"] == "main-cross-attn" and card["data"]["clips"] == {"c0": "sum0", "c1": "sum1"}
     assert (tmp_path / "full" / "metrics" / "train_loss.csv").read_text().count("\n") == 13
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the latent cache was filled
+    # the card lists every photo and clip with its role: the accepted photos are identity examples,
+    # the clips (no face in them) the motion prior
+    roles = {(r["kind"], r["id"]): r["role"] for r in card["examples"]}
+    photos = {n for (k, n), role in roles.items() if k == "photo" and role == "identity"}
+    assert photos == {"obama", "obama2", "obama3", "obama_partial_face"}
+    assert roles[("clip", "c0")] == roles[("clip", "c1")] == "prior"
+    assert card["loss"]["identity_share"] == p.train_lora.identity_share
+    assert card["reference_image"]["source"] in photos and ident.reference is not None
+    assert full["identity_examples"] == 4 * p.train_lora.photos.views and full["prior_examples"] == 2
+    # the latent cache was filled: one entry per clip and per photo view
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 + 4 * p.train_lora.photos.views
 
     # resume from the step-4 checkpoint (a run killed after step 4) -> identical result
-    resumed = recipe.train(config_for(p, clips, emb, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
+    resumed = recipe.train(config_for(p, inputs, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
     assert resumed["resumed_from"] == 4
     from safetensors.torch import load_file
 
@@ -112,11 +120,10 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
 def test_nan_loss_stops_with_clear_message(params, inputs, tmp_path):
     from faceid.train import recipe
 
-    clips, emb = inputs
     p = small_params(params, tmp_path, train_lora__stage1__learning_rate="1.0e+30", train_lora__grad_clip=0.0,
                      train_lora__stage1__steps=20)
     with pytest.raises(TrainingError, match=r"stage1, step \d+: loss is (nan|inf).*learning_rate"):
-        recipe.train(config_for(p, clips, emb, tmp_path / "out"))
+        recipe.train(config_for(p, inputs, tmp_path / "out"))
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +145,17 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     from faceid.tracking import local_store_uri
     from faceid.train import launch, recipe
 
-    clips, emb = inputs
+    crops, emb, clips = inputs
     p = small_params(params, tmp_path)
     uri = local_store_uri(tmp_path / "mlruns")
-    summary = launch.run(p, "synth", emb, clips, tmp_path / "identity", ray_address="", mlflow_uri=uri, fail_at_step=4)
+    summary = launch.run(p, "synth", crops, emb, clips, tmp_path / "identity", ray_address="", mlflow_uri=uri, fail_at_step=4)
     assert summary["resumed_from"] == 4 and summary["steps"] == 12
     assert (Path(summary["ray_run"]) / "fault_injected").is_file()
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray worker (OMP_NUM_THREADS=1): same float reduction order
     try:
-        direct = recipe.train(config_for(p, clips, emb, tmp_path / "direct"))
+        direct = recipe.train(config_for(p, inputs, tmp_path / "direct"))
     finally:
         torch.set_num_threads(threads)
     assert direct["steps"] == 12
@@ -173,7 +180,7 @@ def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):
     from faceid.errors import InputError
     from faceid.train.data import training_clips
 
-    clips, _ = inputs
+    clips = inputs[2]
     assert [c.clip_id for c in training_clips(clips, 0)] == ["c0", "c1", "c2"]
     assert [c.clip_id for c in training_clips(clips, 1)] == ["c0", "c1"]
     with pytest.raises(InputError, match=r"3 usable clip\(s\) but train_lora.holdout_clips=3"):

@@ -1,31 +1,48 @@
-"""Latent cache: per clip, the VAE latents of the target and control videos and the caption's
-text embeddings, computed once and reused across epochs, stages and runs.
+"""Latent cache: per training example (a clip, or one view of an identity photo), the VAE latents
+of the target and control videos and the caption's text embeddings, computed once and reused
+across epochs, stages and runs.
 
 An entry is ``<cache_dir>/<key>.safetensors`` with tensors ``target`` [16, f, h, w] (normalised
-latents, as the pipeline's decoder expects), ``control`` [96, f, h, w] (VACE conditioning:
+latents, as the pipeline's decoder expects), ``control`` [96, r + f, h, w] (VACE conditioning:
 inactive + reactive latents + mask, exactly as ``WanVACEPipeline`` builds it from a pose video
-without a mask) and ``text`` [L, text_dim]. The key hashes the clip checksum, the caption, the
-frame geometry and the base model id, so a new clip or another model never reads a stale entry.
+without a mask and with ``r`` reference images in front) and ``text`` [L, text_dim], plus the
+example's own extra tensors (e.g. a photo's face mask). The key hashes what the example is made
+of (clip checksum, or photo hash + view + geometry), the caption, the reference image and the
+base model, so a new input or another model never reads a stale entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
-def cache_key(checksum: str, caption: str, shape: tuple[int, ...], base_model: str, text_len: int) -> str:
-    payload = json.dumps([CACHE_VERSION, checksum, caption, list(shape), base_model, text_len])
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+@dataclass(frozen=True)
+class Source:
+    """What one cache entry is made from: ``payload`` identifies it (hashed into the key);
+    ``load()`` returns ``(target [F, H, W, 3], pose [F, H, W, 3], caption, reference image or None,
+    extra tensors)`` and runs only on a cache miss."""
+
+    example_id: str
+    payload: dict
+    load: Callable[[], tuple]
 
 
-def encode_clip(pipe, target_frames: np.ndarray, pose_frames: np.ndarray, caption: str) -> dict:
-    """VAE latents of the target, VACE control latents of the pose video, text embeddings (CPU, float32)."""
+def cache_key(payload: dict, base_model: str, text_len: int) -> str:
+    data = json.dumps([CACHE_VERSION, payload, base_model, text_len], sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:24]
+
+
+def encode_example(pipe, target_frames: np.ndarray, pose_frames: np.ndarray, caption: str, reference: np.ndarray | None = None) -> dict:
+    """VAE latents of the target, VACE control latents of the pose video (with ``reference`` as
+    VACE reference image in front, when given), text embeddings (CPU, float32)."""
     import torch
     from PIL import Image
 
@@ -33,10 +50,11 @@ def encode_clip(pipe, target_frames: np.ndarray, pose_frames: np.ndarray, captio
 
     device = pipe._execution_device
     num_frames, height, width, _ = pose_frames.shape
+    refs = [Image.fromarray(np.ascontiguousarray(reference))] if reference is not None else None
     with torch.no_grad():
-        # control: the pipeline's own preprocessing (steps 5 of WanVACEPipeline.__call__)
+        # control: the pipeline's own preprocessing (step 5 of WanVACEPipeline.__call__)
         video, mask, refs = pipe.preprocess_conditions(
-            [Image.fromarray(f) for f in pose_frames], None, None, 1, height, width, num_frames, torch.float32, device
+            [Image.fromarray(f) for f in pose_frames], None, refs, 1, height, width, num_frames, torch.float32, device
         )
         control = pipe.prepare_video_latents(video, mask, refs, None, device)
         control = torch.cat([control, pipe.prepare_masks(mask, refs, None)], dim=1)
@@ -56,9 +74,12 @@ def encode_clip(pipe, target_frames: np.ndarray, pose_frames: np.ndarray, captio
     }
 
 
-def cached_examples(pipe, clips, cache_dir: str | Path, base_model: str, read_clip, show_progress: bool = True) -> list[dict]:
-    """One example per clip: read from the cache or encode (``read_clip(clip) -> (target, pose)``)
-    and store atomically. Returns dicts of CPU tensors ``target``, ``control``, ``text`` + ``clip_id``."""
+def cached_examples(pipe, sources: list[Source], cache_dir: str | Path, base_model: str, show_progress: bool = True,
+                    desc: str = "latent cache") -> list[dict]:
+    """One example per source: read from the cache or encode and store atomically. Returns dicts of
+    CPU tensors (``target``, ``control``, ``text`` and the source's extras) + ``example_id`` +
+    ``cached`` (True when read from the cache)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from faceid.io import atomic_path, progress
@@ -67,16 +88,17 @@ def cached_examples(pipe, clips, cache_dir: str | Path, base_model: str, read_cl
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     examples = []
-    it = progress(clips, total=len(clips), desc="latent cache") if show_progress else clips
-    for clip in it:
-        key = cache_key(clip.checksum, clip.caption, (clip.num_frames, clip.height, clip.width), base_model, text_len(pipe))
-        path = cache_dir / f"{key}.safetensors"
-        if path.is_file():
+    it = progress(sources, total=len(sources), desc=desc) if show_progress else sources
+    for source in it:
+        path = cache_dir / f"{cache_key(source.payload, base_model, text_len(pipe))}.safetensors"
+        cached = path.is_file()
+        if cached:
             tensors = load_file(str(path))
         else:
-            target, pose = read_clip(clip)
-            tensors = encode_clip(pipe, target, pose, clip.caption)
+            target, pose, caption, reference, extra = source.load()
+            tensors = encode_example(pipe, target, pose, caption, reference)
+            tensors.update({k: torch.as_tensor(np.asarray(v)).float().contiguous() for k, v in extra.items()})
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata={"clip_id": clip.clip_id, "checksum": clip.checksum})
-        examples.append({**tensors, "clip_id": clip.clip_id})
+                save_file(tensors, str(tmp), metadata={"example_id": source.example_id})
+        examples.append({**tensors, "example_id": source.example_id, "cached": cached})
     return examples

@@ -18,24 +18,28 @@ import json
 import shutil
 from pathlib import Path
 
-from faceid.errors import TrainingError
+from faceid.errors import InputError, TrainingError
 
 MAX_FAILURES = 2
 
 
-def run_name(params, identity: str, embeddings_dir: Path, clips: list) -> str:
+def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips: list) -> str:
     """Stable per (identity, config, data): the same command resumes the same Ray run.
     ``clips``: the training clips (:func:`faceid.train.data.training_clips`)."""
     from faceid.config import config_hash
+    from faceid.io import sha256_file
     from faceid.train.data import embeddings_sha256
 
     data = sorted(c.checksum for c in clips)
     emb_id = embeddings_sha256(embeddings_dir) or str(embeddings_dir.resolve())
-    payload = json.dumps([config_hash(params.model, params.train_lora), data, emb_id], default=str)
+    photos_id = sha256_file(crops_dir / "manifest.parquet")
+    # routing reads crop_faces/embed_faces settings (detector, embedder, padding): part of the data
+    payload = json.dumps([config_hash(params.model, params.train_lora, params.crop_faces, params.embed_faces),
+                          data, emb_id, photos_id], default=str)
     return f"train-lora-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
-def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
+def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
         ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None) -> dict:
     """Train ``identity``, write ``output_dir`` (the identity folder), log to MLflow; return the summary.
     ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume."""
@@ -44,20 +48,28 @@ def run(params, identity: str, embeddings_dir: Path, clips_dir: Path, output_dir
     from ray.train.torch import TorchTrainer
 
     from faceid.config import to_dict
+    from faceid.faces.crop import read_photos
     from faceid.io import atomic_dir
-    from faceid.train.data import load_embedding, training_clips
+    from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, training_clips
     from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
 
     # 1. Check inputs here, before any worker starts
-    embeddings_dir, clips_dir, output_dir = Path(embeddings_dir), Path(clips_dir), Path(output_dir)
-    load_embedding(embeddings_dir)
+    crops_dir, embeddings_dir = Path(crops_dir), Path(embeddings_dir)
+    clips_dir, output_dir = Path(clips_dir), Path(output_dir)
+    _, meta = load_embedding(embeddings_dir)
+    check_embedder(meta, params.embed_faces)
+    photos, kept = read_photos(crops_dir), load_photo_embeddings(embeddings_dir)[0]
+    if not any(p.name in kept for p in photos):
+        raise InputError(f"{crops_dir}: none of its accepted photos is in {embeddings_dir} (embedded from other crops?); "
+                         "rerun embed-faces on these crops")
     clips = training_clips(clips_dir, params.train_lora.holdout_clips)
     tcfg = params.train_lora
-    name = run_name(params, identity, embeddings_dir, clips)
+    name = run_name(params, identity, crops_dir, embeddings_dir, clips)
     storage = Path(params.ray.storage_path).resolve()
     config = {
         "params": to_dict(params),
         "identity": identity,
+        "crops_dir": str(crops_dir.resolve()),
         "embeddings_dir": str(embeddings_dir.resolve()),
         "clips_dir": str(clips_dir.resolve()),
         "output_dir": "",  # set per worker (a temporary folder; the driver copies the final checkpoint)
@@ -138,6 +150,8 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     with mlflow.start_run(run_name=f"train-lora-{identity}") as run:
         mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
                          "embedder": card["embedder"]})
+        # every photo and clip with its role (identity | prior | excluded) and FaceSim score
+        mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {})}, "examples.json")
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         keys = sorted(flat)
         for i in range(0, len(keys), 100):

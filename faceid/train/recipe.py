@@ -1,15 +1,25 @@
 """The identity training recipe, top to bottom: setup -> model -> data -> stage 1 -> stage 2 -> save.
 
-Stage 1 trains the FaceMapper alone (the DiT frozen): the face tokens learn to steer the frozen
-model through its cross-attention. Stage 2 trains mapper + LoRA (``faceid.model.lora``) so the
-model learns to read them. Each stage has its own AdamW optimizer, learning rate, linear warmup
-and step count (``params.train_lora.stage1/stage2``).
+Data (``faceid.train.examples``): *identity* examples — every accepted photo of the person as
+1-frame samples with that photo's own embedding, plus dance clips that show the person — and
+*prior* examples — the other dance clips, trained with the null face so the LoRA keeps the base
+model's motion and does not bind the identity to the dancers' faces. Stage 1 trains the
+FaceMapper alone (the DiT frozen) on identity examples only: the face tokens learn to steer the
+frozen model through its cross-attention. Stage 2 trains mapper + LoRA (``faceid.model.lora``) on
+a mix: ``train_lora.identity_share`` of the steps draw identity examples, the rest prior ones.
+A batch holds examples of one shape (photos are 1 frame, clips F; photo aspects vary).
 
 Loss: rectified flow matching as in diffusers' SD3/Wan trainers. For clean latents x0, noise n and
-sigma ~ U(0, 1) mapped through the shifted training schedule (``FlowMatchEulerDiscreteScheduler``):
-``x_t = (1 - sigma) x0 + sigma n``; the DiT predicts the velocity ``n - x0`` (MSE). Conditioning:
-``[caption tokens | face tokens]``, or ``[caption tokens | null face]`` on a ``face_dropout``
-share of samples, so the unconditional branch of CFG (and ``face_scale`` = 0) is trained.
+sigma from the shifted training schedule (``FlowMatchEulerDiscreteScheduler``) at a timestep
+drawn by ``train_lora.timestep_sampling`` (``uniform``; ``logit_normal`` as in SD3; or
+``mid_weighted``: uniform draws with DiffSynth-Studio's bell-shaped loss weight over the
+timestep index): ``x_t = (1 - sigma) x0 + sigma n``; the DiT predicts the velocity ``n - x0``
+(MSE). Latent tokens inside the face box of identity examples weigh ``face_loss_weight`` (the
+loss is normalised by the total weight, so it changes the emphasis, not the scale). With a VACE
+reference image the reference latent stands in front of x0 (as the pipeline puts it in front of
+the noise) and is left out of the loss. Conditioning: ``[caption tokens | face tokens]``; the null
+face instead for prior examples and on a ``face_dropout`` share of identity samples, so the
+unconditional branch of CFG is trained.
 
 Determinism and resume: the sample order, noise, sigma and face dropout of global step s on rank r
 come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint computes exactly what
@@ -71,31 +81,56 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step * 101 + rank)
 
 
-def make_batch(examples: list[dict], step: int, rank: int, world_size: int, batch_size: int, seed: int) -> dict:
-    """Samples of global ``step`` for ``rank``: a fresh seeded permutation per epoch, split over ranks."""
-    n = len(examples)
-    items = []
-    for j in range(batch_size):
-        flat = (step * world_size + rank) * batch_size + j
-        epoch, pos = divmod(flat, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-        items.append(examples[int(perm[pos])])
-    return {k: torch.stack([it[k] for it in items]) for k in ("target", "control", "text", "embedding")}
+def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int, batch_size: int, seed: int) -> dict:
+    """Samples of global ``step`` for ``rank``: the identity pool with probability ``share`` (always
+    when the prior pool is empty), an anchor example drawn from it, and the rest of the batch from
+    the examples of the anchor's shape (with replacement). Seeded by ``seed, step, rank`` only."""
+    from faceid.train.examples import BATCH_KEYS, IDENTITY, PRIOR, shape_key
+
+    gen = torch.Generator().manual_seed(seed * 7919 + step * 131 + rank * 7 + 3)
+    use_identity = not pools[PRIOR] or float(torch.rand(1, generator=gen)) < share
+    pool = pools[IDENTITY] if use_identity else pools[PRIOR]
+    anchor = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+    group = [e for e in pool if shape_key(e) == shape_key(anchor)]
+    items = [anchor] + [group[int(i)] for i in torch.randint(len(group), (batch_size - 1,), generator=gen)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS}
+    batch["ref_frames"] = anchor["ref_frames"]
+    return batch
+
+
+def timestep_weights(scheme: str, num_timesteps: int) -> torch.Tensor:
+    """Loss weight per timestep index: ones, or DiffSynth-Studio's ``mid_weighted`` bell
+    ``exp(-2 ((i - N/2) / N)^2)``, shifted to 0 at the ends and normalised to mean 1."""
+    if scheme != "mid_weighted":
+        return torch.ones(num_timesteps)
+    i = torch.arange(num_timesteps, dtype=torch.float64)
+    y = torch.exp(-2 * ((i - num_timesteps / 2) / num_timesteps) ** 2)
+    y = y - y.min()
+    return (y * num_timesteps / y.sum()).float()
+
+
+def sample_timestep_index(scheme: str, bsz: int, num_timesteps: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices into the training schedule: uniform (``uniform``, ``mid_weighted``) or logit-normal."""
+    u = torch.rand(bsz, generator=gen)
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.randn(bsz, generator=gen))
+    return (u * num_timesteps).long().clamp_max(num_timesteps - 1)
 
 
 def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator, face_dropout: float,
-                       device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+                       device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
     """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here)."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
     x0 = batch["target"]
+    n_ref = int(batch.get("ref_frames", 0))
+    if n_ref:  # the reference latent in front, as the pipeline puts it in front of the noise
+        x0 = torch.cat([batch["control"][:, : x0.shape[1], :n_ref], x0], dim=2)
     bsz = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
-    u = compute_density_for_timestep_sampling("none", bsz, generator=gen)
-    idx = (u * noise_scheduler.config.num_train_timesteps).long().clamp_max(noise_scheduler.config.num_train_timesteps - 1)
+    n_train = noise_scheduler.config.num_train_timesteps
+    idx = sample_timestep_index(timestep_sampling, bsz, n_train, gen)
     timesteps = noise_scheduler.timesteps[idx]
     sigmas = noise_scheduler.sigmas[idx].view(-1, 1, 1, 1, 1)
-    drop_face = torch.rand(bsz, generator=gen) < face_dropout
+    drop_face = (torch.rand(bsz, generator=gen) < face_dropout) | ~batch["face"].bool()
     noisy = (1.0 - sigmas) * x0 + sigmas * noise
     target = noise - x0
 
@@ -104,8 +139,10 @@ def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torc
 
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         pred = model(to(noisy), to(timesteps), to(batch["text"]), to(batch["control"]), to(batch["embedding"]), to(drop_face))
-    weighting = compute_loss_weighting_for_sd3("none", sigmas=to(sigmas))
-    return (weighting * (pred.float() - to(target)) ** 2).mean()
+    err = ((pred.float() - to(target)) ** 2)[:, :, n_ref:]
+    weight = to(batch["weight"]).unsqueeze(1)  # [B, 1, f, h, w]
+    per_sample = (err * weight).sum(dim=(1, 2, 3, 4)) / (weight.sum(dim=(1, 2, 3, 4)) * err.shape[1])
+    return (per_sample * to(timestep_weights(timestep_sampling, n_train)[idx])).mean()
 
 
 def training_scheduler(flow_shift: float):
@@ -161,7 +198,8 @@ def run_stage(
     stage: str,
     model: FaceConditionedDiT,
     trainable: list[nn.Parameter],
-    examples: list[dict],
+    pools: dict[str, list[dict]],
+    share: float,
     stage_cfg,
     tcfg,
     state: dict,
@@ -175,7 +213,8 @@ def run_stage(
     report: Report | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> None:
-    """Train ``trainable`` for ``stage_cfg.steps`` steps; global steps ``first_step ..``; appends
+    """Train ``trainable`` for ``stage_cfg.steps`` steps on batches from ``pools`` (identity examples
+    with probability ``share``, see :func:`make_batch`); global steps ``first_step ..``; appends
     ``{step, stage, loss, lr}`` to ``state['history']``, checkpoints every ``tcfg.checkpoint_every``.
     Resumes mid-stage from ``state['step']`` (with ``resume_optim``). ``amp_dtype``: CUDA autocast dtype (None = off)."""
     import torch.distributed as dist
@@ -207,8 +246,9 @@ def run_stage(
     for step in bar:
         gen = step_generator(tcfg.seed, step, rank)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # module dropout, if any
-        batch = make_batch(examples, step, rank, world_size, tcfg.batch_size, tcfg.seed)
-        loss = flow_matching_loss(forward, batch, noise_scheduler, gen, tcfg.face_dropout, device, amp_dtype)
+        batch = make_batch(pools, share, step, rank, tcfg.batch_size, tcfg.seed)
+        loss = flow_matching_loss(forward, batch, noise_scheduler, gen, tcfg.face_dropout, device, amp_dtype,
+                                  tcfg.timestep_sampling)
         logged = loss.detach().clone()
         if world_size > 1 and dist.is_initialized():
             dist.all_reduce(logged)
@@ -245,6 +285,18 @@ def run_stage(
     model.eval()
 
 
+def fit(model: FaceConditionedDiT, pools: dict[str, list[dict]], tcfg, state: dict, **common) -> None:
+    """The two stages: stage 1 trains the mapper alone (DiT frozen) on identity examples only;
+    stage 2 trains mapper + LoRA on ``identity_share`` identity examples and the rest prior ones."""
+    from faceid.model.lora import lora_parameters
+
+    mapper = model.mapper
+    run_stage("stage1", model, list(mapper.parameters()), pools, 1.0, tcfg.stage1, tcfg, state, first_step=0, **common)
+    trainable = list(mapper.parameters()) + lora_parameters(model.transformer)
+    run_stage("stage2", model, trainable, pools, tcfg.identity_share, tcfg.stage2, tcfg, state,
+              first_step=tcfg.stage1.steps, **common)
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -258,8 +310,8 @@ def train(
     report: Report | None = None,
 ) -> dict:
     """Two-stage training of one identity. ``config``: ``params`` (dict of Params), ``identity``,
-    ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity folder there).
-    ``checkpoint_dir``: resume from it. Returns the summary metrics."""
+    ``crops_dir``, ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity
+    folder there). ``checkpoint_dir``: resume from it. Returns the summary metrics."""
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
@@ -268,8 +320,8 @@ def train(
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import FaceMapper
-    from faceid.train.cache import cached_examples
-    from faceid.train.data import embeddings_sha256, load_embedding, read_clip, training_clips
+    from faceid.train.data import check_embedder, embeddings_sha256, load_embedding, training_clips
+    from faceid.train.examples import IDENTITY, build_training_set, summary_text
 
     # 1. Setup
     params = params_from_dict(config["params"])
@@ -282,13 +334,16 @@ def train(
     pipe = build_pipeline(mcfg, device)
     pipe.set_progress_bar_config(disable=True)
 
-    # 3. Data: identity embedding + clips -> cached latents; then free text encoder and VAE
+    # 3. Data: identity photos + clips (identity or prior) -> cached latents; then free text encoder and VAE
     embedding, emb_meta = load_embedding(config["embeddings_dir"])
+    check_embedder(emb_meta, params.embed_faces)
     clips = training_clips(config["clips_dir"], tcfg.holdout_clips)
     base_model = comp.base_model_id(mcfg)
-    examples = cached_examples(pipe, clips, tcfg.cache_dir, base_model, read_clip, show_progress=rank == 0)
+    data = build_training_set(pipe, params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), clips, embedding,
+                              Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
+    if rank == 0:
+        print(summary_text(data))
     emb = torch.from_numpy(embedding)
-    examples = [{**ex, "embedding": emb} for ex in examples]
     transformer = pipe.transformer
     del pipe
     _free_memory()
@@ -315,33 +370,37 @@ def train(
     amp_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
     common = dict(device=device, noise_scheduler=training_scheduler(mcfg.flow_shift), rank=rank,
                   world_size=world_size, resume_optim=resume_optim, report=report, amp_dtype=amp_dtype)
-    s1 = tcfg.stage1.steps
 
-    # 6. Stage 1: mapper only, DiT frozen
-    run_stage("stage1", model, list(mapper.parameters()), examples, tcfg.stage1, tcfg, state, first_step=0, **common)
-
-    # 7. Stage 2: mapper + LoRA
-    trainable = list(mapper.parameters()) + lora_parameters(transformer)
-    run_stage("stage2", model, trainable, examples, tcfg.stage2, tcfg, state, first_step=s1, **common)
+    # 6-7. Stage 1: mapper only, identity examples only; stage 2: mapper + LoRA, mixed with the motion prior
+    fit(model, data.pools(), tcfg, state, **common)
 
     # 8. Save the identity folder (rank 0) and summarise
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
+    summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior))
     if rank == 0:
         card = {
             "base_model": base_model,
             "profile": mcfg.profile,
-            "embedder": emb_meta.get("embedder", "unknown"),
+            "embedder": emb_meta["embedder"],
             "lora": to_dict(tcfg.lora),
             "train_config_hash": config_hash(mcfg, tcfg),
             "train": {"stage1_steps": tcfg.stage1.steps, "stage2_steps": tcfg.stage2.steps, "seed": tcfg.seed,
                       "final_loss": summary.get("stage2_loss_last", summary.get("stage1_loss_last"))},
+            "loss": {"identity_share": tcfg.identity_share, "face_loss_weight": tcfg.face_loss_weight,
+                     "timestep_sampling": tcfg.timestep_sampling, "face_dropout": tcfg.face_dropout,
+                     "clip_identity_threshold": tcfg.clip_identity_threshold, "photo_views": tcfg.photos.views},
+            "reference_image": {"file": "reference.png", "source": data.reference["name"],
+                                "in_training": data.reference["in_training"]},
+            "examples": data.rows,
             "data": {
                 "embeddings_sha256": embeddings_sha256(config["embeddings_dir"]),
                 "clips": {c.clip_id: c.checksum for c in clips},
+                "identity_clips": sorted(r["id"] for r in data.rows if r["kind"] == "clip" and r["role"] == IDENTITY),
             },
         }
         save_identity(Path(config["output_dir"]), name=config["identity"], card=card, mapper=mapper,
-                      embedding=emb, transformer=transformer, loss_rows=state["history"])
+                      embedding=emb, transformer=transformer, loss_rows=state["history"],
+                      reference=data.reference["image"])
         print(format_summary(config["identity"], summary, config["output_dir"]))
     if report is not None:  # final checkpoint: trainable state + the identity folder (Ray brings it back)
         with tempfile.TemporaryDirectory() as tmp:
