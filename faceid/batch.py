@@ -8,8 +8,9 @@ Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manif
   builds the pipeline once (``faceid.infer.Generator``). Local Ray unless an address is given.
 - Resumable: an output that exists is not redone (status ``skipped``); videos are written atomically.
 - A failing video is recorded (status ``failed`` + error) and the others continue.
-- ``<out>/manifest.parquet``: one row per job with settings, seed, timings and FaceSim to the
-  (main) identity's own embedding.
+- ``<out>/manifest.parquet``: one row per job with settings (face_scale, lora_scale, guidance,
+  steps, seed), whether a VACE reference image was passed, timings and FaceSim to the (main)
+  identity's own embedding.
 """
 
 from __future__ import annotations
@@ -180,14 +181,18 @@ def run(
     interpolate: str | None = None,
     ray_address: str = "",
     mlflow_uri: str | None = None,
+    face_scale: float | None = None,
+    lora_scale: float | None = None,
 ) -> dict:
-    """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``."""
+    """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``.
+    ``face_scale`` / ``lora_scale``: None = ``batch_infer.face_scale`` / ``batch_infer.lora_scale``."""
     from faceid.infer import parse_blend, parse_interpolate, resolve_identity, settings_from
     from faceid.io import read_parquet, write_parquet
     from faceid.model.identity import load_identity
 
-    # 1. Check inputs: pose videos, identities (compatibility with the base model), settings
+    # 1. Check inputs: settings, pose videos, identities (compatibility with the base model)
     output_dir = Path(output_dir)
+    settings = settings_from(params, face_scale=face_scale, lora_scale=lora_scale)
     items = list_pose_videos(Path(pose_videos))
     if interpolate:
         a, b = parse_interpolate(interpolate, identity)
@@ -203,7 +208,6 @@ def run(
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
     for ref in refs:
         load_identity(resolve_identity(ref, mlflow_uri), model_cfg=params.model)
-    settings = settings_from(params)
 
     # 2. Plan: skip outputs that exist (resume), keeping their earlier manifest rows
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,13 @@ Building blocks shared with ``faceid.batch`` (Ray Data workers) and ``faceid.val
 - :func:`resolve_identity` — an identity folder or ``models:/faceid-<name>@<alias>`` -> a local folder.
 - :func:`parse_blend` / :func:`parse_interpolate` — ``a=0.7,b=0.3`` / ``a,b`` from the command line.
 - :func:`load_pose_video` — read, check size (multiples of 16) and apply the 4n+1 frame policy.
+- :func:`reference_image_for` — the photo of ``--reference-only`` (``--reference-image`` or the
+  identity folder's ``reference.png``).
 - :class:`Generator` — the pipeline built once, identities loaded (and compatibility-checked) once.
 - :func:`render_one` — pose video -> output file, with timings; catches GPU out-of-memory.
 
-Settings left as ``None`` come from ``params.batch_infer`` (one place for defaults).
+Settings left as ``None`` come from ``params.batch_infer`` (one place for defaults): the values
+travel as one :class:`Settings` down to ``generate_video`` and are not overridden on the way.
 """
 
 from __future__ import annotations
@@ -32,18 +35,28 @@ MODELS_PREFIX = "models:/"
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    face_scale: float
+    face_scale: float  # identity strength: face tokens and LoRA (0 = the base model exactly)
+    lora_scale: float  # the LoRA alone (adapter weight = blend weight x face_scale x lora_scale)
     guidance_scale: float
     num_inference_steps: int
     seed: int
     prompt: str  # "" = the clip caption / prepare_pose.default_caption
 
 
-def settings_from(params, face_scale=None, guidance_scale=None, num_inference_steps=None, seed=None, prompt=None) -> Settings:
-    """Explicit values win; ``None`` means the value in ``params.batch_infer``."""
+def settings_from(params, *, face_scale=None, lora_scale=None, guidance_scale=None, num_inference_steps=None,
+                  seed=None, prompt=None) -> Settings:
+    """Explicit values (the command-line flags) win; ``None`` means the value in ``params.batch_infer``.
+    face_scale and lora_scale must be finite and >= 0 (the error names the flag or the key)."""
+    from faceid.model.generate import check_scale
+
     cfg = params.batch_infer
+
+    def scale(value, flag: str, key: str) -> float:
+        return check_scale(f"batch_infer.{key}", getattr(cfg, key)) if value is None else check_scale(flag, value)
+
     return Settings(
-        face_scale=float(cfg.face_scale if face_scale is None else face_scale),
+        face_scale=scale(face_scale, "--face-scale", "face_scale"),
+        lora_scale=scale(lora_scale, "--lora-scale", "lora_scale"),
         guidance_scale=float(cfg.guidance_scale if guidance_scale is None else guidance_scale),
         num_inference_steps=int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps),
         seed=int(cfg.seed if seed is None else seed),
@@ -118,6 +131,37 @@ def resolve_identity(ref: str | Path, mlflow_uri: str | None = None) -> Path:
     if len(cards) != 1:
         raise InputError(f"{ref}: expected one identity folder (with identity.json) in the registered model, found {len(cards)}")
     return cards[0].parent
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an image file; :class:`InputError` when missing or unreadable."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def reference_image_for(identity: str | Path | None, reference_image: str | Path | None,
+                        mlflow_uri: str | None = None) -> tuple[np.ndarray, str]:
+    """``(image, source path)`` for ``--reference-only``: ``reference_image`` when given (any photo;
+    an aligned face crop works best), else the identity folder's ``reference.png``."""
+    from faceid.model.identity import REFERENCE_FILE
+
+    if reference_image:
+        return read_image(reference_image), str(reference_image)
+    if not identity:
+        raise InputError("--reference-only: expected --reference-image PATH (a face photo) or --identity (its reference.png)")
+    path = resolve_identity(identity, mlflow_uri) / REFERENCE_FILE
+    if not path.is_file():
+        raise InputError(f"{identity}: the identity folder has no {REFERENCE_FILE} (folders from before it existed); "
+                         "pass --reference-image PATH, e.g. an aligned crop from crop-faces")
+    return read_image(path), str(path)
 
 
 # --------------------------------------------------------------------------- pose videos
@@ -221,8 +265,9 @@ class Generator:
                 out.append((t, [(dataclasses.replace(ia, embedding=emb), 1.0 - t), (dataclasses.replace(ib, embedding=emb), t)]))
         return out
 
-    def generate(self, conditioning, pose_frames: np.ndarray, prompt: str, settings: Settings, face_scale: float | None = None) -> np.ndarray:
-        """``generate_video`` with a clear message on GPU out-of-memory."""
+    def generate(self, conditioning, pose_frames: np.ndarray, prompt: str, settings: Settings,
+                 reference_image: np.ndarray | None = None) -> np.ndarray:
+        """``generate_video`` with ``settings``, and a clear message on GPU out-of-memory."""
         import torch
 
         from faceid.model.generate import generate_video
@@ -230,10 +275,12 @@ class Generator:
         try:
             return generate_video(
                 self.pipe, conditioning, pose_frames, prompt,
-                face_scale=settings.face_scale if face_scale is None else face_scale,
+                face_scale=settings.face_scale,
                 guidance_scale=settings.guidance_scale,
                 num_inference_steps=settings.num_inference_steps,
                 seed=settings.seed,
+                lora_scale=settings.lora_scale,
+                reference_image=reference_image,
             )
         except torch.cuda.OutOfMemoryError as exc:
             if torch.cuda.is_available():
@@ -242,17 +289,21 @@ class Generator:
 
 
 def render_one(generator: Generator, conditioning, pose_video: Path, output: Path, settings: Settings,
-               caption: str | None = None, pose: tuple[np.ndarray, float, dict] | None = None) -> dict:
-    """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings.
-    ``pose``: what :func:`load_pose_video` returned, when the caller has already read the video."""
-    from faceid.model.generate import describe
+               caption: str | None = None, pose: tuple[np.ndarray, float, dict] | None = None,
+               reference_image: np.ndarray | None = None) -> dict:
+    """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings,
+    whether a VACE reference image was passed. ``pose``: what :func:`load_pose_video` returned,
+    when the caller has already read the video."""
+    from faceid.model.generate import as_blend, describe, identity_reference
     from faceid.pose.video import write_video
 
     t0 = time.perf_counter()
     pose_frames, fps, info = pose or load_pose_video(pose_video, generator.params.batch_infer.frame_count_policy)
     prompt = choose_prompt(settings, caption, generator.params.prepare_pose.default_caption)
+    blend = as_blend(conditioning)
+    with_reference = reference_image is not None or identity_reference(blend, settings.face_scale) is not None
     t1 = time.perf_counter()
-    frames = generator.generate(conditioning, pose_frames, prompt, settings)
+    frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
     if frames.shape != pose_frames.shape:
         raise FaceidError(f"{pose_video}: generated {frames.shape}, expected the pose video's shape {pose_frames.shape}")
     t2 = time.perf_counter()
@@ -263,7 +314,10 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
         "output": str(output),
         "identity": describe(conditioning),
         "prompt": prompt,
-        **{k: v for k, v in dataclasses.asdict(settings).items() if k != "prompt"},
+        # face_scale and lora_scale do not apply without an identity (base model, --reference-only)
+        **{k: (None if k in ("face_scale", "lora_scale") and not blend else v)
+           for k, v in dataclasses.asdict(settings).items() if k != "prompt"},
+        "reference_image": with_reference,
         "num_frames": int(frames.shape[0]),
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
@@ -292,28 +346,47 @@ def infer_one(
     prompt: str | None = None,
     blend: str | None = None,
     mlflow_uri: str | None = None,
+    lora_scale: float | None = None,
+    reference_only: bool = False,
+    reference_image: str | Path | None = None,
 ) -> dict:
     """Generate ``output`` (MP4, the pose video's frame count/size/fps) for ``identity`` (a folder
-    or ``models:/`` URI) or a ``blend`` (``a=0.7,b=0.3``, which replaces ``identity``)."""
+    or ``models:/`` URI) or a ``blend`` (``a=0.7,b=0.3``, which replaces ``identity``).
+
+    ``reference_only``: the training-free baseline, base VACE R2V with no adapter and no face
+    tokens; the reference image is ``reference_image`` (a photo) or the identity's reference.png."""
     # 1. Check inputs before building the model
     output = Path(output)
     if output.suffix.lower() != ".mp4":
         raise InputError(f"{output}: the output must be an .mp4 file")
-    settings = settings_from(params, face_scale, guidance_scale, num_inference_steps, seed, prompt)
+    reference = None
+    if reference_only:
+        given = [flag for flag, value in (("--blend", blend), ("--face-scale", face_scale), ("--lora-scale", lora_scale))
+                 if value is not None]
+        if given:
+            raise InputError(f"--reference-only uses no identity adapter: {', '.join(given)} cannot be combined with it")
+        reference, reference_source = reference_image_for(identity, reference_image, mlflow_uri)
+    elif reference_image is not None:
+        raise InputError("--reference-image is the photo of --reference-only (an identity brings its own reference)")
+    settings = settings_from(params, face_scale=face_scale, lora_scale=lora_scale, guidance_scale=guidance_scale,
+                             num_inference_steps=num_inference_steps, seed=seed, prompt=prompt)
     pairs = parse_blend(blend) if blend else None
     t0 = time.perf_counter()
     pose = load_pose_video(pose_video, params.batch_infer.frame_count_policy)
     load_s = time.perf_counter() - t0
 
-    # 2. Model and identity (compatibility checked against the base model)
+    # 2. Model and identity (compatibility checked against the base model); none for --reference-only
     t0 = time.perf_counter()
     generator = Generator(params, mlflow_uri=mlflow_uri)
-    conditioning = generator.conditioning(identity, pairs)
+    conditioning = None if reference_only else generator.conditioning(identity, pairs)
     setup_s = time.perf_counter() - t0
 
     # 3. Generate and write (the pose video read in step 1)
-    row = render_one(generator, conditioning, Path(pose_video), output, settings, pose=pose)
+    row = render_one(generator, conditioning, Path(pose_video), output, settings, pose=pose, reference_image=reference)
     row.update(load_s=round(load_s, 4), setup_s=round(setup_s, 4))
+    if reference_only:
+        row.update(identity="reference-only", reference_source=reference_source)
+    who = f"reference-only ({reference_source})" if reference_only else f"identity {row['identity']}"
     print(f"faceid infer: wrote {output} ({row['num_frames']} frames {row['height']}x{row['width']} @ {row['fps']:g} fps, "
-          f"identity {row['identity']}, {row['generate_s']:.1f} s)")
+          f"{who}, {row['generate_s']:.1f} s)")
     return row

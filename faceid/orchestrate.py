@@ -4,8 +4,9 @@ The pipelines live in ``pipelines/`` (wiring only) and their components in ``com
 interface, the pinned image, and one call to :func:`run_stage`). Everything a component does at run
 time goes through :func:`run_stage`, i.e. the same ``faceid`` CLI that DVC and users run.
 
-Pipeline parameters that mean "take it from params.yaml" are sentinels: ``""`` for strings and
-``-1`` for step counts. Their defaults live in ``params.yaml`` only.
+Pipeline parameters that mean "take it from params.yaml" are sentinels: ``""`` for strings,
+``-1`` for step counts and any negative value for scales (``face_scale`` 0 is a real value: the
+base model). Their defaults live in ``params.yaml`` only.
 
 kfp is imported inside the functions that need it (the CLI stays fast).
 """
@@ -35,8 +36,9 @@ BASE_PROFILE = "tiny"
 
 
 def stage_argv(params_path: str, argv: tuple[str, ...] | list[str], profile: str = "",
-               stage1_steps: int = -1, stage2_steps: int = -1) -> list[str]:
-    """The ``faceid`` command line of one stage; sentinels ("" / -1) add nothing.
+               stage1_steps: int = -1, stage2_steps: int = -1,
+               face_scale: float = -1.0, lora_scale: float = -1.0) -> list[str]:
+    """The ``faceid`` command line of one stage; sentinels ("" / -1 / a negative scale) add nothing.
 
     ``profile``: ``tiny`` sets ``model.profile=tiny``; any other name is the overlay
     ``configs/<profile>.yaml`` (e.g. ``wan2.1-vace-1.3b``).
@@ -54,11 +56,15 @@ def stage_argv(params_path: str, argv: tuple[str, ...] | list[str], profile: str
         out += ["--set", f"train_lora.stage1.steps={stage1_steps}"]
     if stage2_steps >= 0:
         out += ["--set", f"train_lora.stage2.steps={stage2_steps}"]
+    if not face_scale < 0:  # nan/inf go through, for the stage to reject by name
+        out += ["--set", f"batch_infer.face_scale={face_scale!r}"]
+    if not lora_scale < 0:
+        out += ["--set", f"batch_infer.lora_scale={lora_scale!r}"]
     return out + list(argv)
 
 
 def run_stage(params_path: str, *argv: str, profile: str = "", stage1_steps: int = -1, stage2_steps: int = -1,
-              metrics: Any = None, metrics_file: str = "") -> None:
+              face_scale: float = -1.0, lora_scale: float = -1.0, metrics: Any = None, metrics_file: str = "") -> None:
     """Run ``faceid <argv>`` in-process; raise if it fails. The body of every KFP component.
 
     ``metrics``/``metrics_file``: copy the numbers of a stage's metrics JSON into a KFP Metrics
@@ -66,7 +72,7 @@ def run_stage(params_path: str, *argv: str, profile: str = "", stage1_steps: int
     """
     from faceid.cli import main
 
-    full = stage_argv(params_path, argv, profile, stage1_steps, stage2_steps)
+    full = stage_argv(params_path, argv, profile, stage1_steps, stage2_steps, face_scale, lora_scale)
     print("faceid " + " ".join(full), flush=True)
     rc = main(full)
     if rc != 0:

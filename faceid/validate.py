@@ -1,21 +1,36 @@
 """``faceid render-validation`` (DVC stage / KFP component ``render_validation``).
 
 For held-out pose clips (``ok`` clips of the prepare-pose manifest that the identity was not trained
-on; the last clips when every clip was used, noted in ``metrics.json``) render the clip with the
-identity at ``render_validation.face_scale`` and with ``face_scale=0`` (the baseline: null face,
-same seed and prompt), then measure per video and on average:
+on; the last clips when every clip was used, noted in ``metrics.json``) render three arms with the
+same seed and prompt:
 
-- FaceSim to the reference embedding (``faceid.faces.similarity``), face detection rate,
+- ``base``: the base model, no identity (``generate_video(pipe, None, ...)``);
+- ``reference_only``: the training-free baseline, base VACE with the identity's ``reference.png``
+  as its reference image (R2V), no adapter; skipped (with the reason in ``metrics.json``) when the
+  identity folder has no reference.png;
+- ``identity``: the trained identity at ``render_validation.face_scale`` (``lora_scale`` 1; its
+  reference image too when it was trained with it).
+
+Per video, per arm and on average (``faceid.faces.similarity``, ``faceid.pose.metrics``):
+
+- FaceSim to the reference embedding and the face detection rate,
 - temporal identity stability: the spread (std) of per-frame FaceSim and its mean frame-to-frame change,
 - pose fidelity: keypoints re-extracted from the generated video vs the clip's control keypoints
-  (PCK@0.1 and mean error normalised by the person's size, ``faceid.pose.metrics``).
+  (PCK@0.1 and mean error normalised by the person's size).
 
-The gate (``render_validation.gate``): FaceSim(identity) - FaceSim(baseline) > ``min_facesim_gain``
-and PCK >= ``min_pose_pck``. When it passes and the identity is registered in MLflow, its version
-gets the alias ``tracking.validated_alias``.
+The gate (``render_validation.gate``), every check on the averages:
 
-Output ``<out>/``: ``metrics.json`` (DVC metrics), ``videos/<clip>.mp4`` and ``<clip>_baseline.mp4``,
-``sheets/<clip>.png`` (pose / identity / baseline frames), ``side_by_side/<clip>.mp4``.
+- ``facesim_gain``: FaceSim(identity) - FaceSim(base) >= ``min_facesim_gain``;
+- ``vs_reference_only``: FaceSim(identity) >= FaceSim(reference_only) - ``tolerance`` (not
+  applicable, not failed, when the reference_only arm is skipped);
+- ``pose_pck``: PCK(identity) >= ``min_pose_pck``.
+
+A value that cannot be measured fails its check, with the reason. When the gate passes and the
+identity is registered in MLflow, its version gets the alias ``tracking.validated_alias``.
+
+Output ``<out>/``: ``metrics.json`` (DVC metrics), ``videos/<clip>.mp4`` (identity),
+``<clip>_base.mp4`` and ``<clip>_reference_only.mp4``, ``side_by_side/<clip>.mp4``
+(pose | base | reference-only | identity) and ``sheets/<clip>.png`` (rows likewise).
 """
 
 from __future__ import annotations
@@ -29,7 +44,8 @@ from faceid.errors import InputError
 
 PCK_THRESHOLD = 0.1
 SHEET_FRAMES = 8
-VARIANTS = ("identity", "baseline")
+ARMS = ("base", "reference_only", "identity")  # the order of the panels and sheet rows (after the pose)
+VALIDATION_LORA_SCALE = 1.0  # the identity arm: the LoRA at the weight it was trained with (x face_scale)
 
 
 # --------------------------------------------------------------------------- pure metrics
@@ -72,21 +88,45 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate_gate(identity: dict, baseline: dict, gate) -> dict:
-    """``gate`` = ``render_validation.gate``. A metric that is not measurable fails its check."""
-    gain = None if identity.get("facesim") is None or baseline.get("facesim") is None else identity["facesim"] - baseline["facesim"]
-    pck = identity.get("pose_pck")
-    reasons = []
-    if gain is None:
-        reasons.append("FaceSim not measurable (no face detected in the identity or baseline videos)")
-    elif not gain > gate.min_facesim_gain:
-        reasons.append(f"FaceSim gain {gain:.4f} <= min_facesim_gain {gate.min_facesim_gain:g}")
-    if pck is None:
-        reasons.append("pose PCK not measurable (no reference pose in the clips)")
-    elif not pck >= gate.min_pose_pck:
-        reasons.append(f"pose PCK {pck:.4f} < min_pose_pck {gate.min_pose_pck:g}")
-    return {"passed": not reasons, "facesim_gain": gain, "min_facesim_gain": gate.min_facesim_gain,
-            "min_pose_pck": gate.min_pose_pck, "reasons": reasons}
+def _check(value: float | None, threshold: float, unmeasurable: str, failed: str) -> dict:
+    """``value >= threshold``: passed / failed (``failed`` formatted with the value) / failed as unmeasurable."""
+    if value is None:
+        return {"status": "failed", "value": None, "threshold": threshold, "reason": unmeasurable}
+    ok = value >= threshold
+    return {"status": "passed" if ok else "failed", "value": value, "threshold": threshold,
+            "reason": None if ok else failed.format(value=value)}
+
+
+def evaluate_gate(arms: dict[str, dict | None], gate) -> dict:
+    """``arms``: the averaged metrics of ``base``, ``reference_only`` (None when skipped) and
+    ``identity``; ``gate`` = ``render_validation.gate``. A value that is not measurable fails its
+    check; the check of a skipped arm is ``not_applicable``. Passes when no check failed."""
+    ident, base, ref = arms["identity"], arms["base"], arms.get("reference_only")
+
+    def diff(other: dict) -> float | None:
+        a, b = ident.get("facesim"), other.get("facesim")
+        return None if a is None or b is None else a - b
+
+    checks = {"facesim_gain": _check(
+        diff(base), gate.min_facesim_gain,
+        "FaceSim not measurable (no face detected in the identity or base videos)",
+        f"FaceSim gain over base {{value:.4f}} < min_facesim_gain {gate.min_facesim_gain:g}")}
+    if ref is None:
+        checks["vs_reference_only"] = {"status": "not_applicable", "value": None, "threshold": -gate.tolerance,
+                                       "reason": "reference_only arm skipped (no reference.png)"}
+    else:
+        checks["vs_reference_only"] = _check(
+            diff(ref), -gate.tolerance,
+            "FaceSim not measurable (no face detected in the identity or reference-only videos)",
+            f"FaceSim over reference-only {{value:.4f}} < -tolerance (-{gate.tolerance:g})")
+    checks["pose_pck"] = _check(ident.get("pose_pck"), gate.min_pose_pck,
+                                "pose PCK not measurable (no reference pose in the clips)",
+                                f"pose PCK {{value:.4f}} < min_pose_pck {gate.min_pose_pck:g}")
+    reasons = [c["reason"] for c in checks.values() if c["status"] == "failed"]
+    return {"passed": not reasons, "facesim_gain": checks["facesim_gain"]["value"],
+            "facesim_vs_reference_only": checks["vs_reference_only"]["value"],
+            "min_facesim_gain": gate.min_facesim_gain, "tolerance": gate.tolerance, "min_pose_pck": gate.min_pose_pck,
+            "checks": checks, "reasons": reasons}
 
 
 def select_clips(rows: list[dict], trained: set[str], num_clips: int) -> tuple[list[dict], bool]:
@@ -105,7 +145,7 @@ def select_clips(rows: list[dict], trained: set[str], num_clips: int) -> tuple[l
 
 
 def contact_sheet(videos: list[np.ndarray], num_frames: int = SHEET_FRAMES, gap: int = 2) -> np.ndarray:
-    """One row per video (e.g. pose / identity / baseline) of ``num_frames`` evenly spaced frames."""
+    """One row per video (e.g. pose / base / reference-only / identity) of ``num_frames`` evenly spaced frames."""
     length = min(len(v) for v in videos)
     idx = np.linspace(0, length - 1, min(num_frames, length)).round().astype(int)
     h, w = videos[0].shape[1:3]
@@ -142,7 +182,13 @@ def _clip_rows(clips_dir: Path) -> list[dict]:
     return rows
 
 
-def _render_clip(generator, cond, scorer, estimator, clip: dict, settings, out: Path) -> dict:
+def _video_name(clip_id: str, arm: str) -> str:
+    return f"{clip_id}.mp4" if arm == "identity" else f"{clip_id}_{arm}.mp4"
+
+
+def _render_clip(generator, arms: dict[str, tuple], scorer, estimator, clip: dict, settings, out: Path) -> dict:
+    """Render every arm (``arm -> (conditioning, reference image)``) for one clip; measure; write
+    the videos, the side-by-side video and the contact sheet."""
     from faceid.pose.metrics import pose_fidelity
     from faceid.pose.video import read_video, write_video
 
@@ -151,16 +197,16 @@ def _render_clip(generator, cond, scorer, estimator, clip: dict, settings, out: 
     prompt = clip.get("caption") or generator.params.prepare_pose.default_caption
     name = clip["clip_id"]
     videos, metrics = {}, {}
-    for variant, scale in zip(VARIANTS, (settings.face_scale, 0.0)):
-        frames = generator.generate(cond, pose_frames, prompt, settings, face_scale=scale)
-        videos[variant] = frames
-        write_video(out / "videos" / (f"{name}.mp4" if variant == "identity" else f"{name}_{variant}.mp4"), frames, fps)
+    for arm, (conditioning, reference_image) in arms.items():
+        frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
+        videos[arm] = frames
+        write_video(out / "videos" / _video_name(name, arm), frames, fps)
         face = scorer.score(frames)
         pose = pose_fidelity(estimator.estimate(frames), ref_kps, threshold=PCK_THRESHOLD)
-        metrics[variant] = {**video_metrics(face, pose), "per_frame_facesim": face["per_frame"]}
-    sheet = contact_sheet([pose_frames, videos["identity"], videos["baseline"]])
-    _write_png(out / "sheets" / f"{name}.png", sheet)
-    write_video(out / "side_by_side" / f"{name}.mp4", side_by_side(pose_frames, videos["identity"], videos["baseline"]), fps)
+        metrics[arm] = {**video_metrics(face, pose), "per_frame_facesim": face["per_frame"]}
+    panels = [pose_frames] + [videos[arm] for arm in ARMS if arm in videos]
+    _write_png(out / "sheets" / f"{name}.png", contact_sheet(panels))
+    write_video(out / "side_by_side" / f"{name}.mp4", side_by_side(*panels), fps)
     return metrics
 
 
@@ -172,17 +218,18 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir: Path, mlflow_uri: str | None = None) -> dict:
-    """Render, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``."""
+    """Render the three arms, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``."""
     from faceid.faces.embed import load_identity_embedding
     from faceid.faces.similarity import FaceSimScorer
     from faceid.infer import Generator, settings_from
     from faceid.io import atomic_dir, write_json
-    from faceid.model.identity import load_identity
+    from faceid.model.generate import check_scale
+    from faceid.model.identity import REFERENCE_FILE, load_identity
     from faceid.pose.estimate import build_estimator
 
     cfg = params.render_validation
 
-    # 1. Check inputs: reference embedding, identity card (base model, embedder, dim), clips
+    # 1. Check inputs: reference embedding, identity card (base model, embedder, dim), clips, settings
     ref, ref_meta = load_identity_embedding(reference)
     if ref_meta["embedder"] != params.embed_faces.embedder:
         raise InputError(f"{ref_meta['path']}: reference embedded with {ref_meta['embedder']!r}, but embed_faces.embedder is "
@@ -190,24 +237,41 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     identity = load_identity(identity_dir, model_cfg=params.model, embedder=ref_meta["embedder"], embed_dim=int(ref_meta["dim"]))
     trained = set((identity.card.get("data") or {}).get("clips") or {})
     clips, held_out = select_clips(_clip_rows(Path(clips_dir)), trained, cfg.num_clips)
-    settings = settings_from(params, cfg.face_scale, cfg.guidance_scale, cfg.num_inference_steps, cfg.seed, "")
+    check_scale("render_validation.face_scale", cfg.face_scale)
+    settings = settings_from(params, face_scale=cfg.face_scale, lora_scale=VALIDATION_LORA_SCALE,
+                             guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
+                             seed=cfg.seed, prompt="")
 
-    # 2. Model, FaceSim scorer, pose estimator (each built once); the identity loaded above conditions it
+    # 2. The arms: arm -> (conditioning, VACE reference image); reference_only needs the identity's reference.png
+    arms = {"base": (None, None), "reference_only": (None, identity.reference), "identity": (identity, None)}
+    skipped = {}
+    if identity.reference is None:
+        del arms["reference_only"]
+        skipped["reference_only"] = f"{Path(identity_dir) / REFERENCE_FILE} not found (identity folder written before it existed)"
+
+    # 3. Model, FaceSim scorer, pose estimator (each built once)
     generator = Generator(params)
 
-    # 3. Render and measure every clip, into a temporary folder that replaces output_dir at the end
+    # 4. Render and measure every clip, into a temporary folder that replaces output_dir at the end
     output_dir = Path(output_dir)
     with (atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer,
           build_estimator(params.prepare_pose) as estimator):
         per_clip = {}
         for clip in clips:
-            per_clip[clip["clip_id"]] = _render_clip(generator, identity, scorer, estimator, clip, settings, tmp)
-            print(f"render-validation: {clip['clip_id']} rendered")
-        summary = {v: aggregate([{k: x for k, x in m[v].items() if k != "per_frame_facesim"} for m in per_clip.values()])
-                   for v in VARIANTS}
-        gate = evaluate_gate(summary["identity"], summary["baseline"], cfg.gate)
+            per_clip[clip["clip_id"]] = _render_clip(generator, arms, scorer, estimator, clip, settings, tmp)
+            print(f"render-validation: {clip['clip_id']} rendered ({', '.join(arms)})")
+
+        # 5. Averages per arm, the gate, metrics.json
+        summary = {}
+        for arm in ARMS:
+            if arm in skipped:
+                summary[arm] = {"skipped": True, "reason": skipped[arm]}
+            else:
+                summary[arm] = aggregate([{k: x for k, x in m[arm].items() if k != "per_frame_facesim"}
+                                          for m in per_clip.values()])
+        gate = evaluate_gate({arm: None if arm in skipped else summary[arm] for arm in ARMS}, cfg.gate)
         result = {
-            "identity": identity.name,
+            "identity_name": identity.name,
             "metric": scorer.metric,
             "held_out": held_out,
             "clips": [c["clip_id"] for c in clips],
@@ -217,26 +281,45 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
         }
         write_json(tmp / "metrics.json", result)
 
-    # 4. MLflow: metrics, videos, sheets; alias when the gate passes
+    # 6. MLflow: metrics, videos, sheets; alias when the gate passes
     if mlflow_uri:
         result["mlflow"] = log_to_mlflow(params, identity, output_dir, result, mlflow_uri)
     verdict = "PASSED" if gate["passed"] else "FAILED (" + "; ".join(gate["reasons"]) + ")"
-    fs = summary["identity"]["facesim"]
+    scores = ", ".join(f"{arm} " + ("skipped" if arm in skipped else _fmt(summary[arm]["facesim"])) for arm in ARMS)
     print(f"render-validation {identity.name}: {len(clips)} clip(s){'' if held_out else ' (not held out: every clip was trained on)'}, "
-          f"{result['metric']} {'n/a' if fs is None else f'{fs:.3f}'}, gate {verdict} -> {output_dir / 'metrics.json'}")
+          f"{result['metric']}: {scores}; gate {verdict} -> {output_dir / 'metrics.json'}")
     return result
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def flat_metrics(result: dict) -> dict[str, float]:
-    """``{"identity.facesim": ..., "baseline.pose_pck": ..., "gate.facesim_gain": ..., "gate.passed": 0/1}``."""
+    """Every number of ``metrics.json`` under one flat name: ``identity.facesim``, ``base.pose_pck``,
+    ``reference_only.skipped`` (1 when skipped), ``gate.facesim_gain``, ``gate.vs_reference_only.passed``,
+    ``gate.passed`` (0/1), ``clip.<clip>.<arm>.<metric>``; values that are not measurable are left out."""
+    import re
+
     out = {}
-    for variant in VARIANTS:
-        for key, value in result[variant].items():
-            if value is not None:
-                out[f"{variant}.{key}"] = float(value)
-    if result["gate"]["facesim_gain"] is not None:
-        out["gate.facesim_gain"] = float(result["gate"]["facesim_gain"])
-    out["gate.passed"] = float(result["gate"]["passed"])
+    for arm in ARMS:
+        if result[arm].get("skipped"):
+            out[f"{arm}.skipped"] = 1.0
+            continue
+        out.update({f"{arm}.{k}": float(v) for k, v in result[arm].items() if v is not None})
+    gate = result["gate"]
+    for key in ("facesim_gain", "facesim_vs_reference_only", "min_facesim_gain", "tolerance", "min_pose_pck"):
+        if gate[key] is not None:
+            out[f"gate.{key}"] = float(gate[key])
+    for name, check in gate["checks"].items():
+        if check["status"] != "not_applicable":
+            out[f"gate.{name}.passed"] = float(check["status"] == "passed")
+    out["gate.passed"] = float(gate["passed"])
+    for clip, arms in result["videos"].items():
+        safe = re.sub(r"[^\w\-. /]", "_", clip)
+        for arm, values in arms.items():
+            out.update({f"clip.{safe}.{arm}.{k}": float(v) for k, v in values.items()
+                        if k != "per_frame_facesim" and v is not None})
     return out
 
 

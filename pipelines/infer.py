@@ -3,7 +3,8 @@
     import-videos -> prepare-pose -> batch-infer (models:/faceid-<identity>@<alias>)
 
 ``alias`` "" = ``tracking.validated_alias`` (the identity passed the validation gate); pass
-``alias=candidate`` to use the latest trained version.
+``alias=candidate`` to use the latest trained version. ``face_scale`` / ``lora_scale`` < 0 = the
+values in params.yaml (``batch_infer``); ``face_scale=0`` renders the base model.
 """
 
 from kfp import dsl
@@ -21,6 +22,8 @@ def infer(
     alias: str = "",
     params_path: str = "",
     profile: str = "",
+    face_scale: float = -1.0,
+    lora_scale: float = -1.0,
     ray_address: str = "",
     mlflow_uri: str = "",
 ) -> Dataset:
@@ -29,6 +32,6 @@ def infer(
     clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
     generated = on_gpu(batch_infer(
         clips=clips.outputs["clips"], identity=identity, alias=alias, params_path=params_path,
-        profile=profile, ray_address=ray_address, mlflow_uri=mlflow_uri,
+        profile=profile, face_scale=face_scale, lora_scale=lora_scale, ray_address=ray_address, mlflow_uri=mlflow_uri,
     ))
     return generated.outputs["videos"]

@@ -106,6 +106,26 @@ def test_interpolation_endpoints_equal_the_pure_identities(world, first_run, tmp
     assert [manifest(out_i)[f"one__t{k:02d}"]["interp_t"] for k in range(3)] == [0.0, 0.5, 1.0]
 
 
+def test_face_scale_and_lora_scale_flags_reach_the_manifest(world, first_run, tmp_path, capsys, repo):
+    from faceid.cli import main
+
+    out_a, _ = first_run
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    shutil.copy(world["poses"] / "one.mp4", poses / "one.mp4")
+    argv = ["--params", str(repo / "params.yaml"), "--set", "batch_infer.num_inference_steps=2", "batch-infer",
+            "--identity", str(world["a"]), "--pose-videos", str(poses), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main(argv + ["--output", str(tmp_path / "half"), "--face-scale", "0.5", "--lora-scale", "0.25"]) == 0
+    row = manifest(tmp_path / "half")["one"]
+    assert (row["status"], row["face_scale"], row["lora_scale"], row["reference_image"]) == ("ok", 0.5, 0.25, False)
+    assert row["frames_sha256"] != manifest(out_a)["one"]["frames_sha256"]  # face_scale 1 there
+    assert manifest(out_a)["one"]["face_scale"] == 1.0 and manifest(out_a)["one"]["lora_scale"] == 1.0
+
+    assert main(argv + ["--output", str(tmp_path / "bad"), "--face-scale", "nan"]) == 2
+    assert "--face-scale: expected a finite number >= 0, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_pose_videos_from_a_prepare_pose_folder(tmp_path):
     from faceid.batch import list_pose_videos, plan_jobs
     from faceid.io import write_parquet

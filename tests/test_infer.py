@@ -19,9 +19,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 H = W = 32
 
 
-def make_identity(folder: Path, params, name: str, seed: int) -> Path:
+def make_identity(folder: Path, params, name: str, seed: int, reference: np.ndarray | None = None,
+                  reference_in_training: bool = False) -> Path:
     """An identity folder as train-lora writes it: a random mapper, null face and non-zero LoRA
-    (so identities differ), saved with the training engineer's ``save_identity``."""
+    (so identities differ), saved with the training engineer's ``save_identity``; ``reference``:
+    its reference.png (card key ``reference_image``)."""
     import torch
 
     from faceid.model.components import base_model_id, build_components
@@ -39,7 +41,19 @@ def make_identity(folder: Path, params, name: str, seed: int) -> Path:
     embedding = torch.nn.functional.normalize(torch.randn(128, generator=gen), dim=0)
     card = {"base_model": base_model_id(params.model), "profile": params.model.profile,
             "embedder": params.embed_faces.embedder, "train": {"seed": seed}}
-    return save_identity(folder, name=name, card=card, mapper=mapper, embedding=embedding, transformer=transformer)
+    if reference is not None:
+        card["reference_image"] = {"file": "reference.png", "source": f"{name}.jpg", "in_training": reference_in_training}
+    return save_identity(folder, name=name, card=card, mapper=mapper, embedding=embedding, transformer=transformer,
+                         reference=reference)
+
+
+def reference_photo(seed: int = 0, height: int = 40, width: int = 28) -> np.ndarray:
+    """A stand-in face crop (non-square: the pipeline fits it into the frame)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), (200, 160, 130), np.uint8)
+    image[8:16, 4:10] = image[8:16, 18:24] = 30  # eyes
+    image[26:30, 8:20] = (150, 40, 40)  # mouth
+    return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
 
 
 def copy_with_card(src: Path, dst: Path, **card_changes) -> Path:
@@ -76,8 +90,8 @@ def read(path: Path) -> np.ndarray:
 def world(tmp_path_factory, params):
     root = tmp_path_factory.mktemp("infer")
     p = small(params)
-    a = make_identity(root / "a", p, "a", seed=1)
-    b = make_identity(root / "b", p, "b", seed=2)
+    a = make_identity(root / "a", p, "a", seed=1, reference=reference_photo())  # reference.png, not trained with
+    b = make_identity(root / "b", p, "b", seed=2)  # no reference.png
     pose = write_pose_video(root / "pose.mp4", 11)  # 11 frames -> 9 (4n+1) with policy "fix"
     return {"root": root, "params": p, "a": a, "b": b, "pose": pose}
 
@@ -174,6 +188,138 @@ def test_blend_and_interpolation_endpoints_equal_the_pure_identities(world, gene
     frames = [render(cond) for _, cond in steps]
     assert np.array_equal(frames[0], pure_a) and np.array_equal(frames[-1], pure_b)
     assert not np.array_equal(frames[1], pure_a) and not np.array_equal(frames[1], pure_b)
+
+
+def sha(frames: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
+
+
+@pytest.fixture
+def pipe_calls(generator, monkeypatch):
+    """The ``reference_images`` of every call of the pipeline (a spy on ``WanVACEPipeline.__call__``)."""
+    calls = []
+    original = type(generator.pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("reference_images"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(generator.pipe), "__call__", spy)
+    return calls
+
+
+def test_face_scale_and_lora_scale_travel_in_settings(world, generator):
+    """--face-scale / --lora-scale reach generate_video; face_scale 0 is the base model exactly,
+    for one identity and for a blend (a trained, non-zero LoRA and mapper)."""
+    from faceid.infer import load_pose_video, settings_from
+
+    g, p = generator, world["params"]
+    pose, _, _ = load_pose_video(world["pose"], "fix")
+    a = g.conditioning(str(world["a"]))
+    blend = g.conditioning(blend=f"{world['a']}=0.5,{world['b']}=0.5")
+
+    def render(cond, **flags):
+        return g.generate(cond, pose, "a person dancing", settings_from(p, **flags))
+
+    base = render(None)
+    assert not np.array_equal(render(a), base)
+    assert np.array_equal(render(a, face_scale=0.0), base)
+    assert np.array_equal(render(blend, face_scale=0.0, lora_scale=3.0), base)
+    assert sha(render(a, lora_scale=0.0)) not in {sha(render(a)), sha(base)}  # LoRA off, face tokens still on
+
+
+def test_bad_face_scale_or_lora_scale_names_the_flag_or_key(world, tmp_path, capsys, repo):
+    from faceid.cli import main
+    from faceid.infer import infer_one, settings_from
+
+    with pytest.raises(InputError, match="--face-scale: expected a finite number >= 0, got nan"):
+        infer_one(world["params"], str(world["a"]), world["pose"], tmp_path / "o.mp4", face_scale=float("nan"))
+    with pytest.raises(InputError, match="--lora-scale: expected a finite number >= 0, got -0.5"):
+        infer_one(world["params"], str(world["a"]), world["pose"], tmp_path / "o.mp4", lora_scale=-0.5)
+    with pytest.raises(InputError, match="batch_infer.face_scale: expected a finite number >= 0, got -1.0"):
+        settings_from(small(world["params"], batch_infer__face_scale=-1))
+    with pytest.raises(InputError, match="batch_infer.lora_scale: expected a finite number >= 0, got inf"):
+        settings_from(small(world["params"], batch_infer__lora_scale=".inf"))
+    for flag, value in (("--face-scale", "-1"), ("--face-scale", "nan"), ("--lora-scale", "-2")):
+        rc = main(["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
+                   str(world["pose"]), "--output", str(tmp_path / "x.mp4"), flag, value])
+        assert rc == 2
+        assert f"{flag}: expected a finite number >= 0, got {float(value)!r}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_reference_only_is_base_vace_with_the_reference_photo(world, generator, tmp_path, capsys, repo):
+    """--reference-only: no adapter, no face tokens; the identity's reference.png or --reference-image."""
+    from PIL import Image
+
+    from faceid.cli import main
+    from faceid.infer import infer_one, load_pose_video, settings_from
+
+    p, a = world["params"], str(world["a"])
+    pose, _, _ = load_pose_video(world["pose"], "fix")
+    base = generator.generate(None, pose, "a person dancing", settings_from(p))
+    with_identity = generator.generate(generator.conditioning(a), pose, "a person dancing", settings_from(p))
+
+    row = infer_one(p, a, world["pose"], tmp_path / "ref.mp4", prompt="a person dancing", reference_only=True)
+    assert row["identity"] == "reference-only" and row["reference_source"] == str(world["a"] / "reference.png")
+    assert row["reference_image"] is True and row["face_scale"] is None and row["lora_scale"] is None
+    assert row["frames_sha256"] not in {sha(base), sha(with_identity)}
+
+    photo = tmp_path / "photo.png"  # the same picture as a photo: the same video
+    Image.fromarray(reference_photo()).save(photo)
+    again = infer_one(p, None, world["pose"], tmp_path / "photo.mp4", prompt="a person dancing", reference_only=True,
+                      reference_image=photo)
+    assert again["frames_sha256"] == row["frames_sha256"] and again["reference_source"] == str(photo)
+
+    other = tmp_path / "other.png"
+    Image.fromarray(reference_photo(seed=5)[::-1]).save(other)
+    rc = main(["--params", str(repo / "params.yaml"), "--set", "batch_infer.num_inference_steps=2", "infer",
+               "--reference-only", "--reference-image", str(other), "--pose-video", str(world["pose"]),
+               "--output", str(tmp_path / "cli.mp4")])
+    assert rc == 0 and (tmp_path / "cli.mp4").is_file()
+    assert f"reference-only ({other})" in capsys.readouterr().out
+
+    for kwargs, msg in [
+        (dict(identity=str(world["b"])), "has no reference.png.*--reference-image PATH"),
+        (dict(identity=None), "expected --reference-image PATH.*or --identity"),
+        (dict(identity=a, face_scale=0.5), "--reference-only uses no identity adapter: --face-scale"),
+        (dict(identity=None, blend=f"{a}=1", reference_image=photo), "--blend"),
+        (dict(identity=None, reference_image=tmp_path / "missing.png"), "missing.png: image not found"),
+    ]:
+        with pytest.raises(InputError, match=msg):
+            infer_one(p, pose_video=world["pose"], output=tmp_path / "x.mp4", reference_only=True, **kwargs)
+    with pytest.raises(InputError, match="--reference-image is the photo of --reference-only"):
+        infer_one(p, a, world["pose"], tmp_path / "x.mp4", reference_image=photo)
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_identity_trained_with_its_reference_passes_it(world, generator, pipe_calls, tmp_path):
+    """Card reference_image.in_training: the identity's reference.png goes to VACE (for a blend:
+    the dominant identity's, first on ties); never at face_scale 0."""
+    from faceid.infer import load_pose_video, settings_from
+
+    g, p = generator, world["params"]
+    pose, _, _ = load_pose_video(world["pose"], "fix")
+    card = json.loads((world["a"] / "identity.json").read_text())["reference_image"]
+    a_ref = str(copy_with_card(world["a"], tmp_path / "a_ref", reference_image={**card, "in_training": True}))
+    a_plain, b = str(world["a"]), str(world["b"])
+
+    def render(cond, **flags):
+        return g.generate(cond, pose, "a person dancing", settings_from(p, **flags))
+
+    with_ref, plain, base = render(g.conditioning(a_ref)), render(g.conditioning(a_plain)), render(None)
+    passed = pipe_calls[0]
+    assert len(passed) == 1 and np.array_equal(np.asarray(passed[0]), reference_photo())
+    assert pipe_calls[1:] == [None, None]
+    assert not np.array_equal(with_ref, plain)  # the same adapter; only the reference differs
+    assert np.array_equal(render(g.conditioning(a_ref), face_scale=0.0), base) and pipe_calls[-1] is None
+
+    pipe_calls.clear()
+    for blend in (f"{a_ref}=0.6,{b}=0.4", f"{a_ref}=0.5,{b}=0.5", f"{a_ref}=0.4,{b}=0.6", f"{b}=0.5,{a_ref}=0.5"):
+        render(g.conditioning(blend=blend))
+    assert [call is not None for call in pipe_calls] == [True, True, False, False]
 
 
 # --------------------------------------------------------------------------- bad input

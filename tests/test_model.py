@@ -203,6 +203,73 @@ def test_generate_checks_inputs_and_blends(params, pipe, identity_dir):
     assert np.allclose(mid, [np.sqrt(0.5)] * 2) and np.allclose(slerp(a, b, 0.0), a)
 
 
+def lora_scalings(pipe, adapter: str) -> list[float]:
+    """peft's ``scaling`` (adapter weight x alpha / rank) of every LoRA layer of ``adapter``."""
+    return [m.scaling[adapter] for m in pipe.transformer.modules() if adapter in getattr(m, "scaling", {})]
+
+
+def test_face_scale_scales_tokens_and_lora_and_zero_is_the_base_model(params, pipe, identity_dir):
+    from faceid.model.generate import adapter_name, build_pipeline, generate_video
+    from faceid.model.identity import load_identity
+
+    ident = load_identity(identity_dir)
+    pose = pose_frames()
+
+    def render(who, on=pipe, **kw):
+        return generate_video(on, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0, **kw)
+
+    full = render(ident)
+    name = adapter_name(ident)
+    unit = lora_scalings(pipe, name)  # at face_scale 1, lora_scale 1
+    base = render(None)
+    assert not np.array_equal(full, base)  # the LoRA (B randomised) and the mapper change the video
+    # face_scale 0: bit-identical to the base model, on this pipeline and on a fresh one that never had a LoRA
+    assert np.array_equal(render(ident, face_scale=0.0), base)
+    fresh = build_pipeline(params.model, torch.device("cpu"))
+    fresh.set_progress_bar_config(disable=True)
+    assert np.array_equal(render(None, on=fresh), base)
+    half = render(ident, face_scale=0.5)
+    assert not np.array_equal(half, base) and not np.array_equal(half, full)
+
+    # adapter weight = blend weight x face_scale x lora_scale
+    assert unit and len(set(unit)) == 1
+    render(ident, face_scale=0.5, lora_scale=0.4)
+    assert lora_scalings(pipe, name) == pytest.approx([0.2 * unit[0]] * len(unit))
+    no_lora = render(ident, lora_scale=0.0)
+    assert not np.array_equal(no_lora, full) and not np.array_equal(no_lora, base)  # face tokens still there
+
+    for kw, msg in [({"face_scale": float("nan")}, "face_scale: .* got nan"), ({"face_scale": -1.0}, "face_scale: .* got -1.0"),
+                    ({"lora_scale": float("inf")}, "lora_scale: .* got inf"), ({"face_scale": "x"}, "face_scale: .* got 'x'")]:
+        with pytest.raises(InputError, match=msg):
+            render(ident, **kw)
+
+
+def test_reference_image_goes_to_vace(params, pipe, identity_dir):
+    """``reference_image`` renders (VACE R2V) and changes the video; an identity trained with its
+    reference passes it by itself, except at face_scale 0."""
+    import dataclasses
+
+    from faceid.model.generate import generate_video
+    from faceid.model.identity import load_identity
+
+    ident = load_identity(identity_dir)
+    pose = pose_frames()
+    photo = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+
+    def render(who, **kw):
+        return generate_video(pipe, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0, **kw)
+
+    base, r2v = render(None), render(None, reference_image=photo)
+    assert r2v.shape == base.shape and not np.array_equal(r2v, base)
+    trained_with = dataclasses.replace(ident, reference=photo, card={**ident.card, "reference_image": {"in_training": True}})
+    auto = render(trained_with)
+    assert np.array_equal(auto, render(ident, reference_image=photo))
+    assert not np.array_equal(auto, render(ident))
+    assert np.array_equal(render(trained_with, face_scale=0.0), base)
+    with pytest.raises(InputError, match="reference image: expected a uint8 RGB array"):
+        render(None, reference_image=photo[..., 0])
+
+
 def test_tiny_tokenizer_gives_the_same_ids_in_every_process(params, repo):
     """Same prompt -> same ids -> same video, in any process (rare characters included)."""
     import json

@@ -1,6 +1,7 @@
 """render-validation on the tiny profile: real pose clips (prepare-pose on the sample videos) and a
-real reference embedding (crop + embed of the sample photos); outputs, metrics.json, metrics read
-back from a local MLflow store, and the gate that moves the alias only when it passes."""
+real reference embedding (crop + embed of the sample photos); the three arms (base, reference-only,
+identity), outputs, metrics.json, metrics read back from a local MLflow store, and the gate (with
+its tolerance) that moves the alias only when it passes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from faceid.errors import InputError
 from test_infer import copy_with_card, make_identity, small
@@ -32,11 +34,30 @@ def test_metrics_aggregate_and_gate(params):
     agg = aggregate([m, no_face])
     assert agg["facesim"] == 0.8 and agg["pose_pck"] == 0.5 and agg["num_videos"] == 2
 
-    gate = params.render_validation.gate  # min_facesim_gain 0.0, min_pose_pck 0.0
-    assert evaluate_gate({"facesim": 0.8, "pose_pck": 0.5}, {"facesim": 0.6}, gate)["passed"]
-    failed = evaluate_gate({"facesim": 0.6, "pose_pck": 0.5}, {"facesim": 0.6}, gate)
-    assert not failed["passed"] and "FaceSim gain 0.0000 <= min_facesim_gain 0" in failed["reasons"][0]
-    assert "not measurable" in evaluate_gate({"facesim": None, "pose_pck": 0.5}, {"facesim": 0.6}, gate)["reasons"][0]
+    gate = params.render_validation.gate  # min_facesim_gain 0.0, min_pose_pck 0.0, tolerance 0.02
+    assert gate.tolerance == 0.02
+
+    def check(identity, base=0.6, reference_only=0.7, pck=0.5):
+        ref = None if reference_only is None else {"facesim": reference_only}
+        return evaluate_gate({"base": {"facesim": base}, "reference_only": ref,
+                              "identity": {"facesim": identity, "pose_pck": pck}}, gate)
+
+    ok = check(0.69)  # above base; within the tolerance of reference-only
+    assert ok["passed"] and ok["facesim_gain"] == pytest.approx(0.09) and ok["facesim_vs_reference_only"] == pytest.approx(-0.01)
+    assert {k: c["status"] for k, c in ok["checks"].items()} == {"facesim_gain": "passed", "vs_reference_only": "passed",
+                                                                "pose_pck": "passed"}
+    assert check(0.6, reference_only=0.6)["passed"]  # gain 0 >= min_facesim_gain 0
+    below_base = check(0.55, reference_only=0.5)
+    assert not below_base["passed"] and below_base["reasons"] == ["FaceSim gain over base -0.0500 < min_facesim_gain 0"]
+    behind_ref = check(0.67)
+    assert not behind_ref["passed"] and behind_ref["checks"]["vs_reference_only"]["status"] == "failed"
+    assert behind_ref["reasons"] == ["FaceSim over reference-only -0.0300 < -tolerance (-0.02)"]
+    skipped = check(0.67, reference_only=None)  # no reference.png: not applicable, not failed
+    assert skipped["passed"] and skipped["checks"]["vs_reference_only"]["status"] == "not_applicable"
+    assert skipped["facesim_vs_reference_only"] is None
+    no_face = check(None)
+    assert not no_face["passed"] and all("not measurable" in r for r in no_face["reasons"]) and len(no_face["reasons"]) == 2
+    assert "pose PCK not measurable" in check(0.8, pck=None)["reasons"][0]
 
 
 def test_clip_selection_and_images():
@@ -46,8 +67,8 @@ def test_clip_selection_and_images():
     assert select_clips(rows, {"c0", "c1"}, 2) == ([{"clip_id": "c2"}], True)
     assert select_clips(rows, {"c0", "c1", "c2"}, 2) == ([{"clip_id": "c1"}, {"clip_id": "c2"}], False)
     v = np.zeros((9, 16, 24, 3), np.uint8)
-    assert contact_sheet([v, v, v], num_frames=4, gap=2).shape == (3 * 16 + 4, 4 * 24 + 6, 3)
-    assert side_by_side(v, v[:5], v).shape == (5, 16, 72, 3)
+    assert contact_sheet([v, v, v, v], num_frames=4, gap=2).shape == (4 * 16 + 6, 4 * 24 + 6, 3)
+    assert side_by_side(v, v[:5], v, v).shape == (5, 16, 96, 3)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -66,7 +87,8 @@ def world(tmp_path_factory, params, sample_dir):
     prepare.run(p.prepare_pose, sample_dir / "videos", None, root / "clips")
     crop.run(p.crop_faces, sample_dir / "identities" / "obama", root / "crops")
     embed.run(p.embed_faces, root / "crops", root / "emb")
-    identity = make_identity(root / "identity", p, "obama", seed=1)
+    crop = np.asarray(Image.open(sorted((root / "crops").glob("crops/*/*.png"))[0]).convert("RGB"))
+    identity = make_identity(root / "identity", p, "obama", seed=1, reference=crop)
     uri = tracking.local_store_uri(root / "mlruns")
     registered = log_to_mlflow(p, "obama", identity, {}, uri)
     return {"root": root, "params": p, "identity": identity, "uri": uri, "registered": registered}
@@ -81,25 +103,43 @@ def validation(world):
     return out, result
 
 
-def test_outputs_and_metrics_json(world, validation):
-    from faceid.pose.video import probe
+def test_three_arms_outputs_and_metrics_json(world, validation):
+    from faceid.pose.video import probe, read_video
 
     out, result = validation
-    assert json.loads((out / "metrics.json").read_text())["gate"] == result["gate"]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["gate"] == result["gate"] and written["identity_name"] == "obama"
     assert len(result["clips"]) == 2 and result["held_out"] is True  # the card lists no training clips
     assert result["metric"] == "FaceSim-dlib"
     for clip in result["clips"]:
-        for name in (f"{clip}.mp4", f"{clip}_baseline.mp4"):
+        videos = {}
+        names = {"identity": f"{clip}.mp4", "base": f"{clip}_base.mp4", "reference_only": f"{clip}_reference_only.mp4"}
+        for arm, name in names.items():
             info = probe(out / "videos" / name)
             assert (info["frames"], info["height"], info["width"], info["fps"]) == (9, 64, 64, 16.0)
-        assert probe(out / "side_by_side" / f"{clip}.mp4")["width"] == 3 * 64
-        assert (out / "sheets" / f"{clip}.png").stat().st_size > 0
+            videos[arm] = read_video(out / "videos" / name)[0].astype(int)
+        # three different renders (H.264: compare with a margin)
+        for a, b in (("base", "reference_only"), ("base", "identity"), ("reference_only", "identity")):
+            assert np.abs(videos[a] - videos[b]).mean() > 1.0, (a, b)
+        # pose | base | reference-only | identity
+        panels = read_video(out / "side_by_side" / f"{clip}.mp4")[0].astype(int)
+        assert panels.shape == (9, 64, 4 * 64, 3)
+        for k, arm in enumerate(("base", "reference_only", "identity"), start=1):
+            assert np.abs(panels[:, :, 64 * k: 64 * (k + 1)] - videos[arm]).mean() < 6.0, arm
+        sheet = np.asarray(Image.open(out / "sheets" / f"{clip}.png"))
+        assert sheet.shape[0] == 4 * 64 + 3 * 2  # four rows
         per_video = result["videos"][clip]
-        for variant in ("identity", "baseline"):
-            assert set(per_video[variant]) >= {"facesim", "face_detection_rate", "facesim_std", "pose_pck", "pose_error"}
-            assert 0.0 <= per_video[variant]["face_detection_rate"] <= 1.0
-            assert len(per_video[variant]["per_frame_facesim"]) == 9
-    assert result["identity"]["num_videos"] == 2 and "facesim_gain" in result["gate"]
+        assert list(per_video) == ["base", "reference_only", "identity"]
+        for arm in per_video:
+            assert set(per_video[arm]) >= {"facesim", "face_detection_rate", "facesim_std", "pose_pck", "pose_error"}
+            assert 0.0 <= per_video[arm]["face_detection_rate"] <= 1.0
+            assert len(per_video[arm]["per_frame_facesim"]) == 9
+    for arm in ("base", "reference_only", "identity"):
+        assert written[arm]["num_videos"] == 2 and "skipped" not in written[arm]
+    gate = written["gate"]
+    assert set(gate["checks"]) == {"facesim_gain", "vs_reference_only", "pose_pck"} and gate["tolerance"] == 0.02
+    assert all(c["status"] in ("passed", "failed") for c in gate["checks"].values())
+    assert gate["passed"] == (not gate["reasons"]) == all(c["status"] == "passed" for c in gate["checks"].values())
 
 
 def test_metrics_logged_to_mlflow_and_alias_follows_the_gate(world, validation):
@@ -109,12 +149,19 @@ def test_metrics_logged_to_mlflow_and_alias_follows_the_gate(world, validation):
     client = MlflowClient(world["uri"])
     run = client.get_run(result["mlflow"]["run_id"])
     assert run.data.tags["identity"] == "obama" and run.data.tags["stage"] == "render_validation"
-    assert run.data.metrics["identity.face_detection_rate"] == pytest.approx(result["identity"]["face_detection_rate"])
+    for arm in ("base", "reference_only", "identity"):
+        assert run.data.metrics[f"{arm}.face_detection_rate"] == pytest.approx(result[arm]["face_detection_rate"])
+        clip = result["clips"][0]
+        assert run.data.metrics[f"clip.{clip}.{arm}.face_detection_rate"] == pytest.approx(
+            result["videos"][clip][arm]["face_detection_rate"])
     assert run.data.metrics["gate.passed"] == float(result["gate"]["passed"])
+    assert run.data.metrics["gate.tolerance"] == pytest.approx(0.02)
+    assert run.data.metrics["gate.pose_pck.passed"] == float(result["gate"]["checks"]["pose_pck"]["status"] == "passed")
     assert run.data.params["render_validation.num_inference_steps"] == "2"
     clip = result["clips"][0]
     assert {f.path for f in client.list_artifacts(run.info.run_id, "sheets")} >= {f"sheets/{clip}.png"}
-    assert {f.path for f in client.list_artifacts(run.info.run_id, "videos")} >= {f"videos/{clip}.mp4", f"videos/{clip}_baseline.mp4"}
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "videos")} >= {
+        f"videos/{clip}.mp4", f"videos/{clip}_base.mp4", f"videos/{clip}_reference_only.mp4"}
 
     name, version = "faceid-obama", world["registered"]["model_version"]
     assert result["mlflow"]["model_version"] == version
@@ -145,6 +192,28 @@ def test_a_passing_gate_sets_the_validated_alias_on_this_version_only(world, val
     assert str(client.get_model_version_by_alias("faceid-obama", "validated").version) == world["registered"]["model_version"]
 
 
+def test_without_reference_png_the_reference_only_arm_is_skipped(world, tmp_path):
+    from faceid import validate
+    from faceid.pose.video import probe
+
+    p = small(world["params"], render_validation__num_clips=1)
+    plain = make_identity(tmp_path / "plain", p, "obama", seed=1)  # written without reference.png
+    result = validate.run(p, plain, world["root"] / "clips", world["root"] / "emb", tmp_path / "out", None)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["reference_only"] == {"skipped": True, "reason": f"{plain / 'reference.png'} not found "
+                                                                     "(identity folder written before it existed)"}
+    check = written["gate"]["checks"]["vs_reference_only"]
+    assert check["status"] == "not_applicable" and not any("reference-only" in r for r in written["gate"]["reasons"])
+    assert written["base"]["num_videos"] == written["identity"]["num_videos"] == 1
+    clip = result["clips"][0]
+    assert list(written["videos"][clip]) == ["base", "identity"]
+    assert not (tmp_path / "out" / "videos" / f"{clip}_reference_only.mp4").exists()
+    assert probe(tmp_path / "out" / "side_by_side" / f"{clip}.mp4")["width"] == 3 * 64  # pose | base | identity
+    flat = validate.flat_metrics(result)
+    assert flat["reference_only.skipped"] == 1.0 and "gate.vs_reference_only.passed" not in flat
+    assert not any(k.startswith("reference_only.") and k != "reference_only.skipped" for k in flat)
+
+
 def test_bad_inputs_are_clear_errors(world, tmp_path):
     from faceid import validate
 
@@ -154,4 +223,7 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
         validate.run(p, bad, world["root"] / "clips", world["root"] / "emb", tmp_path / "out", None)
     with pytest.raises(InputError, match="manifest not found|folder not found"):
         validate.run(p, world["identity"], tmp_path / "noclips", world["root"] / "emb", tmp_path / "out", None)
+    with pytest.raises(InputError, match="render_validation.face_scale: expected a finite number >= 0, got -0.5"):
+        validate.run(small(p, render_validation__face_scale=-0.5), world["identity"], world["root"] / "clips",
+                     world["root"] / "emb", tmp_path / "out", None)
     assert not (tmp_path / "out").exists()

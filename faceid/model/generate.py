@@ -8,6 +8,7 @@ Public API (used by ``faceid.infer``, ``faceid.validate``, ``faceid.batch``)::
                             face_scale=1.0, guidance_scale=3.0, num_inference_steps=4, seed=0)
     frames = generate_video(pipe, [(a, 0.5), (b, 0.5)], pose_frames, ...)   # a blend
     frames = generate_video(pipe, None, pose_frames, ...)                   # base model, no identity
+    frames = generate_video(pipe, None, pose_frames, ..., reference_image=crop)  # base VACE R2V (no adapter)
 
 How conditioning is built (the same layout training uses, see ``faceid.train.recipe``):
 
@@ -15,15 +16,29 @@ How conditioning is built (the same layout training uses, see ``faceid.train.rec
 - uncond: ``negative_prompt_embeds = [negative-prompt text tokens | null face (N)]``
 - face tokens of a blend ``[(I_1, w_1), ...]`` (weights normalised to sum 1):
   ``tokens = sum_i w_i * mapper_i(e_i)``, ``null = sum_i w_i * null_i``, then
-  ``null + face_scale * (tokens - null)``; each identity's LoRA is loaded as its own adapter and
-  ``pipe.set_adapters(names, weights)`` mixes them with the same weights.
-  For two identities that share one mapper, interpolating their embeddings with :func:`slerp`
-  is the alternative; :func:`face_tokens` mixes tokens because each identity has its own mapper.
+  ``null + face_scale * (tokens - null)``.
+- LoRA: each identity's LoRA is loaded as its own adapter and ``pipe.set_adapters(names, weights)``
+  activates them with ``weight_i = w_i * face_scale * lora_scale``.
+- ``face_scale`` is the identity's strength: it scales the face tokens *and* the LoRA (1 = as
+  trained, > 1 extrapolates). ``face_scale == 0`` is the base model exactly: no face tokens in
+  either branch, LoRA disabled, no identity reference image, so the frames equal
+  ``generate_video(pipe, None, ...)`` with the same seed. ``lora_scale`` (default 1) scales the
+  LoRA alone. Both must be finite and >= 0 (:func:`check_scale`).
+- VACE reference image (R2V): ``reference_image`` is passed as ``reference_images=[PIL image]``
+  (the pipeline fits it into the frame size, encodes it as one extra leading latent frame and drops
+  that frame after denoising). Without one, an identity trained with its reference
+  (``Identity.reference_in_training``, card key ``reference_image.in_training``) passes its own
+  ``Identity.reference`` when ``face_scale > 0``; for a blend, that of the *dominant* identity
+  (the largest weight, the first one on ties; :func:`dominant`).
+
+For two identities that share one mapper, interpolating their embeddings with :func:`slerp` is the
+alternative to mixing; :func:`face_tokens` mixes tokens because each identity has its own mapper.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Any, Union
 
@@ -79,6 +94,32 @@ def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]
     return [(ident, w / total) for ident, w in blend]
 
 
+def check_scale(name: str, value) -> float:
+    """``value`` as a float; :class:`InputError` naming ``name`` (a flag or a params key) unless it
+    is a finite number >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return number
+
+
+def dominant(blend: list[tuple[Identity, float]]) -> Identity:
+    """The identity of a blend with the largest weight (the first one on ties)."""
+    return max(blend, key=lambda pair: pair[1])[0]
+
+
+def identity_reference(blend: list[tuple[Identity, float]], face_scale: float) -> np.ndarray | None:
+    """The VACE reference image an identity brings: ``Identity.reference`` of the (dominant)
+    identity when it was trained with it and ``face_scale > 0``; otherwise None."""
+    if not blend or face_scale == 0:
+        return None
+    ident = dominant(blend)
+    return ident.reference if ident.reference_in_training else None
+
+
 def face_tokens(identities: list[tuple[Identity, float]], face_scale: float):
     """``(cond, null)``: ``[1, N, text_dim]`` float32 tensors on CPU.
 
@@ -121,9 +162,9 @@ def adapter_name(identity: Identity) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', identity.name)}_{digest}"
 
 
-def activate_loras(pipe, blend: list[tuple[Identity, float]]) -> list[str]:
+def activate_loras(pipe, blend: list[tuple[Identity, float]], scale: float = 1.0) -> list[str]:
     """Load each identity's LoRA once (verified, see ``faceid.model.lora.load_lora``) and activate
-    exactly these adapters with the blend weights; an empty blend disables LoRA."""
+    exactly these adapters with weights ``blend weight * scale``; an empty blend disables LoRA."""
     from faceid.model.lora import load_lora
 
     loaded = set(pipe.get_list_adapters().get("transformer", [])) if getattr(pipe.transformer, "peft_config", None) else set()
@@ -139,8 +180,15 @@ def activate_loras(pipe, blend: list[tuple[Identity, float]]) -> list[str]:
             loaded.add(name)
         names.append(name)
     pipe.enable_lora()
-    pipe.set_adapters(names, adapter_weights=[w for _, w in blend])
+    pipe.set_adapters(names, adapter_weights=[w * scale for _, w in blend])
     return names
+
+
+def check_reference_image(image) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        got = getattr(image, "shape", type(image).__name__), getattr(image, "dtype", "")
+        raise InputError(f"reference image: expected a uint8 RGB array [H, W, 3], got {got}")
+    return image
 
 
 def check_pose_frames(pose_frames: np.ndarray) -> None:
@@ -164,16 +212,32 @@ def generate_video(
     num_inference_steps: int = 30,
     seed: int = 0,
     negative_prompt: str = "",
+    *,
+    lora_scale: float = 1.0,
+    reference_image: np.ndarray | None = None,
 ) -> np.ndarray:
     """Generate ``[F, H, W, 3]`` uint8 frames following ``pose_frames`` (``[F, H, W, 3]`` uint8,
     F = 4n+1, H and W multiples of 16) with the identity (or blend, or ``None`` for the base
-    model). Deterministic for a given ``seed`` (noise drawn on the CPU)."""
+    model). Deterministic for a given ``seed`` (noise drawn on the CPU).
+
+    ``face_scale`` scales face tokens and LoRA (0 = the base model exactly), ``lora_scale`` the
+    LoRA alone; the defaults (1) are the identity as trained. ``reference_image`` (``[H, W, 3]``
+    uint8 RGB) goes to VACE as its reference image; without it, an identity trained with its
+    reference passes that one (see the module docstring)."""
     import torch
     from PIL import Image
 
-    # 1. Check inputs
+    # 1. Check inputs; face_scale 0 leaves no trace of the identity (the base model exactly)
     check_pose_frames(pose_frames)
-    blend = as_blend(identity_or_blend)
+    face_scale = check_scale("face_scale", face_scale)
+    lora_scale = check_scale("lora_scale", lora_scale)
+    blend = as_blend(identity_or_blend)  # checked at face_scale 0 too
+    if face_scale == 0:
+        blend = []
+    if reference_image is None:
+        reference_image = identity_reference(blend, face_scale)
+    else:
+        check_reference_image(reference_image)
     num_frames, height, width, _ = pose_frames.shape
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
@@ -189,13 +253,14 @@ def generate_video(
         if do_cfg:
             uncond = torch.cat([uncond, null.to(device, uncond.dtype)], dim=1)
 
-    # 3. LoRA adapters of the identities (disabled for the base model)
-    activate_loras(pipe, blend)
+    # 3. LoRA adapters of the identities, weights x face_scale x lora_scale (disabled for the base model)
+    activate_loras(pipe, blend, face_scale * lora_scale)
 
-    # 4. Denoise with the pose video as VACE control
+    # 4. Denoise with the pose video as VACE control (and the reference image, if any)
     video = [Image.fromarray(frame) for frame in pose_frames]
     out = pipe(
         video=video,
+        reference_images=None if reference_image is None else [Image.fromarray(reference_image)],
         prompt_embeds=cond.to(dtype),
         negative_prompt_embeds=uncond.to(dtype) if do_cfg else None,
         height=height,
@@ -220,6 +285,7 @@ def describe(identity_or_blend: IdentityOrBlend) -> str:
 
 
 __all__: list[Any] = [
-    "build_pipeline", "encode_text", "text_len", "as_blend", "face_tokens", "slerp", "adapter_name",
-    "activate_loras", "check_pose_frames", "generate_video", "describe",
+    "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "dominant", "identity_reference",
+    "face_tokens", "slerp", "adapter_name", "activate_loras", "check_reference_image", "check_pose_frames",
+    "generate_video", "describe",
 ]

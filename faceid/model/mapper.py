@@ -7,8 +7,9 @@ tokens, initialised at zero, trained on the ``face_dropout`` share of steps (for
 ``face_scale``).
 
 ``face_scale`` s interpolates from the null face to the identity: ``null + s * (tokens - null)``.
-With the null face at zero this is a plain scaling of the face tokens; s=0 is the null face
-(identity off), s=1 the trained identity, s>1 extrapolates.
+With the null face at zero this is a plain scaling of the face tokens; s=0 is the null face,
+s=1 the trained identity, s>1 extrapolates. (``generate_video`` also scales the LoRA by s, and at
+s=0 appends no tokens at all: the base model exactly.)
 """
 
 from __future__ import annotations
