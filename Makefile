@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FACEID := $(VENV)/bin/faceid
 STAMP := $(VENV)/.faceid-installed
+REAL_TEST_WEIGHTS := .cache/test-weights/real/model_index.json
 
-.PHONY: install demo test repro infer compile bench bench-gpu clean
+.PHONY: install demo test repro infer compile bench bench-gpu smoke-real clean
 
 install: $(STAMP)
 
@@ -46,8 +47,19 @@ compile: install
 bench: install
 	for b in bench_faces bench_pose bench_train_tiny; do $(PY) benchmarks/$$b.py || exit 1; done
 
-bench-gpu: install
-	$(PY) benchmarks/bench_train_gpu.py --steps 10 --frames 81 33
+bench-gpu: install $(REAL_TEST_WEIGHTS)
+	$(PY) benchmarks/bench_infer_gpu.py --weights $(dir $(REAL_TEST_WEIGHTS))
+	$(PY) benchmarks/bench_train_gpu.py --weights $(dir $(REAL_TEST_WEIGHTS)) --frames 81 33
+
+# RANDOM weights with the real Wan2.1-VACE-1.3B layout and configs (4.6 GB, ~1 min, written once;
+# they draw noise): what smoke-real and the GPU benchmarks run the real profile on, offline.
+$(REAL_TEST_WEIGHTS): | install
+	$(FACEID) make-test-weights --size real --output $(dir $@)
+
+# The real profile end to end on CPU through the CLI (sample data -> train-lora -> infer ->
+# batch-infer with a blend) plus checks; not in CI: ~30 min and ~16 GiB of RAM on 2 shared cores.
+smoke-real: install $(REAL_TEST_WEIGHTS)
+	$(PY) benchmarks/smoke_real.py --weights $(dir $(REAL_TEST_WEIGHTS))
 
 clean:
 	rm -rf .kfp mlruns .ray_results data/work

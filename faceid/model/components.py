@@ -6,7 +6,9 @@
 - ``wan2.1-vace-1.3b``: real weights from the local diffusers folder ``params.model.weights_dir``.
 
 ``build_components(cfg, dtype) -> dict`` returns the keyword arguments of ``WanVACEPipeline``.
-``base_model_id(cfg)`` names the base model in identity cards (compatibility checks).
+``base_model_id(cfg)`` names the base model in identity cards (compatibility checks): the profile
+name, or ``<profile>@test-weights-<id>`` for a folder of random test weights
+(``faceid.model.test_weights``, marked in its ``model_index.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from faceid.config import ModelConfig, TinyModelConfig, config_hash
 from faceid.errors import InputError
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# model_index.json key of a folder written by `faceid make-test-weights` (random weights)
+TEST_WEIGHTS_MARKER = "_faceid_test_weights"
 
 # A fixed corpus for the tiny tokenizer: dance/pose captions plus the alphabet.
 _TINY_CORPUS = [
@@ -67,10 +71,30 @@ def max_text_len(cfg: ModelConfig) -> int:
 
 
 def base_model_id(cfg: ModelConfig) -> str:
-    """A stable name of the base weights, written into identity cards and checked on load."""
+    """A stable name of the base weights, written into identity cards and latent-cache keys and
+    checked on load: ``tiny-<config hash>``; the profile name for real weights; and
+    ``<profile>@test-weights-<id>`` when ``weights_dir`` holds random test weights, so nothing
+    made on them passes as made on the real weights."""
     if cfg.profile == "tiny":
         return f"tiny-{config_hash(cfg.tiny)}"
-    return cfg.profile
+    marker = read_test_weights_marker(cfg.weights_dir)
+    return f"{cfg.profile}@test-weights-{marker['id']}" if marker else cfg.profile
+
+
+def read_test_weights_marker(weights_dir: str | Path) -> dict | None:
+    """The test-weights marker of ``<weights_dir>/model_index.json``, or None (real weights, or no folder)."""
+    import json
+
+    index = Path(weights_dir) / "model_index.json" if weights_dir else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        marker = json.loads(index.read_text()).get(TEST_WEIGHTS_MARKER)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise InputError(f"{index}: not a valid model_index.json ({exc})") from None
+    if marker is not None and not (isinstance(marker, dict) and marker.get("id")):
+        raise InputError(f"{index}: key {TEST_WEIGHTS_MARKER} must be an object with an 'id', got {marker!r}")
+    return marker
 
 
 def build_components(cfg: ModelConfig, dtype=None) -> dict[str, Any]:
@@ -201,8 +225,8 @@ def load_real_components(cfg: ModelConfig, dtype) -> dict[str, Any]:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     root = _check_weights_dir(cfg)
-    transformer = WanVACETransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
+    transformer = WanVACETransformer3DModel.from_pretrained(root / "transformer", dtype=dtype, local_files_only=True)
+    vae = AutoencoderKLWan.from_pretrained(root / "vae", dtype=torch.float32, local_files_only=True)
     text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     scheduler = UniPCMultistepScheduler.from_pretrained(root / "scheduler", local_files_only=True)

@@ -57,10 +57,12 @@ def build_pipeline(model_cfg, device=None):
     from diffusers import WanVACEPipeline
 
     from faceid.model.components import build_components, resolve_device, resolve_dtype
+    from faceid.model.memory import apply_memory_options
 
     device = device or resolve_device(model_cfg)
     pipe = WanVACEPipeline(**build_components(model_cfg, resolve_dtype(model_cfg, device)))
     pipe.to(device)
+    apply_memory_options(pipe, model_cfg)  # model.text_encoder_offload / vae_tiling / vae_slicing
     pipe.set_progress_bar_config(leave=False)
     return pipe
 
@@ -71,10 +73,14 @@ def text_len(pipe) -> int:
 
 
 def encode_text(pipe, prompt: str):
-    """``[1, text_len, text_dim]`` text embeddings (zero-padded after the prompt, as Wan does)."""
-    prompt_embeds, _ = pipe.encode_prompt(
-        prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text_len(pipe), device=pipe._execution_device
-    )
+    """``[1, text_len, text_dim]`` text embeddings (zero-padded after the prompt, as Wan does).
+    An offloaded text encoder visits the device for the call (``faceid.model.memory``)."""
+    from faceid.model.memory import text_encoder_on_device
+
+    with text_encoder_on_device(pipe):
+        prompt_embeds, _ = pipe.encode_prompt(
+            prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text_len(pipe), device=pipe._execution_device
+        )
     return prompt_embeds
 
 
@@ -227,6 +233,8 @@ def generate_video(
     import torch
     from PIL import Image
 
+    from faceid.model.memory import text_encoder_on_device
+
     # 1. Check inputs; face_scale 0 leaves no trace of the identity (the base model exactly)
     check_pose_frames(pose_frames)
     face_scale = check_scale("face_scale", face_scale)
@@ -243,8 +251,9 @@ def generate_video(
     dtype = pipe.transformer.dtype
     do_cfg = guidance_scale > 1.0
 
-    # 2. Text + face tokens -> prompt embeddings (cond) and negative embeddings (uncond)
-    with torch.no_grad():
+    # 2. Text + face tokens -> prompt embeddings (cond) and negative embeddings (uncond); both prompts
+    #    first, in one visit of an offloaded text encoder, which leaves the device before denoising
+    with torch.no_grad(), text_encoder_on_device(pipe):
         cond = encode_text(pipe, prompt)
         uncond = encode_text(pipe, negative_prompt) if do_cfg else None
     if blend:

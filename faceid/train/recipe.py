@@ -317,6 +317,7 @@ def train(
     from faceid.config import config_hash, params_from_dict, to_dict
     from faceid.model import components as comp
     from faceid.model.generate import build_pipeline
+    from faceid.model.memory import text_encoder_on_device
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import FaceMapper
@@ -339,8 +340,9 @@ def train(
     check_embedder(emb_meta, params.embed_faces)
     clips = training_clips(config["clips_dir"], tcfg.holdout_clips)
     base_model = comp.base_model_id(mcfg)
-    data = build_training_set(pipe, params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), clips, embedding,
-                              Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
+    with text_encoder_on_device(pipe):  # an offloaded text encoder visits once for the whole cache fill
+        data = build_training_set(pipe, params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), clips,
+                                  embedding, Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
     if rank == 0:
         print(summary_text(data))
     emb = torch.from_numpy(embedding)
@@ -376,7 +378,8 @@ def train(
 
     # 8. Save the identity folder (rank 0) and summarise
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
-    summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior))
+    summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior),
+                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses)
     if rank == 0:
         card = {
             "base_model": base_model,
