@@ -108,6 +108,9 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     # resume from the step-4 checkpoint (a run killed after step 4) -> identical result
     resumed = recipe.train(config_for(p, inputs, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
     assert resumed["resumed_from"] == 4
+    # every example (photo views and clips) came from the latent cache the first run filled
+    assert full["latent_cache_encoded"] == 2 + 4 * p.train_lora.photos.views and full["latent_cache_read"] == 0
+    assert resumed["latent_cache_read"] == full["latent_cache_encoded"] and resumed["latent_cache_encoded"] == 0
     from safetensors.torch import load_file
 
     for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
