@@ -48,6 +48,7 @@ def test_local_kfp_run_registers_a_model_version(tmp_path):
                 "--set", f"sample_data.photo_archive={ARCHIVE}",
                 "--set", f"train_lora.cache_dir={tmp_path / 'latents'}",
                 "--set", f"ray.storage_path={tmp_path / 'ray'}",
+                "--set", "sample_data.video_seconds=1.25", "--set", "train_lora.photos.views=1",  # one clip a video
                 "pipeline", "run", "train", "--local", "--arg", "stage1_steps=2", "--arg", "stage2_steps=2"],
                cwd=tmp_path, env=_env())
     assert "finished with status" in out and "FAILURE" not in out
@@ -83,6 +84,8 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     params = yaml.safe_load(params_file.read_text())
     params["train_lora"]["stage1"]["steps"] = 2
     params["train_lora"]["stage2"]["steps"] = 2
+    params["train_lora"]["photos"]["views"] = 1
+    params["sample_data"]["video_seconds"] = 1.25  # 20 frames: one 17-frame clip a video
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(PYTHONPATH=str(clone))  # the clone's code, not this checkout's
     dvc = [str(VENV_BIN / "dvc")]

@@ -188,3 +188,27 @@ def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):
     assert [c.clip_id for c in training_clips(clips, 1)] == ["c0", "c1"]
     with pytest.raises(InputError, match=r"3 usable clip\(s\) but train_lora.holdout_clips=3"):
         training_clips(clips, 3)
+
+
+def test_reference_image_trains_in_front_of_identity_examples(params, inputs, tmp_path):
+    """train_lora.reference_image: identity examples carry the best aligned crop as VACE reference
+    (one extra latent frame in the control, left out of the loss); prior clips do not; the card says
+    so and inference passes it (faceid.model.generate, tests/test_model.py)."""
+    from safetensors.torch import load_file
+
+    from faceid.model.identity import load_identity
+    from faceid.train import recipe
+
+    p = small_params(params, tmp_path, train_lora__reference_image="true", train_lora__stage1__steps=2,
+                     train_lora__stage2__steps=2, train_lora__photos__views=1)
+    summary = recipe.train(config_for(p, inputs, tmp_path / "ref"))
+    assert summary["steps"] == 4 and np.isfinite(summary["stage2_loss_last"])
+    ident = load_identity(tmp_path / "ref")
+    assert ident.reference_in_training and ident.reference is not None
+    assert ident.card["reference_image"]["source"] in {"obama", "obama2", "obama3", "obama_partial_face"}
+    entries = [load_file(str(f)) for f in (tmp_path / "cache").glob("*.safetensors")]
+    photos = [e for e in entries if e["target"].shape[1] == 1]
+    clips = [e for e in entries if e["target"].shape[1] > 1]
+    assert len(photos) == 4 and len(clips) == 2
+    assert all(e["control"].shape[1] == e["target"].shape[1] + 1 for e in photos)  # the reference frame in front
+    assert all(e["control"].shape[1] == e["target"].shape[1] for e in clips)  # prior clips: no reference
