@@ -35,7 +35,9 @@ def bench(params, frames: int, height: int, width: int, steps: int) -> dict:
     model = recipe.FaceConditionedDiT(transformer, mapper)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     example = {"target": torch.randn(lat), "control": torch.randn(96, *lat[1:]),
-               "text": torch.randn(params.model.tiny.max_text_len, params.model.tiny.text_dim), "embedding": torch.randn(128)}
+               "text": torch.randn(params.model.tiny.max_text_len, params.model.tiny.text_dim), "embedding": torch.randn(128),
+               "face": torch.tensor(True), "weight": torch.ones(lat[1:]), "ref_frames": 0}
+    pools = {"identity": [example], "prior": []}
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = list(mapper.parameters()) + lora_parameters(transformer)
@@ -46,9 +48,9 @@ def bench(params, frames: int, height: int, width: int, steps: int) -> dict:
     times = []
     for step in range(steps + 3):
         t0 = time.perf_counter()
-        batch = recipe.make_batch([example], step, 0, 1, tcfg.batch_size, 0)
+        batch = recipe.make_batch(pools, 1.0, step, 0, tcfg.batch_size, 0)
         loss = recipe.flow_matching_loss(model, batch, noise_scheduler, recipe.step_generator(0, step, 0),
-                                         tcfg.face_dropout, torch.device("cpu"), None)
+                                         tcfg.face_dropout, torch.device("cpu"), None, tcfg.timestep_sampling)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
