@@ -57,7 +57,7 @@ $(REAL_TEST_WEIGHTS): | install
 	$(FACEID) make-test-weights --size real --output $(dir $@)
 
 # The real profile end to end on CPU through the CLI (sample data -> train-lora -> infer ->
-# batch-infer with a blend) plus checks; not in CI: ~30 min and ~16 GiB of RAM on 2 shared cores.
+# batch-infer with a blend) plus checks; not in CI: 15 min on 2 idle cores (27 on busy ones), ~16 GiB of RAM.
 smoke-real: install $(REAL_TEST_WEIGHTS)
 	$(PY) benchmarks/smoke_real.py --weights $(dir $(REAL_TEST_WEIGHTS))
 
