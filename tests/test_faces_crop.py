@@ -104,7 +104,10 @@ def test_accepted_crops_are_written_at_every_size(crop_run, cfg):
             else:
                 assert r[f"crop_{size}"] is None
     assert {p.stem for p in (out / "crops" / "150").iterdir()} == {r["name"] for r in rows.values() if r["status"] == "accepted"}
-    assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "crops", "manifest.parquet", "photos", "summary.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "contact_sheet.png", "crops", "manifest.parquet", "other_faces.parquet", "photos", "summary.txt"]
+    assert read_parquet(out / "other_faces.parquet") == []  # no photo here has a second face
+    assert all(r["num_candidates"] == 1 for r in rows.values() if r["status"] == "accepted")
 
 
 def test_exif_rotation_is_applied(crop_run):
@@ -210,6 +213,176 @@ def test_estimate_yaw_on_synthetic_landmarks():
     turned = np.vstack([eyes, [[130, 150]]])  # nose base 30 px off a 40 px half eye distance
     assert abs(estimate_yaw(frontal)) < 1
     assert 45 < abs(estimate_yaw(turned)) < 60
+
+
+# --------------------------------------------------------------------------- image modes, blank images, several faces
+
+
+@pytest.fixture(scope="module")
+def detector(cfg):
+    detector = build_detector("mediapipe", cfg.min_detection_confidence)
+    yield detector
+    detector.close()
+
+
+@pytest.fixture(scope="module")
+def portrait(photos) -> np.ndarray:
+    """obama.jpg at half size (455x568), the 8-bit original that every mode is made from."""
+    im = _rgb(photos["obama.jpg"])
+    return np.asarray(im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS))
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """What crop.load_image must give for 16/32-bit grey: [min(0, lowest), highest] -> [0, 255]."""
+    lo = min(0.0, float(values.min()))
+    return np.rint((values.astype(np.float64) - lo) * 255 / (float(values.max()) - lo))
+
+
+def _with_margin(rgb: np.ndarray) -> Image.Image:
+    """RGBA copy whose 30 left columns are transparent."""
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :30] = 0
+    return Image.fromarray(np.dstack([rgb, alpha]))
+
+
+def _in_mode(mode: str, rgb: np.ndarray) -> tuple[Image.Image, str, np.ndarray, float]:
+    """``(image in mode, file format, expected RGB uint8 [H, W, 3], max mean abs error)``."""
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    g = grey.astype(np.int64)
+    white_margin = lambda x: np.concatenate([np.full_like(x[:, :30], 255), x[:, 30:]], axis=1)  # noqa: E731
+    as_rgb = lambda x: np.repeat(np.asarray(x, np.float64)[:, :, None], 3, axis=2)  # noqa: E731
+    h, w = grey.shape
+    if mode == "1":
+        return Image.fromarray(grey).convert("1"), "PNG", as_rgb(grey), 2.0  # dithered: only the mean survives
+    if mode == "L":
+        return Image.fromarray(grey), "PNG", as_rgb(grey), 0.0
+    if mode == "LA":
+        return _with_margin(rgb).convert("LA"), "PNG", white_margin(as_rgb(grey)), 0.0
+    if mode == "P":
+        return Image.fromarray(rgb).quantize(256), "PNG", rgb, 4.0
+    if mode == "PA":
+        return _with_margin(rgb).convert("PA"), "TIFF", white_margin(rgb), 4.0
+    if mode == "RGB":
+        return Image.fromarray(rgb), "JPEG", rgb, 4.0
+    if mode == "RGBA":
+        return _with_margin(rgb), "PNG", white_margin(rgb), 0.0
+    if mode in ("CMYK", "YCbCr"):
+        return Image.fromarray(rgb).convert(mode), "JPEG" if mode == "CMYK" else "TIFF", rgb, 3.0
+    if mode == "I;16":  # a 16-bit PNG using the full range
+        return Image.fromarray((g * 257).astype(np.uint16)), "PNG", as_rgb(_stretch(g * 257)), 0.5
+    if mode == "I;16B":  # 12-bit data, big-endian TIFF
+        return Image.frombytes(mode, (w, h), (g * 16).astype(">u2").tobytes()), "TIFF", as_rgb(_stretch(g * 16)), 0.5
+    if mode in ("I;16L", "I;16N"):  # 14-bit data; PIL saves no I;16N file, that one is read from memory
+        return Image.frombytes(mode, (w, h), (g * 64).astype("<u2").tobytes()), "TIFF", as_rgb(_stretch(g * 64)), 0.5
+    if mode == "I":  # 32-bit signed with negative values
+        values = g * 65793 - 2**23
+        return Image.fromarray(values.astype(np.int32)), "TIFF", as_rgb(_stretch(values)), 0.5
+    if mode == "F":  # float in [0, 1]
+        return Image.fromarray((g / 255).astype(np.float32)), "TIFF", as_rgb(grey), 0.5
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L",
+                                  "I;16N", "I", "F"])
+def test_load_image_reads_every_mode_by_its_real_range(mode, portrait, detector, tmp_path):
+    image, fmt, expected, tolerance = _in_mode(mode, portrait)
+    assert image.mode == mode
+    if mode == "I;16N":
+        pixels, _ = crop._to_rgb(image)
+    else:
+        image.save(tmp_path / f"photo.{fmt.lower()}", fmt)
+        with Image.open(tmp_path / f"photo.{fmt.lower()}") as back:
+            assert back.mode == {"I;16L": "I;16"}.get(mode, mode) or fmt == "JPEG"  # the mode really is read back
+        pixels = crop.load_image(tmp_path / f"photo.{fmt.lower()}", max_pixels=10**7).pixels
+    assert pixels.shape == portrait.shape and pixels.dtype == np.uint8
+    if mode == "1":
+        assert set(np.unique(pixels)) <= {0, 255} and abs(pixels.mean() - expected.mean()) < tolerance
+        return
+    assert np.abs(pixels.astype(np.float64) - expected).mean() <= tolerance, mode
+    assert (pixels == 255).mean() < 0.2  # not clipped: PIL's own convert("RGB") turns a 16-bit photo ~all white
+    assert detector.detect(pixels), f"{mode}: the face is no longer found"
+
+
+def test_high_bit_depth_scaling_rule():
+    assert crop.to_uint8(np.array([[0, 32768, 65535]], np.uint16), is_float=False).tolist() == [[0, 128, 255]]
+    assert crop.to_uint8(np.array([[0, 1000, 4000]], np.uint16), is_float=False).tolist() == [[0, 64, 255]]  # by its top
+    assert crop.to_uint8(np.array([[0, 100, 200]], np.uint16), is_float=False).tolist() == [[0, 100, 200]]  # 8-bit values
+    assert crop.to_uint8(np.array([[-100, 60, 100]], np.int32), is_float=False).tolist() == [[0, 204, 255]]
+    assert crop.to_uint8(np.array([[0.0, 0.25, 1.0]], np.float32), is_float=True).tolist() == [[0, 64, 255]]
+    assert crop.to_uint8(np.array([[0.0, 1.4, 3.0]], np.float32), is_float=True).tolist() == [[0, 1, 3]]  # 8-bit values
+    assert crop.to_uint8(np.array([[0.0, 150.0, 600.0]], np.float32), is_float=True).tolist() == [[0, 64, 255]]
+    assert crop.to_uint8(np.full((2, 2), 40000, np.uint16), is_float=False).tolist() == [[255, 255], [255, 255]]
+    assert crop.to_uint8(np.full((2, 2), -5, np.int32), is_float=False).tolist() == [[128, 128], [128, 128]]
+    assert crop.to_uint8(np.array([[np.nan, 0.25, np.inf, 1.0]], np.float32), is_float=True).tolist() == [[0, 64, 0, 255]]
+
+
+def test_blank_image_is_called_blank_not_faceless(tmp_path, detector, cfg):
+    rng = np.random.default_rng(0)
+    wall = np.clip(200 + rng.normal(0, 1.0, (300, 400)), 0, 255).astype(np.uint8)  # a white wall, sensor noise
+    Image.fromarray(wall).save(tmp_path / "wall.jpg")
+    Image.fromarray(wall.astype(np.uint16) * 257).save(tmp_path / "wall16.png")  # the same, 16-bit
+    Image.new("RGB", (400, 300)).save(tmp_path / "black.png")
+    aligner = Aligner()
+    for name in ("wall.jpg", "wall16.png", "black.png"):
+        result = crop.crop_face(crop.load_image(tmp_path / name, 10**7).pixels, detector, aligner, cfg)
+        assert isinstance(result, crop.Rejection) and result.reason == "blank_image", (name, result)
+        assert result.detail.startswith("image looks blank: almost uniform (grey-level std")
+    from skimage import data
+
+    result = crop.crop_face(np.ascontiguousarray(data.coffee()), detector, aligner, cfg)
+    assert result.reason == "no_face"  # a real picture without a face is not "blank"
+
+
+# mediapipe's face box (x0, y0, x1, y1) on the original photos, to cut heads out for group photos
+HEAD_BOXES = {"biden.jpg": (422, 226, 759, 562), "obama2.jpg": (141, 271, 491, 621), "obama.jpg": (355, 134, 642, 421)}
+
+
+def _head(image: Image.Image, box: tuple, scale: float) -> Image.Image:
+    x0, y0, x1, y1 = box
+    grow = x1 - x0
+    head = image.crop((max(0, int(x0 - grow)), max(0, int(y0 - grow)), min(image.width, int(x1 + grow)),
+                       min(image.height, int(y1 + 1.6 * grow))))
+    return head.resize((round(head.width * scale), round(head.height * scale)), Image.Resampling.LANCZOS)
+
+
+def _side_by_side(*heads: Image.Image, gap: int = 30) -> np.ndarray:
+    """A group photo: real heads pasted side by side on a grey backdrop, bottoms aligned."""
+    h = max(i.height for i in heads)
+    canvas = Image.new("RGB", (sum(i.width for i in heads) + gap * (len(heads) + 1), h + 2 * gap), (180, 180, 180))
+    x = gap
+    for head in heads:
+        canvas.paste(head, (x, gap + h - head.height))
+        x += head.width + gap
+    return np.asarray(canvas)
+
+
+def test_group_photo_keeps_the_other_faces_as_candidates(photos, detector, cfg):
+    # a stranger (biden, face ~200 px) beside the person (obama, ~145 px): the largest face is the stranger's
+    group = _side_by_side(_head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.6),
+                          _head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.42))
+    result = crop.crop_face(group, detector, Aligner(), cfg)
+    assert isinstance(result, crop.FaceCrop) and result.num_faces == 2 and len(result.others) == 1
+    main, other = result, result.others[0]
+    assert main.face.size > other.face.size
+    assert main.landmarks[:, 0].max() < group.shape[1] / 2 < other.landmarks[:, 0].min()  # stranger left, person right
+    assert other.face_index != main.face_index and set(other.crops) == set(main.crops) and other.others == ()
+
+
+def test_at_most_max_faces_candidates(photos, detector, cfg):
+    from faceid.sample_data import package_photos
+
+    extra = package_photos()
+    heads = [
+        _head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.45),
+        _head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.43),
+        _head(_rgb(photos["obama.jpg"]), HEAD_BOXES["obama.jpg"], 0.5),
+        _head(Image.fromarray(extra["astronaut"]), (174, 68, 278, 172), 1.4),
+        _head(Image.fromarray(extra["grace_hopper"]), (166, 128, 366, 329), 0.75),
+    ]
+    result = crop.crop_face(_side_by_side(*heads), detector, Aligner(), cfg)
+    assert result.num_faces == 5 and len(result.others) == crop.MAX_FACES - 1
+    indices = [result.face_index] + [o.face_index for o in result.others]
+    assert len(set(indices)) == crop.MAX_FACES
 
 
 def test_load_image_modes_and_errors(tmp_path):

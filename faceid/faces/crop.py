@@ -1,18 +1,28 @@
 """``faceid crop-faces``: detect, align, quality-filter and crop reference photos of one person.
 
-Pure core: :func:`load_image` (EXIF rotation, any mode -> RGB), :func:`crop_face` (one image ->
-:class:`FaceCrop` or :class:`Rejection`), :func:`downscale_photo`, :func:`find_duplicates` (set
-level), :func:`choose_reference`. Thin shell: :func:`run` writes ``<out>/manifest.parquet``,
-``photos/<name>.png`` (the upright photo, long side <= ``photo_max_side``), ``crops/<size>/<name>.png``,
-``summary.txt`` and ``contact_sheet.png`` atomically. Every input photo gets a manifest row; rejections
-carry a reason code (``unreadable``, ``image_too_small``, ``image_too_large``, ``no_face``,
-``face_too_small``, ``extreme_pose``, ``too_blurry``, ``duplicate``) and a human-readable detail.
+Pure core: :func:`load_image` (EXIF rotation, every PIL mode -> 8-bit RGB, 16/32-bit and float
+scaled by their real range), :func:`crop_face` (one image -> :class:`FaceCrop` or :class:`Rejection`),
+:func:`downscale_photo`, :func:`find_duplicates` (set level), :func:`choose_reference`. Thin shell:
+:func:`run` writes ``<out>/manifest.parquet``, ``photos/<name>.png`` (the upright photo, long side <=
+``photo_max_side``), ``crops/<size>/<name>.png``, ``other_faces.parquet`` + ``other_faces/<size>/<name>.<k>.png``
+(the extra candidate faces of photos with several faces), ``summary.txt`` and ``contact_sheet.png``
+atomically. Every input photo gets a manifest row; rejections carry a reason code (``unreadable``,
+``image_too_small``, ``image_too_large``, ``blank_image`` (no face, and the image is almost uniform),
+``no_face``, ``face_too_small``, ``extreme_pose``, ``too_blurry``, ``duplicate``) and a human-readable detail.
 ``<stem>.txt`` files are caption sidecars of the photos named ``<stem>.*``, not inputs.
-Readers: :func:`read_accepted` (aligned crops) and :func:`read_photos` (photos, for training).
+
+Photos with several faces: the largest face is not necessarily the person (a group photo with a
+stranger in front). crop-faces keeps every face that passes the checks, up to ``MAX_FACES``:
+candidate 0 in the manifest's face columns and ``crops/``, candidates 1.. in ``other_faces``;
+embed-faces decides which one is the person (``face`` column of its embeddings.parquet).
+Readers: :func:`read_accepted` (main-face crops), :func:`read_candidates` (every candidate's crop,
+for embed-faces) and :func:`read_photos` (photos, for training; with the embed-faces folder it
+returns the face embed-faces chose).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +31,12 @@ import numpy as np
 
 from faceid.config import CropFacesConfig
 from faceid.errors import InputError
-from faceid.faces.detect import Aligner, Face, build_detector, estimate_yaw, select_main_face
+from faceid.faces.detect import Aligner, Face, build_detector, estimate_yaw, rank_faces
 from faceid.io import atomic_dir, progress, read_parquet, require_dir, sha256_file, write_parquet
 
 QUALITY_SIZE = 150  # sharpness is measured on the aligned chip at this size (dlib's recogniser input)
+MAX_FACES = 4  # faces of one photo kept as candidates for embed-faces (the main face and 3 others)
+BLANK_MAX_STD = 3.0  # grey levels: an image with no face and a smaller std "looks blank" (blank_image)
 CAPTION_SUFFIX = ".txt"  # <stem>.txt beside a photo is its caption
 PHOTO_COLUMNS = ("photo_path", "photo_scale", "caption")  # what read_photos needs beyond the original manifest
 
@@ -47,12 +59,15 @@ class LoadedImage:
 @dataclass(frozen=True)
 class FaceCrop:
     face: Face
-    face_index: int  # which detection was chosen as the main face
+    face_index: int  # which detection (of num_faces) this face is
     num_faces: int
     landmarks: np.ndarray  # [5, 2] float32, image pixels
     crops: dict[int, np.ndarray]  # size -> aligned square RGB crop
     sharpness: float  # Laplacian variance of the aligned QUALITY_SIZE crop
     yaw: float  # degrees, rough
+    # the photo's other faces that pass the same checks (candidates 1, 2, ... in main-face order, at
+    # most MAX_FACES - 1): embed-faces picks the one that is the person
+    others: tuple[FaceCrop, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an ndarray field has no truth value
@@ -80,8 +95,50 @@ class Rejection:
 # --------------------------------------------------------------------------- pure core
 
 
+def to_uint8(values: np.ndarray, is_float: bool) -> np.ndarray:
+    """A single-channel image of 16-bit, 32-bit integer or float samples as uint8, scaled by its real
+    range, never clipped: black stays 0 (or the minimum, if negative) and the top is the image's
+    maximum; but floats within [0, 1] are read as [0, 1], and samples within [0, 255] as 8-bit values.
+    (PIL's own ``convert("L")`` clips at 255: a 16-bit photo turns almost all white.) NaN/inf
+    samples (float images) count as black."""
+    a = np.asarray(values, np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, min(0.0, float(a[finite].min())) if finite.any() else 0.0)
+    lo, hi = min(0.0, float(a.min())), float(a.max())
+    if is_float and lo == 0.0 and hi <= 1.0:
+        hi = 1.0
+    elif lo == 0.0 and hi <= 255.0:
+        hi = 255.0
+    if hi <= lo:  # one value throughout: mid grey rather than a division by zero
+        return np.full(a.shape, 128, np.uint8)
+    return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(im) -> tuple[np.ndarray, bool]:
+    """``(pixels [H, W, 3] uint8, had_alpha)`` of a decoded PIL image of any mode: 1, L, P, RGB, CMYK,
+    YCbCr, LAB, HSV via PIL; I;16 (and I;16B/L/N), I and F scaled by :func:`to_uint8`; alpha (LA, La,
+    PA, RGBA, RGBa, P or L/RGB with a transparent colour) composited on white."""
+    from PIL import Image
+
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = to_uint8(np.asarray(im), is_float=im.mode == "F")
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2)), False
+    had_alpha = bool(im.has_transparency_data)
+    try:
+        if im.mode == "La":  # premultiplied: PIL converts it to LA only
+            im = im.convert("LA")
+        if had_alpha:
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        pixels = np.asarray(im.convert("RGB"))
+    except ValueError as exc:  # a mode PIL cannot convert
+        raise UnreadableImage("unreadable", f"image mode {im.mode} cannot be converted to RGB ({exc})") from exc
+    return np.ascontiguousarray(pixels), had_alpha
+
+
 def load_image(path: Path, max_pixels: int) -> LoadedImage:
-    """Decode any PIL-readable photo upright (EXIF orientation applied) as RGB; alpha is composited on white."""
+    """Decode any PIL-readable photo upright (EXIF orientation applied) as 8-bit RGB (:func:`_to_rgb`)."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,12 +153,7 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
                     )
                 im.load()
                 exif_rotated = im.getexif().get(0x0112, 1) not in (0, 1)
-                im = ImageOps.exif_transpose(im)
-                had_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
-                if had_alpha:
-                    rgba = im.convert("RGBA")
-                    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-                pixels = np.asarray(im.convert("RGB"))
+                pixels, had_alpha = _to_rgb(ImageOps.exif_transpose(im))
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -110,7 +162,16 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
         raise UnreadableImage("unreadable", f"not an image PIL can decode ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # truncated/corrupt data
         raise UnreadableImage("unreadable", f"corrupt image data ({exc})") from exc
-    return LoadedImage(np.ascontiguousarray(pixels), exif_rotated, had_alpha)
+    return LoadedImage(pixels, exif_rotated, had_alpha)
+
+
+def grey_std(image: np.ndarray) -> float:
+    """Standard deviation of the grey levels of an RGB uint8 image (on a <= 512 px copy)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    step = max(1, max(h, w) // 512)
+    return float(cv2.cvtColor(np.ascontiguousarray(image[::step, ::step]), cv2.COLOR_RGB2GRAY).std())
 
 
 def sharpness(crop: np.ndarray) -> float:
@@ -132,15 +193,8 @@ def phash64(image: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfig) -> FaceCrop | Rejection:
-    """Detect the main face of one RGB photo, align it, crop it at ``cfg.crop_sizes`` and check quality."""
-    h, w = image.shape[:2]
-    if min(h, w) < cfg.min_face_size:
-        return Rejection("image_too_small", f"image is {w}x{h} px, smaller than min_face_size {cfg.min_face_size} px")
-    faces = detector.detect(image)
-    if not faces:
-        return Rejection("no_face", f"{detector.name} found no face (min_detection_confidence {cfg.min_detection_confidence})")
-    index = select_main_face(faces, h, w)
+def _check_face(image: np.ndarray, faces: list[Face], index: int, aligner: Aligner, cfg: CropFacesConfig) -> FaceCrop | Rejection:
+    """Align detection ``index``, crop it at ``cfg.crop_sizes`` and check its size, yaw and sharpness."""
     face = faces[index]
     sizes = tuple(sorted(set(cfg.crop_sizes) | {QUALITY_SIZE}))
     aligned = aligner.align(image, face, sizes, cfg.crop_padding)
@@ -160,6 +214,39 @@ def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfi
     if found.sharpness < cfg.min_sharpness:
         return Rejection("too_blurry", f"sharpness {found.sharpness:.1f} below min_sharpness {cfg.min_sharpness:g}", found)
     return found
+
+
+def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfig) -> FaceCrop | Rejection:
+    """Detect the faces of one RGB photo, align them, crop them at ``cfg.crop_sizes`` and check quality.
+
+    Faces are tried in main-face order (largest, preferring central ones); the first that passes the
+    checks is the returned crop, and up to ``MAX_FACES - 1`` more that pass are kept in
+    ``FaceCrop.others``: size does not say *who* a face is, so embed-faces picks the person's face
+    among them. The photo is rejected only when no face passes, with the main face's reason. No face
+    at all on an almost uniform image (grey-level std < ``BLANK_MAX_STD``) is ``blank_image``.
+    """
+    h, w = image.shape[:2]
+    if min(h, w) < cfg.min_face_size:
+        return Rejection("image_too_small", f"image is {w}x{h} px, smaller than min_face_size {cfg.min_face_size} px")
+    faces = detector.detect(image)
+    if not faces:
+        std = grey_std(image)
+        if std < BLANK_MAX_STD:
+            return Rejection("blank_image", f"image looks blank: almost uniform (grey-level std {std:.1f} < {BLANK_MAX_STD:g}), "
+                                            "nothing to detect a face in")
+        return Rejection("no_face", f"{detector.name} found no face (min_detection_confidence {cfg.min_detection_confidence})")
+    passing, first_rejection = [], None
+    for index in rank_faces(faces, h, w):
+        result = _check_face(image, faces, index, aligner, cfg)
+        if isinstance(result, Rejection):
+            first_rejection = first_rejection or result
+            continue
+        passing.append(result)
+        if len(passing) == MAX_FACES:
+            break
+    if not passing:
+        return first_rejection
+    return dataclasses.replace(passing[0], others=tuple(passing[1:]))
 
 
 def downscale_photo(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -246,7 +333,7 @@ def _row(path: Path, name: str, sizes: tuple[int, ...]) -> dict:
     row = {
         "path": path.name, "name": name, "sha256": sha256_file(path), "status": "rejected", "reason": None,
         "detail": None, "width": None, "height": None, "exif_rotated": None, "num_faces": None, "face_index": None,
-        "box": None, "det_score": None, "face_size": None, "landmarks": None, "sharpness": None,
+        "num_candidates": None, "box": None, "det_score": None, "face_size": None, "landmarks": None, "sharpness": None,
         "yaw_degrees": None, "phash": None, "duplicate_of": None, "caption": None, "photo_path": None,
         "photo_scale": None,
     }
@@ -261,13 +348,45 @@ def _manifest_schema(sizes: tuple[int, ...]):
         ("path", pa.string()), ("name", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
         ("reason", pa.string()), ("detail", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("exif_rotated", pa.bool_()), ("num_faces", pa.int32()), ("face_index", pa.int32()),
-        ("box", pa.list_(pa.float32())), ("det_score", pa.float32()), ("face_size", pa.float32()),
+        ("num_candidates", pa.int32()), ("box", pa.list_(pa.float32())), ("det_score", pa.float32()), ("face_size", pa.float32()),
         ("landmarks", pa.list_(pa.float32())), ("sharpness", pa.float32()), ("yaw_degrees", pa.float32()),
         ("phash", pa.string()), ("duplicate_of", pa.string()), ("caption", pa.string()),
         ("photo_path", pa.string()), ("photo_scale", pa.float64()),
     ]
     fields += [(f"crop_{s}", pa.string()) for s in sizes]
     return pa.schema(fields)
+
+
+def _face_columns(found: FaceCrop) -> dict:
+    return {
+        "face_index": found.face_index, "box": list(found.face.box), "det_score": found.face.score,
+        "face_size": found.face.size, "landmarks": found.landmarks.flatten().tolist(), "sharpness": found.sharpness,
+        "yaw_degrees": found.yaw,
+    }
+
+
+def _other_faces_schema(sizes: tuple[int, ...]):
+    """other_faces.parquet: one row per extra candidate face of an accepted photo (candidate >= 1)."""
+    import pyarrow as pa
+
+    fields = [
+        ("name", pa.string()), ("candidate", pa.int32()), ("face_index", pa.int32()), ("box", pa.list_(pa.float32())),
+        ("det_score", pa.float32()), ("face_size", pa.float32()), ("landmarks", pa.list_(pa.float32())),
+        ("sharpness", pa.float32()), ("yaw_degrees", pa.float32()),
+    ]
+    fields += [(f"crop_{s}", pa.string()) for s in sizes]
+    return pa.schema(fields)
+
+
+def _faces_note(row: dict) -> str:
+    """`` (3 faces: 2 candidates for embed-faces)`` for a photo with several faces."""
+    if (row["num_faces"] or 0) < 2:
+        return ""
+    if row["status"] != "accepted":
+        return f" (main face of {row['num_faces']})"
+    if row["num_candidates"] > 1:
+        return f" ({row['num_faces']} faces: {row['num_candidates']} candidates, embed-faces picks the person's)"
+    return f" (the one of {row['num_faces']} faces that passes the checks)"
 
 
 def _thumb(result: FaceCrop | Rejection | None, image: np.ndarray | None, size: int = 128) -> np.ndarray:
@@ -338,11 +457,7 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
                     result = Rejection(exc.reason, exc.detail)
                 found = result if isinstance(result, FaceCrop) else result.found
                 if found is not None:
-                    row.update(
-                        num_faces=found.num_faces, face_index=found.face_index, box=list(found.face.box),
-                        det_score=found.face.score, face_size=found.face.size, landmarks=found.landmarks.flatten().tolist(),
-                        sharpness=found.sharpness, yaw_degrees=found.yaw,
-                    )
+                    row.update(num_faces=found.num_faces, num_candidates=1 + len(found.others), **_face_columns(found))
                 if isinstance(result, Rejection):
                     row.update(reason=result.reason, detail=result.detail)
                 else:
@@ -381,17 +496,26 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
         line = f"crop-faces: {len(accepted)}/{len(rows)} photos accepted" + (f" (rejected: {rejected_text})" if counts else "") + f" -> {output_dir}"
         for size in sizes:
             (tmp / "crops" / str(size)).mkdir(parents=True)
+        other_rows = []
         for i in accepted:
             rows[i].update(status="accepted", photo_path=f"photos/{rows[i]['name']}.png", photo_scale=photo_scales[i])
             for size in sizes:
                 rel = f"crops/{size}/{rows[i]['name']}.png"
                 Image.fromarray(results[i].crops[size]).save(tmp / rel)
                 rows[i][f"crop_{size}"] = rel
+            for k, other in enumerate(results[i].others, start=1):  # a photo with several faces: the candidates
+                other_rows.append({"name": rows[i]["name"], "candidate": k, **_face_columns(other)})
+                for size in sizes:
+                    rel = f"other_faces/{size}/{rows[i]['name']}.{k}.png"
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(other.crops[size]).save(tmp / rel)
+                    other_rows[-1][f"crop_{size}"] = rel
         write_parquet(tmp / "manifest.parquet", rows, schema=_manifest_schema(sizes))
+        write_parquet(tmp / "other_faces.parquet", other_rows, schema=_other_faces_schema(sizes))
         details = [
             f"  {r['status']:8s} {r['path']}: "
             + (f"{r['reason']}: {r['detail']}" if r["reason"] else f"face {r['face_size']:.0f} px, sharpness {r['sharpness']:.0f}, yaw {r['yaw_degrees']:.0f} deg")
-            + (f" (main face of {r['num_faces']})" if (r["num_faces"] or 0) > 1 else "")
+            + _faces_note(r)
             + (" (captioned)" if r["caption"] else "")
             for r in rows
         ]
@@ -406,22 +530,75 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
     }
 
 
-def read_accepted(crops_dir: Path, size: int) -> list[tuple[str, Path]]:
-    """``[(name, crop path)]`` of the accepted photos of a crop_faces output at ``size`` (exact size if
-    written, else the smallest larger one: every size shares the same framing)."""
-    crops_dir = require_dir(crops_dir, "a crop-faces output folder")
-    rows = [r for r in read_parquet(crops_dir / "manifest.parquet") if r["status"] == "accepted"]
+def _crop_size(crops_dir: Path, rows: list[dict], size: int) -> int:
+    """The crop size to read for ``size``: exact if written, else the smallest larger one."""
     available = sorted(int(k[len("crop_"):]) for k in (rows[0] if rows else {}) if k.startswith("crop_"))
     larger = [s for s in available if s >= size]
     if not larger:
         raise InputError(f"{crops_dir}: crops of size >= {size} px needed, found {available or 'none'} (crop_faces.crop_sizes)")
-    chosen = larger[0]
+    return larger[0]
+
+
+def read_accepted(crops_dir: Path, size: int) -> list[tuple[str, Path]]:
+    """``[(name, crop path)]`` of the accepted photos' main faces of a crop_faces output at ``size``
+    (exact size if written, else the smallest larger one: every size shares the same framing)."""
+    crops_dir = require_dir(crops_dir, "a crop-faces output folder")
+    rows = [r for r in read_parquet(crops_dir / "manifest.parquet") if r["status"] == "accepted"]
+    chosen = _crop_size(crops_dir, rows, size)
     return [(r["name"], crops_dir / r[f"crop_{chosen}"]) for r in rows]
 
 
-def read_photos(crops_dir: Path) -> list[PhotoRecord]:
+def _read_other_faces(crops_dir: Path, rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """``{(name, candidate): other_faces.parquet row}``; an error if the output predates candidates."""
+    if rows and "num_candidates" not in rows[0]:
+        raise InputError(f"{crops_dir}: manifest.parquet lacks column num_candidates: written by an older crop-faces; rerun crop-faces")
+    others = {(r["name"], int(r["candidate"])): r for r in read_parquet(crops_dir / "other_faces.parquet")} if rows else {}
+    for r in rows:
+        missing = [k for k in range(1, int(r["num_candidates"])) if (r["name"], k) not in others]
+        if missing:
+            raise InputError(f"{crops_dir}: other_faces.parquet lacks candidate face(s) {missing} of {r['path']}; rerun crop-faces")
+    return others
+
+
+def read_candidates(crops_dir: Path, size: int) -> list[tuple[str, list[Path]]]:
+    """``[(name, [crop path of candidate 0, 1, ...])]`` of the accepted photos at ``size``: one path
+    for a photo with one usable face, up to ``MAX_FACES`` for a photo with several (main face first)."""
+    crops_dir = require_dir(crops_dir, "a crop-faces output folder")
+    rows = [r for r in read_parquet(crops_dir / "manifest.parquet") if r["status"] == "accepted"]
+    chosen = _crop_size(crops_dir, rows, size)
+    others = _read_other_faces(crops_dir, rows)
+    return [
+        (r["name"], [crops_dir / r[f"crop_{chosen}"]]
+         + [crops_dir / others[(r["name"], k)][f"crop_{chosen}"] for k in range(1, int(r["num_candidates"]))])
+        for r in rows
+    ]
+
+
+def _chosen_faces(embeddings_dir: Path, crops_dir: Path, rows: list[dict]) -> dict[str, int]:
+    """``{name: candidate}`` embed-faces chose (``face`` column of its embeddings.parquet)."""
+    path = Path(embeddings_dir)
+    table = path / "embeddings.parquet" if path.is_dir() else path.parent / "embeddings.parquet"
+    chosen = {}
+    if table.is_file():
+        chosen = {str(r["name"]): int(r["face"]) for r in read_parquet(table) if r.get("face") is not None}
+    several = [r["path"] for r in rows if int(r["num_candidates"]) > 1 and r["name"] not in chosen]
+    if several:
+        raise InputError(
+            f"{table}: no 'face' entry for {', '.join(several)} of {crops_dir} (photos with several faces; embed-faces "
+            "records which one is the person); rerun embed-faces on these crops"
+        )
+    return chosen
+
+
+def read_photos(crops_dir: Path, embeddings_dir: Path | None = None) -> list[PhotoRecord]:
     """The accepted photos of a crop_faces output, in manifest order, with box and landmarks scaled to
-    photo pixels (``photo_scale``) and ``crop_path`` the aligned crop at the largest size written."""
+    photo pixels (``photo_scale``) and ``crop_path`` the aligned crop at the largest size written.
+
+    Given the embed-faces folder (or its embeddings.safetensors) of these crops, each record's face is
+    the candidate embed-faces chose as the person (the face its ``per_image`` row embeds; an error if
+    a photo with several faces has no choice recorded). Without it, each record's face is the photo's
+    main face, which in a photo with several faces may be a stranger: pass the embed-faces output
+    whenever the photos are used with the identity."""
     crops_dir = require_dir(crops_dir, "a crop-faces output folder").resolve()
     rows = read_parquet(crops_dir / "manifest.parquet")
     missing = [c for c in PHOTO_COLUMNS if rows and c not in rows[0]]
@@ -432,18 +609,26 @@ def read_photos(crops_dir: Path) -> list[PhotoRecord]:
     sizes = sorted(int(k[len("crop_"):]) for k in (rows[0] if rows else {}) if k.startswith("crop_"))
     if rows and not sizes:
         raise InputError(f"{crops_dir}: manifest.parquet has no crop_<size> column (crop_faces.crop_sizes is empty?)")
+    rows = [r for r in rows if r["status"] == "accepted"]
+    others = _read_other_faces(crops_dir, rows)
+    chosen = _chosen_faces(embeddings_dir, crops_dir, rows) if embeddings_dir is not None else {}
     records = []
-    for r in (r for r in rows if r["status"] == "accepted"):
-        photo, crop_path = crops_dir / r["photo_path"], crops_dir / r[f"crop_{sizes[-1]}"]
+    for r in rows:
+        k = chosen.get(r["name"], 0)
+        if not 0 <= k < int(r["num_candidates"]):
+            raise InputError(f"{crops_dir}: embed-faces chose face {k} of {r['path']}, which has {r['num_candidates']} "
+                             "candidate face(s); the embeddings come from other crops, rerun embed-faces")
+        face = r if k == 0 else others[(r["name"], k)]
+        photo, crop_path = crops_dir / r["photo_path"], crops_dir / face[f"crop_{sizes[-1]}"]
         for path, what in ((photo, "photo"), (crop_path, "aligned crop")):
             if not path.is_file():
                 raise InputError(f"{crops_dir}: {what} {path.relative_to(crops_dir)} of accepted {r['path']} is missing; rerun crop-faces")
         scale = float(r["photo_scale"])
-        landmarks = np.asarray(r["landmarks"], np.float32).reshape(5, 2) * np.float32(scale)
+        landmarks = np.asarray(face["landmarks"], np.float32).reshape(5, 2) * np.float32(scale)
         landmarks.flags.writeable = False
         records.append(PhotoRecord(
-            name=r["name"], photo_path=photo, sha256=r["sha256"], box=tuple(float(v) * scale for v in r["box"]),
-            landmarks=landmarks, sharpness=float(r["sharpness"]), yaw_degrees=float(r["yaw_degrees"]),
+            name=r["name"], photo_path=photo, sha256=r["sha256"], box=tuple(float(v) * scale for v in face["box"]),
+            landmarks=landmarks, sharpness=float(face["sharpness"]), yaw_degrees=float(face["yaw_degrees"]),
             caption=r["caption"], crop_path=crop_path,
         ))
     return records

@@ -147,15 +147,22 @@ def build_detector(name: str, min_confidence: float):
     raise ValueError(f"unknown detector {name!r}; expected mediapipe or dlib-hog")
 
 
-def select_main_face(faces: list[Face], height: int, width: int) -> int:
-    """Index of the main face: the largest, preferring central ones (size x (1 - 0.5 x distance from centre))."""
+def rank_faces(faces: list[Face], height: int, width: int) -> list[int]:
+    """Indices of ``faces``, main face first: the largest, preferring central ones
+    (size x (1 - 0.5 x distance from centre)); ties keep detection order. Size says nothing about
+    *who* a face is: crop-faces keeps several and embed-faces picks the person's."""
 
     def key(face: Face) -> float:
         cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
         off = math.hypot((cx - width / 2) / width, (cy - height / 2) / height) / math.hypot(0.5, 0.5)
         return face.size * (1.0 - 0.5 * min(off, 1.0))
 
-    return max(range(len(faces)), key=lambda i: key(faces[i]))
+    return sorted(range(len(faces)), key=lambda i: -key(faces[i]))
+
+
+def select_main_face(faces: list[Face], height: int, width: int) -> int:
+    """Index of the main face (the first of :func:`rank_faces`)."""
+    return rank_faces(faces, height, width)[0]
 
 
 # --------------------------------------------------------------------------- alignment

@@ -6,16 +6,23 @@ Embedders (one interface: ``.name``, ``.dim``, ``.input_size``, ``.embed(list of
 - ``arcface-onnx``: a user-supplied ArcFace-style ONNX file, 112 px RGB input scaled to [-1, 1];
 - ``clip``: a user-supplied local ``CLIPVisionModelWithProjection`` folder, 224 px, image embeds.
 
-Consistency check: each photo's cosine similarity to the L2-normalised mean of the *other*
-photos (leave-one-out centroid); below the threshold -> outlier, excluded from the identity. The
-check is repeated against the centroid of the remaining inliers until it is stable.
-Output: ``embeddings.safetensors`` (``identity`` [D], ``per_image`` [N, D]; metadata embedder,
-dim, names), ``embeddings.parquet``, ``report.json``.
+Identity decision (:func:`decide_identity`), from pairwise cosines at the embedder's calibrated
+same-person threshold: the photos with one face are grouped by average linkage
+(:func:`same_person_groups`); the largest group is the identity if it has strictly more photos
+than every other group, else embed-faces stops naming each group (2 + 2, 3 + 3: which person is
+meant?). Smaller groups are other people, excluded and named. A photo with several faces (crop-faces
+keeps up to 4 candidates) uses the one face that matches the identity group; it is excluded when
+none or several match, never decided by face size.
+Output: ``embeddings.safetensors`` (``identity`` [D]: mean of the kept photos; ``per_image`` [N, D]:
+each photo's face ``face``; metadata embedder, dim, names, threshold), ``embeddings.parquet``
+(name, crop_path, face, faces, group, similarity = cosine to the leave-one-out centroid of the kept
+photos, outlier = excluded, reason) and ``report.json`` (groups, photos with several faces, outliers).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +31,30 @@ from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
 from faceid.io import atomic_dir, require_dir, require_file, write_json, write_parquet
 
-# Default outlier thresholds (cosine to the leave-one-out centroid), used when
-# embed_faces.outlier_threshold is 0.
+# Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
+# used when embed_faces.outlier_threshold is 0.
 # dlib: measured on the real photos of face_recognition 1.3.0's test set (obama, obama2, obama3,
 #   obama_partial_face, obama_partial_face2; mediapipe detection + dlib 5-point alignment), with one
 #   planted photo of another person at a time: the obama photos scored 0.961-0.989 to their
 #   leave-one-out centroid, the planted biden 0.827, astronaut 0.830, grace_hopper 0.832 (pairwise
-#   cosines: same person 0.95-0.99, different 0.80-0.83). 0.90 sits in the middle of the gap and
-#   matches dlib's Euclidean 0.6 rule at the descriptors' norm (~1.4 x sqrt(2 - 2 x 0.9) = 0.63).
-#   With all three planted at once a single leave-one-out pass gives them 0.858-0.873 (they pull
-#   the centroid their way); re-checking against the inliers' centroid gives 0.827-0.832 again.
+#   cosines: same person 0.95-0.99, different 0.80-0.84, a mirrored copy of a photo 0.99). In
+#   group photos pasted from them (tests/test_faces_embed.py), faces scored a mean cosine to the
+#   three-photo obama group of 0.96-0.99 (obama) and 0.81-0.83 (biden, grace_hopper). 0.90 sits
+#   in the middle of the gap and matches dlib's Euclidean 0.6 rule at the descriptors' norm
+#   (~1.4 x sqrt(2 - 2 x 0.9) = 0.63).
 # arcface-onnx, clip: NOT calibrated here (no weights can be shipped or downloaded). ArcFace
 #   same-person cosines are usually > 0.5 and different < 0.3; CLIP image embeddings of different
 #   faces stay high (> 0.6). Calibrate on your own same/different photos and set outlier_threshold.
 DEFAULT_OUTLIER_THRESHOLDS = {"dlib": 0.90, "arcface-onnx": 0.35, "clip": 0.75}
+# Embedding dimensions known without loading a model (arcface-onnx and clip: the user's model decides).
+EMBEDDER_DIMS = {"dlib": 128}
 
 
 # --------------------------------------------------------------------------- embedders
 
 
 class DlibEmbedder:
-    name, dim, input_size = "dlib", 128, 150
+    name, dim, input_size = "dlib", EMBEDDER_DIMS["dlib"], 150
 
     def __init__(self):
         import dlib
@@ -161,18 +171,100 @@ def leave_one_out_similarity(embeddings: np.ndarray, inliers: np.ndarray | None 
     return np.where(counts > 0, sims, np.nan)
 
 
-def find_outliers(embeddings: np.ndarray, threshold: float, max_rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """``(similarity [N], outlier [N] bool)``: leave-one-out check, repeated against the centroid of
-    the current inliers until stable, so several planted photos do not pull the centroid their way."""
-    inliers = np.ones(len(embeddings), bool)
-    sims = leave_one_out_similarity(embeddings, inliers)
-    for _ in range(max_rounds):
-        keep = ~(sims < threshold)  # NaN (nothing to compare with) is kept
-        if keep.sum() == 0 or (keep == inliers).all():
+def same_person_groups(embeddings: np.ndarray, threshold: float) -> list[list[int]]:
+    """Groups of rows that show the same person: average-linkage clustering of pairwise cosines.
+
+    Start with one group per row; repeatedly merge the two groups whose *mean* pairwise cosine
+    (every row of one against every row of the other) is highest, while it is >= ``threshold``
+    (the embedder's same-person threshold). Average linkage, unlike single linkage (connected
+    components), does not chain two people together through one lucky pair, and unlike complete
+    linkage does not split a person over one poor photo. Returns the groups (row indices, ascending),
+    largest first, ties by their first row; ties between merges go to the lowest indices.
+    """
+    n = len(embeddings)
+    unit = l2_normalize(np.asarray(embeddings, np.float64))
+    between = unit @ unit.T  # sum of pairwise cosines between groups (one row each at the start)
+    counts = np.ones(n)
+    members = [[i] for i in range(n)]
+    active = np.ones(n, bool)
+    while active.sum() > 1:
+        mean = between / np.outer(counts, counts)
+        mean[~active, :] = -np.inf
+        mean[:, ~active] = -np.inf
+        mean[np.tril_indices(n)] = -np.inf  # each pair once, never a group with itself
+        a, b = np.unravel_index(int(np.argmax(mean)), mean.shape)
+        if not mean[a, b] >= threshold:
             break
-        inliers = keep
-        sims = leave_one_out_similarity(embeddings, inliers)
-    return sims, sims < threshold
+        between[a, :] += between[b, :]
+        between[:, a] += between[:, b]
+        counts[a] += counts[b]
+        members[a] = sorted(members[a] + members[b])
+        active[b] = False
+    return sorted((members[i] for i in np.flatnonzero(active)), key=lambda g: (-len(g), g[0]))
+
+
+def has_clear_majority(groups: list[list[int]]) -> bool:
+    """A clear majority: the largest group has strictly more photos than every other group
+    (5 + 1 and 3 + 2 + 1 have one; 2 + 2, 3 + 3 and 1 + 1 do not)."""
+    return len(groups) == 1 or len(groups[0]) > len(groups[1])
+
+
+@dataclass(frozen=True, eq=False)
+class IdentityDecision:
+    """Who the photos show (:func:`decide_identity`); indices are photo indices."""
+
+    groups: list[list[int]]  # same-person groups of the photos with one candidate face, largest first
+    majority: bool  # groups[0] is the identity (has_clear_majority)
+    face: list[int]  # per photo: the candidate face used (0 = crop-faces' main face)
+    inlier: np.ndarray  # [N] bool: the photo shows the identity
+    group: list[int | None]  # per photo: 1-based group of its face (a picked face joins group 1); None if undecided
+    reason: list[str | None]  # why an excluded photo is excluded
+    match: dict[int, list[float]]  # photo with several faces -> mean cosine of each face to group 1
+
+
+def decide_identity(candidates: list[np.ndarray], threshold: float) -> IdentityDecision:
+    """Decide the identity from per-photo candidate embeddings (``[faces, D]`` per photo, main face first).
+
+    1. The photos with one candidate face are grouped (:func:`same_person_groups`); with a clear
+       majority (:func:`has_clear_majority`) the largest group is the identity and the other groups
+       are excluded as other people. Without one nothing is decided (``majority`` False).
+    2. Each photo with several faces gets the face whose mean cosine to the identity group is
+       >= ``threshold``; none -> excluded (the person is not in it, or not recognisably), several ->
+       excluded as ambiguous. The largest face is never taken just for being largest.
+    """
+    n = len(candidates)
+    single = [i for i in range(n) if len(candidates[i]) == 1]
+    groups = []
+    if single:
+        groups = [[single[k] for k in g] for g in same_person_groups(np.stack([candidates[i][0] for i in single]), threshold)]
+    majority = bool(groups) and has_clear_majority(groups)
+    face, inlier, group, reason, match = [0] * n, np.zeros(n, bool), [None] * n, [None] * n, {}
+    for number, members in enumerate(groups, start=1):
+        for i in members:
+            group[i] = number
+    if not majority:
+        return IdentityDecision(groups, False, face, inlier, group, reason, match)
+    identity = l2_normalize(np.stack([candidates[i][0] for i in groups[0]]).astype(np.float64))
+    inlier[groups[0]] = True
+    for i in single:
+        if not inlier[i]:
+            cos = float((l2_normalize(candidates[i][0].astype(np.float64)) @ identity.T).mean())
+            reason[i] = (f"another person: same-person group {group[i]}, mean cosine to the identity (group 1, "
+                         f"{len(groups[0])} photos) {cos:.3f} {'<' if cos < threshold else '>='} {threshold:.3f}")
+    for i in (i for i in range(n) if len(candidates[i]) > 1):
+        sims = (l2_normalize(candidates[i].astype(np.float64)) @ identity.T).mean(axis=1)
+        match[i] = [float(v) for v in sims]
+        hits = [k for k, v in enumerate(sims) if v >= threshold]
+        face[i] = hits[0] if len(hits) == 1 else int(np.argmax(sims))
+        if len(hits) == 1:
+            inlier[i], group[i] = True, 1
+        elif not hits:
+            reason[i] = (f"none of its {len(sims)} faces is the person: best face {face[i]}, mean cosine to the "
+                         f"identity {sims[face[i]]:.3f} < {threshold:.3f}")
+        else:
+            listed = ", ".join(f"face {k} {sims[k]:.3f}" for k in hits)
+            reason[i] = f"ambiguous: {len(hits)} of its faces match the identity ({listed} >= {threshold:.3f})"
+    return IdentityDecision(groups, True, face, inlier, group, reason, match)
 
 
 def identity_embedding(embeddings: np.ndarray, inliers: np.ndarray) -> np.ndarray:
@@ -183,68 +275,117 @@ def identity_embedding(embeddings: np.ndarray, inliers: np.ndarray) -> np.ndarra
 # --------------------------------------------------------------------------- I/O shell
 
 
+def _groups_text(groups: list[list[int]], names: list[str], identity: bool) -> str:
+    return "\n".join(
+        f"  group {k} ({len(g)} photo{'s' if len(g) > 1 else ''}{', the identity' if identity and k == 1 else ''}): "
+        + ", ".join(names[i] for i in g)
+        for k, g in enumerate(groups, start=1)
+    )
+
+
 def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path) -> dict:
-    """Embed the accepted crops of ``crops_dir``; write embeddings, table and report to ``output_dir``."""
+    """Embed the accepted crops of ``crops_dir``, decide the identity (:func:`decide_identity`);
+    write embeddings, table and report to ``output_dir``, or nothing on an error."""
     from PIL import Image
     from safetensors.numpy import save_file
 
-    from faceid.faces.crop import read_accepted
+    from faceid.faces.crop import read_candidates
 
     # 1. Inputs and embedder
     embedder = build_embedder(cfg)
-    items = read_accepted(Path(crops_dir), embedder.input_size)
+    crops_dir = Path(crops_dir)
+    items = read_candidates(crops_dir, embedder.input_size)
     if len(items) < cfg.min_photos:
         raise InputError(f"{crops_dir}: {len(items)} accepted crop(s), embed_faces.min_photos is {cfg.min_photos}")
     crops = []
-    for _, path in items:
-        try:
-            with Image.open(path) as im:
-                crops.append(np.asarray(im.convert("RGB")))
-        except OSError as exc:
-            raise InputError(f"{path}: unreadable crop ({exc}); rerun crop-faces") from exc
+    for _, paths in items:
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    crops.append(np.asarray(im.convert("RGB")))
+            except OSError as exc:
+                raise InputError(f"{path}: unreadable crop ({exc}); rerun crop-faces") from exc
 
-    # 2. Embed and check consistency
+    # 2. Embed every candidate face; group the photos, pick the person's face in photos with several
     names = [name for name, _ in items]
-    per_image = embedder.embed(crops)
+    flat = embedder.embed(crops)
+    bounds = np.cumsum([0] + [len(paths) for _, paths in items])
+    candidates = [flat[bounds[i]:bounds[i + 1]] for i in range(len(items))]
     threshold = outlier_threshold(cfg)
-    sims, outlier = find_outliers(per_image, threshold)
-    inliers = ~outlier
+    rule = f"{embedder.name}, same person at mean pairwise cosine >= {threshold:.3f}"
+    decision = decide_identity(candidates, threshold)
+    if not decision.groups:
+        raise InputError(f"{crops_dir}: every photo shows several faces ({', '.join(names)}); embed-faces decides who the "
+                         "person is from the photos with one face: add photos of the person alone")
+    if not decision.majority:
+        tie = len(decision.groups[0])
+        raise InputError(
+            f"{crops_dir}: the photos show {len(decision.groups)} different people with no clear majority ({rule}): "
+            f"the largest groups have {tie} photo{'s' if tie > 1 else ''} each. Keep only photos of one person:\n"
+            + _groups_text(decision.groups, names, identity=False)
+        )
+    inliers = decision.inlier
     if inliers.sum() < cfg.min_photos:
-        listing = "\n".join(f"  {n}: similarity {s:.3f} < {threshold:.3f}" for n, s, o in zip(names, sims, outlier) if o)
+        excluded = "".join(f"\n  {names[i]}: {decision.reason[i]}" for i in decision.match if not inliers[i])
         raise InputError(
             f"{crops_dir}: only {int(inliers.sum())} photo(s) agree on one identity, embed_faces.min_photos is "
-            f"{cfg.min_photos} ({embedder.name}, threshold {threshold:.3f}). Outliers:\n{listing}"
+            f"{cfg.min_photos} ({rule}):\n" + _groups_text(decision.groups, names, identity=True) + excluded
         )
+    per_image = np.stack([candidates[i][decision.face[i]] for i in range(len(items))]).astype(np.float32)
+    sims = leave_one_out_similarity(per_image, inliers)
     identity = identity_embedding(per_image, inliers)
 
     # 3. Write atomically
+    def rel(path: Path) -> str:
+        return str(path.relative_to(crops_dir)) if path.is_relative_to(crops_dir) else str(path)
+
     rows = [
-        {"name": n, "crop_path": str(p.relative_to(crops_dir)) if p.is_relative_to(crops_dir) else str(p),
-         "similarity": float(s), "outlier": bool(o),
-         "reason": f"cosine to the other inliers' centroid {s:.3f} < threshold {threshold:.3f}: likely another person" if o else None}
-        for (n, p), s, o in zip(items, sims, outlier)
+        {"name": n, "crop_path": rel(paths[decision.face[i]]), "face": decision.face[i], "faces": len(paths),
+         "group": decision.group[i], "similarity": float(sims[i]), "outlier": not bool(inliers[i]), "reason": decision.reason[i]}
+        for i, (n, paths) in enumerate(items)
     ]
     report = {
         "embedder": embedder.name, "dim": int(embedder.dim), "threshold": threshold,
         "threshold_source": "params" if cfg.outlier_threshold > 0 else "calibrated default",
-        "inliers": [n for n, o in zip(names, outlier) if not o],
+        "decision": "average-linkage groups of the one-face photos at mean pairwise cosine >= threshold; the largest "
+                    "group (strictly larger than every other) is the identity; photos with several faces use the one "
+                    "face that matches it",
+        "groups": [{"group": k, "identity": k == 1, "photos": [names[i] for i in g]} for k, g in enumerate(decision.groups, start=1)],
+        "several_faces": {names[i]: {"faces": len(m), "face": decision.face[i] if inliers[i] else None, "match": m}
+                          for i, m in decision.match.items()},
+        "inliers": [n for n, ok in zip(names, inliers) if ok],
         "outliers": [{"name": r["name"], "similarity": r["similarity"], "reason": r["reason"]} for r in rows if r["outlier"]],
-        "similarity": {n: float(s) for n, s in zip(names, sims)},
+        "similarity": {n: float(v) for n, v in zip(names, sims)},
     }
     meta = {"embedder": embedder.name, "dim": str(embedder.dim), "names": json.dumps(names), "threshold": f"{threshold:.4f}"}
     with atomic_dir(output_dir) as tmp:
-        save_file({"identity": identity, "per_image": per_image.astype(np.float32)}, str(tmp / "embeddings.safetensors"), metadata=meta)
-        write_parquet(tmp / "embeddings.parquet", rows)
+        save_file({"identity": identity, "per_image": per_image}, str(tmp / "embeddings.safetensors"), metadata=meta)
+        write_parquet(tmp / "embeddings.parquet", rows, schema=_table_schema())
         write_json(tmp / "report.json", report)
-    outliers = ", ".join(f"{o['name']} ({o['similarity']:.3f})" for o in report["outliers"]) or "none"
-    print(f"embed-faces: {int(inliers.sum())}/{len(names)} photos agree ({embedder.name}, cosine to leave-one-out "
-          f"centroid >= {threshold:.2f}); outliers: {outliers} -> {output_dir}")
+    sizes = " + ".join(str(len(g)) for g in decision.groups)
+    lines = [f"embed-faces: {int(inliers.sum())}/{len(names)} photos agree on one identity ({rule}; one-face photos in "
+             f"groups of {sizes}) -> {output_dir}"]
+    lines += [f"  excluded {r['name']}: {r['reason']}" for r in rows if r["outlier"]]
+    lines += [f"  {names[i]}: face {decision.face[i]} of {len(m)} is the person (mean cosine {m[decision.face[i]]:.3f})"
+              for i, m in decision.match.items() if inliers[i]]
+    print("\n".join(lines))
     return report
+
+
+def _table_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("name", pa.string()), ("crop_path", pa.string()), ("face", pa.int32()), ("faces", pa.int32()),
+        ("group", pa.int32()), ("similarity", pa.float64()), ("outlier", pa.bool_()), ("reason", pa.string()),
+    ])
 
 
 def load_identity_embedding(path_or_dir: str | Path) -> tuple[np.ndarray, dict]:
     """``(identity [D] float32, meta)`` from an embed-faces folder or a ``.safetensors`` file with an
-    ``identity`` tensor. ``meta`` holds ``embedder``, ``dim`` (int), ``names`` (list) when present."""
+    ``identity`` tensor. ``meta`` holds ``embedder``, ``dim`` (int), ``names`` (list) when present.
+    The dimension must match the metadata and, where the embedder's is known without its model
+    (``EMBEDDER_DIMS``: dlib 128), the embedder's."""
     from safetensors import safe_open
 
     path = Path(path_or_dir)
@@ -267,6 +408,10 @@ def load_identity_embedding(path_or_dir: str | Path) -> tuple[np.ndarray, dict]:
     meta["dim"] = int(meta.get("dim", identity.shape[0]))
     if meta["dim"] != identity.shape[0]:
         raise InputError(f"{path}: metadata dim {meta['dim']} != identity length {identity.shape[0]}")
+    known = EMBEDDER_DIMS.get(meta["embedder"])
+    if known is not None and meta["dim"] != known:
+        raise InputError(f"{path}: metadata says embedder {meta['embedder']!r}, which gives {known}-D embeddings, but the "
+                         f"identity has {meta['dim']} dims: the file is inconsistent; rerun embed-faces")
     if "names" in meta:
         meta["names"] = json.loads(meta["names"])
     meta["path"] = str(path)

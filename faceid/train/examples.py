@@ -164,7 +164,7 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
     vae_scale = int(pipe.vae_scale_factor_spatial)
 
     # 1. Photos that crop-faces accepted and embed-faces kept, each with its own embedding
-    records = read_photos(crops_dir)
+    records = read_photos(crops_dir, embeddings_dir)  # the face embed-faces chose in photos with several
     photo_embs, outliers = load_photo_embeddings(embeddings_dir)
     used = [r for r in records if r.name in photo_embs]
     if not used:
