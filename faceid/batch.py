@@ -7,10 +7,15 @@ Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manif
 - Ray Data: ``from_items(jobs).map(Worker, concurrency=batch_infer.num_workers)``; each worker
   builds the pipeline once (``faceid.infer.Generator``). Local Ray unless an address is given.
 - Resumable: an output that exists is not redone (status ``skipped``); videos are written atomically.
-- A failing video is recorded (status ``failed`` + error) and the others continue.
+- A failing video is recorded (status ``failed`` + error, one line on the terminal) and the others
+  continue. When no video is generated and none existed, the stage fails and ``<out>`` is left as
+  it was (no manifest written).
+- Checked before Ray or a model starts: settings, pose videos, every identity (folder or registry name).
 - ``<out>/manifest.parquet``: one row per job with settings (face_scale, lora_scale, guidance,
-  steps, seed), whether a VACE reference image was passed, timings and FaceSim to the (main)
-  identity's own embedding.
+  steps, seed), whether a VACE reference image was passed, frames of the pose video and how many
+  were trimmed to 4n+1 (``source_frames``, ``trimmed_frames``; also printed), timings and FaceSim
+  to the (main) identity's own embedding.
+- One writer: ``<out>`` is locked for the run (:func:`faceid.io.output_lock`). Ray: ``faceid.ray_local``.
 """
 
 from __future__ import annotations
@@ -140,15 +145,10 @@ def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: s
     import ray
     from ray.data import DataContext
 
+    from faceid import ray_local
     from faceid.io import progress
 
-    started = False
-    if not ray.is_initialized():
-        local = not ray_address
-        ray.init(address=ray_address or None, num_cpus=(params.ray.num_cpus or None) if local else None,
-                 include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
+    with ray_local.session(ray_address, params.ray.num_cpus, log_to_driver=False):
         DataContext.get_current().enable_progress_bars = False
         cfg = params.batch_infer
         ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map(
@@ -164,9 +164,6 @@ def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: s
             cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise FaceidError(f"batch-infer: the Ray Data job failed ({type(exc).__name__}: {cause}); "
                               f"outputs written so far are kept and a rerun resumes") from exc
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # --------------------------------------------------------------------------- entry point
@@ -183,22 +180,23 @@ def run(
     mlflow_uri: str | None = None,
     face_scale: float | None = None,
     lora_scale: float | None = None,
+    lock_wait: float = 0.0,
 ) -> dict:
     """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``.
-    ``face_scale`` / ``lora_scale``: None = ``batch_infer.face_scale`` / ``batch_infer.lora_scale``."""
-    from faceid.infer import parse_blend, parse_interpolate, resolve_identity, settings_from
-    from faceid.io import read_parquet, write_parquet
-    from faceid.model.identity import load_identity
+    ``face_scale`` / ``lora_scale``: None = ``batch_infer.face_scale`` / ``batch_infer.lora_scale``.
+    Fails, leaving ``output_dir`` as it was, when no video is generated and none exists already.
+    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
+    from faceid.infer import load_identities, parse_blend, parse_interpolate, settings_from
+    from faceid.io import output_lock
 
-    # 1. Check inputs: settings, pose videos, identities (compatibility with the base model)
+    # 1. Check inputs before any model or Ray starts: settings, pose videos, identities (compatibility
+    #    with the base model); one writer per output folder
     output_dir = Path(output_dir)
     settings = settings_from(params, face_scale=face_scale, lora_scale=lora_scale)
     items = list_pose_videos(Path(pose_videos))
     if interpolate:
         a, b = parse_interpolate(interpolate, identity)
         spec, refs = {"interpolate": [a, b]}, [a, b]
-        if params.batch_infer.interpolation_steps < 2:
-            raise InputError(f"batch_infer.interpolation_steps: expected >= 2, got {params.batch_infer.interpolation_steps}")
     elif blend:
         pairs = parse_blend(blend)
         spec, refs = {"blend": [[r, w] for r, w in pairs]}, [r for r, _ in pairs]
@@ -206,8 +204,21 @@ def run(
         spec, refs = {"identity": str(identity)}, [str(identity)]
     else:
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
-    for ref in refs:
-        load_identity(resolve_identity(ref, mlflow_uri), model_cfg=params.model)
+    load_identities(refs, params, mlflow_uri)
+    with output_lock("batch-infer", output_dir, lock_wait):
+        created = not output_dir.exists()
+        try:
+            return _generate(params, items, spec, output_dir, settings, ray_address, mlflow_uri)
+        except BaseException:
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # left as it was: not there
+            raise
+
+
+def _generate(params, items: list[dict], spec: dict, output_dir: Path, settings, ray_address: str,
+              mlflow_uri: str | None) -> dict:
+    """Steps 2-4 of :func:`run`."""
+    from faceid.io import read_parquet, write_parquet
 
     # 2. Plan: skip outputs that exist (resume), keeping their earlier manifest rows
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -225,15 +236,29 @@ def run(
         for r in _run_ray(params, todo, settings, ray_address, mlflow_uri):
             rows[r["key"]] = r
 
-    # 4. Manifest in job order (same columns on every row) and a summary
+    # 4. Nothing usable (every video failed, none existed): fail, output folder untouched. Else the
+    #    manifest in job order (same columns on every row), a summary, one line per failure and per trim
     ordered = [rows[j["key"]] for j in jobs]
+    summary = summarize(ordered)
+    for line in report_lines(ordered):
+        print(line)
+    if summary["ok"] + summary["skipped"] == 0:
+        raise FaceidError(f"batch-infer: all {summary['total']} videos failed (reasons above, one per video; first: "
+                          f"{next(iter(summary['failures'].values()))}); {output_dir} left as it was")
     columns = list(dict.fromkeys(k for r in ordered for k in r))
     write_parquet(output_dir / MANIFEST, [{c: r.get(c) for c in columns} for r in ordered])
-    summary = summarize(ordered)
     print(f"batch-infer: {summary['ok']} generated, {summary['skipped']} skipped (exist), {summary['failed']} failed "
           f"-> {output_dir / MANIFEST}")
-    for key, error in summary["failures"].items():
-        print(f"  failed {key}: {error}")
-    if summary["failed"] == summary["total"]:
-        raise FaceidError(f"batch-infer: all {summary['total']} videos failed (first: {next(iter(summary['failures'].values()))})")
     return summary
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    """One line per failed video and per pose video whose frames were changed (trimmed to 4n+1)."""
+    lines = []
+    for r in rows:
+        if r["status"] == "failed":
+            lines.append(f"  failed {r['key']}: {r['error']}")
+        elif r["status"] == "ok" and r.get("trimmed_frames"):
+            lines.append(f"  trimmed {r['key']}: pose video {r['source_frames']} frames -> {r['num_frames']} "
+                         f"(4n+1; batch_infer.frame_count_policy=fix drops the last {r['trimmed_frames']})")
+    return lines

@@ -21,19 +21,19 @@ from faceid.errors import FaceidError
 def _cmd_sample_data(params, args) -> None:
     from faceid import sample_data
 
-    sample_data.run(params.sample_data, Path(args.output))
+    sample_data.run(params.sample_data, Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_crop_faces(params, args) -> None:
     from faceid.faces import crop
 
-    crop.run(params.crop_faces, Path(args.input), Path(args.output))
+    crop.run(params.crop_faces, Path(args.input), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_embed_faces(params, args) -> None:
     from faceid.faces import embed
 
-    embed.run(params.embed_faces, Path(args.crops), Path(args.output))
+    embed.run(params.embed_faces, Path(args.crops), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_similarity(params, args) -> None:
@@ -51,6 +51,7 @@ def _cmd_prepare_pose(params, args) -> None:
         Path(args.pose_videos) if args.pose_videos else None,
         Path(args.output),
         captions=Path(args.captions) if args.captions else None,
+        lock_wait=args.lock_wait,
     )
 
 
@@ -66,6 +67,7 @@ def _cmd_train_lora(params, args) -> None:
         output_dir=Path(args.output),
         ray_address=_ray_address(params, args),
         mlflow_uri=_mlflow_uri(params, args),
+        lock_wait=args.lock_wait,
     )
 
 
@@ -79,6 +81,7 @@ def _cmd_render_validation(params, args) -> None:
         reference=Path(args.reference),
         output_dir=Path(args.output),
         mlflow_uri=_mlflow_uri(params, args),
+        lock_wait=args.lock_wait,
     )
 
 
@@ -100,6 +103,7 @@ def _cmd_infer(params, args) -> None:
         reference_only=args.reference_only,
         reference_image=Path(args.reference_image) if args.reference_image else None,
         mlflow_uri=_mlflow_uri(params, args),
+        lock_wait=args.lock_wait,
     )
 
 
@@ -117,6 +121,7 @@ def _cmd_batch_infer(params, args) -> None:
         lora_scale=args.lora_scale,
         ray_address=_ray_address(params, args),
         mlflow_uri=_mlflow_uri(params, args),
+        lock_wait=args.lock_wait,
     )
 
 
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set train_lora.stage1.steps=5 (repeatable)")
+    parser.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="when another run is writing the same output, wait up to SECONDS for it "
+                             "(default 0: fail at once; -1: wait as long as it takes)")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
 
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:

@@ -94,7 +94,8 @@ class CropFacesConfig:
 class EmbedFacesConfig:
     embedder: Literal["dlib", "arcface-onnx", "clip"]
     model_path: str  # ONNX file (arcface-onnx) or CLIPVisionModelWithProjection folder (clip)
-    # Outlier threshold on cosine similarity to the leave-one-out centroid; 0 = the embedder's calibrated default.
+    # Same-person threshold on pairwise cosine similarity (photos grouped by average linkage; faceid.faces.embed);
+    # 0 = the embedder's calibrated default.
     outlier_threshold: float
     min_photos: int
 
@@ -341,6 +342,27 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}.{name}: expected a value in [0, 0.5), got {getattr(obj, name)}")
     if isinstance(obj, StageConfig) and obj.steps < 0:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
+    if isinstance(obj, (BatchInferConfig, RenderValidationConfig)):
+        _validate_generation(obj, prefix)
+
+
+def _validate_generation(obj: Any, prefix: str) -> None:
+    """The values ``generate_video`` takes, finite and in range: the same checks as the command-line
+    flags and ``generate_video`` itself (``faceid.model.generate.check_*``), at config load."""
+    from faceid.errors import InputError
+    from faceid.model.generate import check_guidance, check_scale, check_seed, check_steps
+
+    checks = [("num_inference_steps", check_steps), ("guidance_scale", check_guidance), ("face_scale", check_scale),
+              ("seed", check_seed)]
+    if isinstance(obj, BatchInferConfig):
+        checks.append(("lora_scale", check_scale))
+    try:
+        for key, check in checks:
+            check(f"{prefix}.{key}", getattr(obj, key))
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    if isinstance(obj, BatchInferConfig) and obj.interpolation_steps < 2:
+        raise ConfigError(f"{prefix}.interpolation_steps: expected >= 2 (A, ..., B), got {obj.interpolation_steps}")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

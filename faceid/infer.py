@@ -3,6 +3,7 @@
 Building blocks shared with ``faceid.batch`` (Ray Data workers) and ``faceid.validate``:
 
 - :func:`resolve_identity` — an identity folder or ``models:/faceid-<name>@<alias>`` -> a local folder.
+- :func:`load_identities` — resolve, load and check identities before any model is built.
 - :func:`parse_blend` / :func:`parse_interpolate` — ``a=0.7,b=0.3`` / ``a,b`` from the command line.
 - :func:`load_pose_video` — read, check size (multiples of 16) and apply the 4n+1 frame policy.
 - :func:`reference_image_for` — the photo of ``--reference-only`` (``--reference-image`` or the
@@ -46,20 +47,21 @@ class Settings:
 def settings_from(params, *, face_scale=None, lora_scale=None, guidance_scale=None, num_inference_steps=None,
                   seed=None, prompt=None) -> Settings:
     """Explicit values (the command-line flags) win; ``None`` means the value in ``params.batch_infer``.
-    face_scale and lora_scale must be finite and >= 0 (the error names the flag or the key)."""
-    from faceid.model.generate import check_scale
+    Every value is checked (finite, in range; ``faceid.model.generate.check_*``), the error naming the
+    flag or the key: face_scale and lora_scale >= 0, guidance >= 1, steps 1..1000, seed 0..2^63-1."""
+    from faceid.model.generate import check_guidance, check_scale, check_seed, check_steps
 
     cfg = params.batch_infer
 
-    def scale(value, flag: str, key: str) -> float:
-        return check_scale(f"batch_infer.{key}", getattr(cfg, key)) if value is None else check_scale(flag, value)
+    def pick(check, value, flag: str, key: str):
+        return check(f"batch_infer.{key}", getattr(cfg, key)) if value is None else check(flag, value)
 
     return Settings(
-        face_scale=scale(face_scale, "--face-scale", "face_scale"),
-        lora_scale=scale(lora_scale, "--lora-scale", "lora_scale"),
-        guidance_scale=float(cfg.guidance_scale if guidance_scale is None else guidance_scale),
-        num_inference_steps=int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps),
-        seed=int(cfg.seed if seed is None else seed),
+        face_scale=pick(check_scale, face_scale, "--face-scale", "face_scale"),
+        lora_scale=pick(check_scale, lora_scale, "--lora-scale", "lora_scale"),
+        guidance_scale=pick(check_guidance, guidance_scale, "--cfg-scale", "guidance_scale"),
+        num_inference_steps=pick(check_steps, num_inference_steps, "--steps", "num_inference_steps"),
+        seed=pick(check_seed, seed, "--seed", "seed"),
         prompt=cfg.prompt if prompt is None else prompt,
     )
 
@@ -85,7 +87,7 @@ def parse_blend(text: str) -> list[tuple[str, float]]:
         except ValueError:
             raise InputError(f"--blend {text!r}: weight of {ref.strip()!r} is not a number ({raw!r})") from None
         if not np.isfinite(weight) or weight < 0:
-            raise InputError(f"--blend {text!r}: weight of {ref.strip()!r} must be >= 0, got {raw!r}")
+            raise InputError(f"--blend {text!r}: weight of {ref.strip()!r} must be a finite number >= 0, got {raw!r}")
         items.append((ref.strip(), weight))
     if not items:
         raise InputError(f"--blend {text!r}: expected NAME=WEIGHT pairs, e.g. a=0.7,b=0.3")
@@ -131,6 +133,14 @@ def resolve_identity(ref: str | Path, mlflow_uri: str | None = None) -> Path:
     if len(cards) != 1:
         raise InputError(f"{ref}: expected one identity folder (with identity.json) in the registered model, found {len(cards)}")
     return cards[0].parent
+
+
+def load_identities(refs: list[str | Path], params, mlflow_uri: str | None = None) -> dict[str, Any]:
+    """``{ref: Identity}``: each identity folder or registry name resolved, loaded and checked against
+    the base model (``params.model``), before any model is built (a missing one fails in a moment)."""
+    from faceid.model.identity import load_identity
+
+    return {str(ref): load_identity(resolve_identity(ref, mlflow_uri), model_cfg=params.model) for ref in refs}
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -213,13 +223,14 @@ def out_of_memory_error(exc: BaseException, pose_frames: np.ndarray) -> FaceidEr
 class Generator:
     """The pipeline, built once (per process or Ray worker), and identities, loaded and checked once."""
 
-    def __init__(self, params, mlflow_uri: str | None = None, device=None):
+    def __init__(self, params, mlflow_uri: str | None = None, device=None, identities: dict | None = None):
+        """``identities``: ``{ref: Identity}`` already loaded and checked (:func:`load_identities`)."""
         from faceid.model.generate import build_pipeline
 
         self.params = params
         self.mlflow_uri = mlflow_uri
         self.pipe = build_pipeline(params.model, device=device)
-        self._identities: dict[str, Any] = {}
+        self._identities: dict[str, Any] = dict(identities or {})
 
     def identity(self, ref: str | Path):
         """Load (once) and check against the base model: a mismatch is an :class:`InputError`."""
@@ -349,13 +360,19 @@ def infer_one(
     lora_scale: float | None = None,
     reference_only: bool = False,
     reference_image: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> dict:
     """Generate ``output`` (MP4, the pose video's frame count/size/fps) for ``identity`` (a folder
     or ``models:/`` URI) or a ``blend`` (``a=0.7,b=0.3``, which replaces ``identity``).
 
     ``reference_only``: the training-free baseline, base VACE R2V with no adapter and no face
-    tokens; the reference image is ``reference_image`` (a photo) or the identity's reference.png."""
-    # 1. Check inputs before building the model
+    tokens; the reference image is ``reference_image`` (a photo) or the identity's reference.png.
+    Every input is checked before the model is built. ``lock_wait``: seconds to wait for another
+    run writing ``output`` (:func:`faceid.io.output_lock`)."""
+    from faceid.io import output_lock
+
+    # 1. Check inputs before building the model: output, flags, identities (folders or registry
+    #    names, checked against the base model), the pose video (trimmed to 4n+1: said, not silent)
     output = Path(output)
     if output.suffix.lower() != ".mp4":
         raise InputError(f"{output}: the output must be an .mp4 file")
@@ -371,18 +388,27 @@ def infer_one(
     settings = settings_from(params, face_scale=face_scale, lora_scale=lora_scale, guidance_scale=guidance_scale,
                              num_inference_steps=num_inference_steps, seed=seed, prompt=prompt)
     pairs = parse_blend(blend) if blend else None
+    refs = [] if reference_only else [ref for ref, _ in pairs] if pairs else [identity] if identity else []
+    if not reference_only and not refs:
+        raise InputError("infer: expected --identity, --blend or --reference-only")
+    identities = load_identities(refs, params, mlflow_uri)
     t0 = time.perf_counter()
     pose = load_pose_video(pose_video, params.batch_infer.frame_count_policy)
     load_s = time.perf_counter() - t0
+    info = pose[2]
+    if info["trimmed_frames"]:
+        print(f"faceid infer: {pose_video}: {info['source_frames']} frames trimmed to {len(pose[0])} (Wan needs 4n+1; "
+              f"batch_infer.frame_count_policy=fix drops the last {info['trimmed_frames']}, =reject refuses)")
 
-    # 2. Model and identity (compatibility checked against the base model); none for --reference-only
-    t0 = time.perf_counter()
-    generator = Generator(params, mlflow_uri=mlflow_uri)
-    conditioning = None if reference_only else generator.conditioning(identity, pairs)
-    setup_s = time.perf_counter() - t0
+    with output_lock("infer", output, lock_wait):
+        # 2. Model and identity (loaded in step 1); none for --reference-only
+        t0 = time.perf_counter()
+        generator = Generator(params, mlflow_uri=mlflow_uri, identities=identities)
+        conditioning = None if reference_only else generator.conditioning(identity, pairs)
+        setup_s = time.perf_counter() - t0
 
-    # 3. Generate and write (the pose video read in step 1)
-    row = render_one(generator, conditioning, Path(pose_video), output, settings, pose=pose, reference_image=reference)
+        # 3. Generate and write (the pose video read in step 1)
+        row = render_one(generator, conditioning, Path(pose_video), output, settings, pose=pose, reference_image=reference)
     row.update(load_s=round(load_s, 4), setup_s=round(setup_s, 4))
     if reference_only:
         row.update(identity="reference-only", reference_source=reference_source)

@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by every stage: atomic writes, hashing, Parquet, progress."""
+"""Small I/O helpers shared by every stage: atomic writes, one writer per output, hashing, Parquet, progress."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from faceid.errors import InputError
+from faceid.errors import FaceidError, InputError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -60,6 +60,56 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an output folder or file: ``.<name>.lock`` beside it, so it is never part of
+    the output (``atomic_dir`` replaces the folder; DVC and KFP track the folder, not its siblings)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+class LockedError(FaceidError):
+    """Another run is writing the same output."""
+
+
+@contextlib.contextmanager
+def output_lock(stage: str, output: str | Path, wait: float = 0.0) -> Iterator[Path]:
+    """One writer per output: hold an exclusive lock on ``output`` (a folder or a file) for the block.
+
+    Every stage's ``run()`` takes it on its output before it reads or writes anything there. A second
+    run on the same output fails at once with "another <stage> run (pid N) is writing <output>", or
+    first waits up to ``wait`` seconds (negative: as long as it takes; the CLI's ``--lock-wait``).
+    The lock is the kernel's (``flock`` via ``filelock``): a run that dies, even by SIGKILL, releases
+    it. The holder's pid is written into the lock file for the message. The file stays (empty of
+    meaning once released) beside the output: see :func:`lock_path`.
+    """
+    from filelock import FileLock, Timeout
+
+    if wait != wait:  # NaN
+        raise InputError(f"lock wait: expected a number of seconds (negative: no limit), got {wait}")
+    path = lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def note_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    lock = FileLock(path, timeout=-1 if wait < 0 else wait, thread_local=False, on_acquired=note_holder)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = path.read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        waited = f" (waited {wait:g} s)" if wait > 0 else ""
+        raise LockedError(f"another {stage} run (pid {holder}) is writing {output}{waited}; wait for it to finish, "
+                          "or pass --lock-wait SECONDS to wait") from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

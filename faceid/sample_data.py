@@ -22,7 +22,7 @@ import numpy as np
 
 from faceid.config import SampleDataConfig
 from faceid.errors import InputError
-from faceid.io import atomic_dir, progress
+from faceid.io import atomic_dir, output_lock, progress
 
 ARCHIVE_MEMBER_DIR = "face_recognition-1.3.0/tests/test_images/"
 # file in the archive -> file name in the sample identity
@@ -104,8 +104,9 @@ def _decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def run(cfg: SampleDataConfig, output: Path) -> dict:
-    """Write ``<output>/identities/obama``, ``<output>/others`` and ``<output>/videos`` atomically."""
+def run(cfg: SampleDataConfig, output: Path, lock_wait: float = 0.0) -> dict:
+    """Write ``<output>/identities/obama``, ``<output>/others`` and ``<output>/videos`` atomically
+    (one writer at a time: :func:`faceid.io.output_lock`)."""
     from PIL import Image
 
     from faceid.pose.video import write_video
@@ -114,7 +115,7 @@ def run(cfg: SampleDataConfig, output: Path) -> dict:
     num_frames = int(round(cfg.video_seconds * cfg.video_fps))
     if num_frames < 1:
         raise InputError(f"sample_data.video_seconds * video_fps: expected at least one frame, got {num_frames}")
-    with atomic_dir(output) as tmp:
+    with output_lock("sample-data", output, lock_wait), atomic_dir(output) as tmp:
         ident = tmp / "identities" / IDENTITY_NAME
         ident.mkdir(parents=True)
         for src, dst in IDENTITY_PHOTOS.items():

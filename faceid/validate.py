@@ -30,7 +30,8 @@ identity is registered in MLflow, its version gets the alias ``tracking.validate
 
 Output ``<out>/``: ``metrics.json`` (DVC metrics), ``videos/<clip>.mp4`` (identity),
 ``<clip>_base.mp4`` and ``<clip>_reference_only.mp4``, ``side_by_side/<clip>.mp4``
-(pose | base | reference-only | identity) and ``sheets/<clip>.png`` (rows likewise).
+(pose | base | reference-only | identity) and ``sheets/<clip>.png`` (rows likewise). Every input is
+checked before a model is built; ``<out>`` is locked for the run (:func:`faceid.io.output_lock`).
 """
 
 from __future__ import annotations
@@ -217,19 +218,22 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path)
 
 
-def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir: Path, mlflow_uri: str | None = None) -> dict:
-    """Render the three arms, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``."""
+def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir: Path, mlflow_uri: str | None = None,
+        lock_wait: float = 0.0) -> dict:
+    """Render the three arms, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``.
+    Every input is checked before a model is built. ``lock_wait``: seconds to wait for another run
+    writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
     from faceid.faces.embed import load_identity_embedding
     from faceid.faces.similarity import FaceSimScorer
     from faceid.infer import Generator, settings_from
-    from faceid.io import atomic_dir, write_json
-    from faceid.model.generate import check_scale
+    from faceid.io import atomic_dir, output_lock, write_json
     from faceid.model.identity import REFERENCE_FILE, load_identity
     from faceid.pose.estimate import build_estimator
 
     cfg = params.render_validation
 
     # 1. Check inputs: reference embedding, identity card (base model, embedder, dim), clips, settings
+    #    (render_validation values are checked at config load)
     ref, ref_meta = load_identity_embedding(reference)
     if ref_meta["embedder"] != params.embed_faces.embedder:
         raise InputError(f"{ref_meta['path']}: reference embedded with {ref_meta['embedder']!r}, but embed_faces.embedder is "
@@ -237,7 +241,6 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     identity = load_identity(identity_dir, model_cfg=params.model, embedder=ref_meta["embedder"], embed_dim=int(ref_meta["dim"]))
     trained = set((identity.card.get("data") or {}).get("clips") or {})
     clips, held_out = select_clips(_clip_rows(Path(clips_dir)), trained, cfg.num_clips)
-    check_scale("render_validation.face_scale", cfg.face_scale)
     settings = settings_from(params, face_scale=cfg.face_scale, lora_scale=VALIDATION_LORA_SCALE,
                              guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
                              seed=cfg.seed, prompt="")
@@ -249,41 +252,42 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
         del arms["reference_only"]
         skipped["reference_only"] = f"{Path(identity_dir) / REFERENCE_FILE} not found (identity folder written before it existed)"
 
-    # 3. Model, FaceSim scorer, pose estimator (each built once)
-    generator = Generator(params)
-
-    # 4. Render and measure every clip, into a temporary folder that replaces output_dir at the end
     output_dir = Path(output_dir)
-    with (atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer,
-          build_estimator(params.prepare_pose) as estimator):
-        per_clip = {}
-        for clip in clips:
-            per_clip[clip["clip_id"]] = _render_clip(generator, arms, scorer, estimator, clip, settings, tmp)
-            print(f"render-validation: {clip['clip_id']} rendered ({', '.join(arms)})")
+    with output_lock("render-validation", output_dir, lock_wait):
+        # 3. Model, FaceSim scorer, pose estimator (each built once)
+        generator = Generator(params)
 
-        # 5. Averages per arm, the gate, metrics.json
-        summary = {}
-        for arm in ARMS:
-            if arm in skipped:
-                summary[arm] = {"skipped": True, "reason": skipped[arm]}
-            else:
-                summary[arm] = aggregate([{k: x for k, x in m[arm].items() if k != "per_frame_facesim"}
-                                          for m in per_clip.values()])
-        gate = evaluate_gate({arm: None if arm in skipped else summary[arm] for arm in ARMS}, cfg.gate)
-        result = {
-            "identity_name": identity.name,
-            "metric": scorer.metric,
-            "held_out": held_out,
-            "clips": [c["clip_id"] for c in clips],
-            **summary,
-            "gate": gate,
-            "videos": per_clip,
-        }
-        write_json(tmp / "metrics.json", result)
+        # 4. Render and measure every clip, into a temporary folder that replaces output_dir at the end
+        with (atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer,
+              build_estimator(params.prepare_pose) as estimator):
+            per_clip = {}
+            for clip in clips:
+                per_clip[clip["clip_id"]] = _render_clip(generator, arms, scorer, estimator, clip, settings, tmp)
+                print(f"render-validation: {clip['clip_id']} rendered ({', '.join(arms)})")
 
-    # 6. MLflow: metrics, videos, sheets; alias when the gate passes
-    if mlflow_uri:
-        result["mlflow"] = log_to_mlflow(params, identity, output_dir, result, mlflow_uri)
+            # 5. Averages per arm, the gate, metrics.json
+            summary = {}
+            for arm in ARMS:
+                if arm in skipped:
+                    summary[arm] = {"skipped": True, "reason": skipped[arm]}
+                else:
+                    summary[arm] = aggregate([{k: x for k, x in m[arm].items() if k != "per_frame_facesim"}
+                                              for m in per_clip.values()])
+            gate = evaluate_gate({arm: None if arm in skipped else summary[arm] for arm in ARMS}, cfg.gate)
+            result = {
+                "identity_name": identity.name,
+                "metric": scorer.metric,
+                "held_out": held_out,
+                "clips": [c["clip_id"] for c in clips],
+                **summary,
+                "gate": gate,
+                "videos": per_clip,
+            }
+            write_json(tmp / "metrics.json", result)
+
+        # 6. MLflow: metrics, videos, sheets; alias when the gate passes
+        if mlflow_uri:
+            result["mlflow"] = log_to_mlflow(params, identity, output_dir, result, mlflow_uri)
     verdict = "PASSED" if gate["passed"] else "FAILED (" + "; ".join(gate["reasons"]) + ")"
     scores = ", ".join(f"{arm} " + ("skipped" if arm in skipped else _fmt(summary[arm]["facesim"])) for arm in ARMS)
     print(f"render-validation {identity.name}: {len(clips)} clip(s){'' if held_out else ' (not held out: every clip was trained on)'}, "

@@ -42,3 +42,14 @@ def sample_identity(tmp_path_factory, params, sample_dir) -> tuple[Path, Path]:
     crop.run(params.crop_faces, sample_dir / "identities" / "obama", root / "crops")
     embed.run(params.embed_faces, root / "crops", root / "embeddings")
     return root / "crops", root / "embeddings"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the pipeline fails the test: inputs must be checked before any model loads."""
+    import faceid.model.generate
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the inputs were checked")
+
+    monkeypatch.setattr(faceid.model.generate, "build_pipeline", built)

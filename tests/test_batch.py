@@ -12,6 +12,7 @@ import pytest
 
 from faceid.errors import InputError
 from test_infer import copy_with_card, make_identity, read, small, write_pose_video
+from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -71,7 +72,20 @@ def test_outputs_manifest_and_a_corrupted_video_fails_alone(first_run):
         assert r["generate_s"] > 0 and r["total_s"] >= r["generate_s"]
         assert r["prompt"] == "a person dancing"
         assert "face_detection_rate" in r and "facesim" in r
-    assert rows["two"]["trimmed_frames"] == 1
+    assert rows["two"]["trimmed_frames"] == 1 and rows["two"]["source_frames"] == 10  # recorded; printed too (below)
+
+
+def test_report_lines_name_each_failure_and_each_trim():
+    from faceid.batch import report_lines
+
+    rows = [{"key": "one", "status": "ok", "trimmed_frames": 0, "source_frames": 9, "num_frames": 9},
+            {"key": "two", "status": "ok", "trimmed_frames": 1, "source_frames": 10, "num_frames": 9},
+            {"key": "old", "status": "skipped"},
+            {"key": "broken", "status": "failed", "error": "broken.mp4: not a readable video"}]
+    assert report_lines(rows) == [
+        "  trimmed two: pose video 10 frames -> 9 (4n+1; batch_infer.frame_count_policy=fix drops the last 1)",
+        "  failed broken: broken.mp4: not a readable video",
+    ]
 
 
 def test_second_run_skips_done_work(world, first_run):
@@ -149,3 +163,65 @@ def test_incompatible_identity_fails_before_any_work(world, tmp_path):
     with pytest.raises(InputError, match="trained on base model"):
         batch.run(world["params"], None, world["poses"], tmp_path / "out", blend=f"{world['a']}=0.5,{bad}=0.5")
     assert not (tmp_path / "out").exists()
+
+
+def test_nothing_usable_fails_and_leaves_the_output_as_it_was(world, first_run, tmp_path, capsys):
+    """Every video failed and none existed: the stage fails, an earlier manifest is not replaced and
+    a new output folder is not created; each failure is one line on the terminal."""
+    from faceid import batch
+    from faceid.errors import FaceidError
+
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    shutil.copy(world["poses"] / "broken.mp4", poses / "broken.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(first_run[0] / "manifest.parquet", out / "manifest.parquet")
+    before = (out / "manifest.parquet").read_bytes()
+    for target in (out, tmp_path / "new"):
+        with pytest.raises(FaceidError, match=r"all 1 videos failed \(reasons above.*left as it was"):
+            batch.run(world["params"], str(world["a"]), poses, target)
+        assert "  failed broken: " in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["manifest.parquet"] and (out / "manifest.parquet").read_bytes() == before
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture
+def no_ray_no_model(monkeypatch):
+    """Starting Ray or building a model fails the test (inputs must be checked first)."""
+    import faceid.batch
+    import faceid.model.generate
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray or a model was started before the inputs were checked")
+
+    monkeypatch.setattr(faceid.batch, "_run_ray", started)
+    monkeypatch.setattr(faceid.model.generate, "build_pipeline", started)
+
+
+def test_inputs_are_checked_before_ray_or_a_model_starts(world, tmp_path, no_ray_no_model):
+    from faceid import batch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p, a, poses = world["params"], str(world["a"]), world["poses"]
+    for kwargs, message in [
+        (dict(identity=str(tmp_path / "nobody"), pose_videos=poses), "nobody: identity folder not found"),
+        (dict(identity="models:/faceid-nobody@candidate", pose_videos=poses, mlflow_uri=uri),
+         "models:/faceid-nobody@candidate: cannot load from the MLflow registry"),
+        (dict(identity=None, blend=f"{a}=0.5,{tmp_path / 'nobody'}=0.5", pose_videos=poses), "identity folder not found"),
+        (dict(identity=a, pose_videos=tmp_path / "no_poses"), "no_poses: not found"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            batch.run(p, output_dir=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_writer_fails_at_once(world, tmp_path, no_ray_no_model):
+    from faceid import batch
+    from faceid.io import LockedError
+
+    out = tmp_path / "out"
+    with held_lock("batch-infer", out) as holder:
+        with pytest.raises(LockedError, match=rf"another batch-infer run \(pid {holder.pid}\) is writing {out}"):
+            batch.run(world["params"], str(world["a"]), world["poses"], out)
+    assert not out.exists()

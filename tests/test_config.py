@@ -42,6 +42,16 @@ def test_every_dataclass_field_is_in_params_yaml(repo):
         ("crop_faces.crop_sizes=5", "crop_faces.crop_sizes: expected a list"),
         ("crop_faces.colour=red", "unknown key(s) crop_faces.colour"),
         ("train_lora.lora.rank=0", "train_lora.lora.rank: expected a positive integer"),
+        # generation values: finite and in range (the same checks as the infer flags)
+        ("batch_infer.guidance_scale=.nan", "batch_infer.guidance_scale: expected a finite number >= 1"),
+        ("render_validation.guidance_scale=0.5", "render_validation.guidance_scale: expected a finite number >= 1"),
+        ("batch_infer.num_inference_steps=0", "batch_infer.num_inference_steps: expected an integer from 1 to 1000"),
+        ("render_validation.num_inference_steps=5000", "render_validation.num_inference_steps: expected an integer from 1 to 1000"),
+        ("batch_infer.face_scale=-1", "batch_infer.face_scale: expected a finite number >= 0"),
+        ("batch_infer.lora_scale=.inf", "batch_infer.lora_scale: expected a finite number >= 0"),
+        ("render_validation.face_scale=.nan", "render_validation.face_scale: expected a finite number >= 0"),
+        ("batch_infer.seed=-1", "batch_infer.seed: expected an integer from 0 to 2^63-1"),
+        ("batch_infer.interpolation_steps=1", "batch_infer.interpolation_steps: expected >= 2"),
     ],
 )
 def test_bad_values_name_the_key_and_expectation(repo, override, message):

@@ -5,6 +5,7 @@ clear error (unreadable video, frame count, size, incompatible identity, GPU out
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from faceid.config import params_from_dict, to_dict
 from faceid.errors import FaceidError, InputError
+from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -144,7 +146,9 @@ def test_infer_one_writes_the_pose_videos_frames_size_and_fps(world, capsys):
     assert info["fps"] == pytest.approx(16.0)
     assert row["seed"] == 3 and row["num_inference_steps"] == 2 and row["trimmed_frames"] == 2
     assert row["identity"] == "a" and row["generate_s"] > 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    assert f"{world['pose']}: 11 frames trimmed to 9 (Wan needs 4n+1; batch_infer.frame_count_policy=fix" in printed
 
 
 def test_identity_from_the_mlflow_registry(world, tmp_path):
@@ -232,16 +236,18 @@ def test_face_scale_and_lora_scale_travel_in_settings(world, generator):
 
 def test_bad_face_scale_or_lora_scale_names_the_flag_or_key(world, tmp_path, capsys, repo):
     from faceid.cli import main
-    from faceid.infer import infer_one, settings_from
+    from faceid.config import ConfigError
+    from faceid.infer import infer_one
 
     with pytest.raises(InputError, match="--face-scale: expected a finite number >= 0, got nan"):
         infer_one(world["params"], str(world["a"]), world["pose"], tmp_path / "o.mp4", face_scale=float("nan"))
     with pytest.raises(InputError, match="--lora-scale: expected a finite number >= 0, got -0.5"):
         infer_one(world["params"], str(world["a"]), world["pose"], tmp_path / "o.mp4", lora_scale=-0.5)
-    with pytest.raises(InputError, match="batch_infer.face_scale: expected a finite number >= 0, got -1.0"):
-        settings_from(small(world["params"], batch_infer__face_scale=-1))
-    with pytest.raises(InputError, match="batch_infer.lora_scale: expected a finite number >= 0, got inf"):
-        settings_from(small(world["params"], batch_infer__lora_scale=".inf"))
+    # the params keys are checked when the config loads
+    with pytest.raises(ConfigError, match="batch_infer.face_scale: expected a finite number >= 0, got -1.0"):
+        small(world["params"], batch_infer__face_scale=-1)
+    with pytest.raises(ConfigError, match="batch_infer.lora_scale: expected a finite number >= 0, got inf"):
+        small(world["params"], batch_infer__lora_scale=".inf")
     for flag, value in (("--face-scale", "-1"), ("--face-scale", "nan"), ("--lora-scale", "-2")):
         rc = main(["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
                    str(world["pose"]), "--output", str(tmp_path / "x.mp4"), flag, value])
@@ -369,3 +375,85 @@ def test_gpu_out_of_memory_is_a_clear_error(world, generator, monkeypatch):
     pose, _, _ = load_pose_video(world["pose"], "fix")
     with pytest.raises(FaceidError, match="GPU out of memory generating 9 frames at 32x32.*fewer frames.*smaller size.*offload"):
         generator.generate(generator.conditioning(str(world["a"])), pose, "a person dancing", settings_from(world["params"]))
+
+
+# --------------------------------------------------------------------------- at the door
+
+
+def test_guidance_steps_seed_and_blend_weights_are_checked_at_the_door(world, tmp_path, capsys, repo):
+    """Flags, params keys and generate_video itself refuse NaN, inf and out-of-range values, naming
+    the flag or the key; nothing is written."""
+    from faceid.cli import main
+    from faceid.config import ConfigError
+    from faceid.infer import parse_blend
+
+    base = ["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
+            str(world["pose"]), "--output", str(tmp_path / "x.mp4")]
+    for flag, value, message in [
+        ("--cfg-scale", "nan", "--cfg-scale: expected a finite number >= 1 (1 = no classifier-free guidance), got nan"),
+        ("--cfg-scale", "inf", "--cfg-scale: expected a finite number >= 1"),
+        ("--cfg-scale", "0.5", "--cfg-scale: expected a finite number >= 1"),
+        ("--steps", "0", "--steps: expected an integer from 1 to 1000, got 0"),
+        ("--steps", "100000", "--steps: expected an integer from 1 to 1000, got 100000"),
+        ("--seed", "-1", "--seed: expected an integer from 0 to 2^63-1, got -1"),
+        ("--blend", f"{world['a']}=nan,{world['b']}=0.5", "must be a finite number >= 0, got 'nan'"),
+        ("--blend", f"{world['a']}=inf,{world['b']}=0", "must be a finite number >= 0, got 'inf'"),
+    ]:
+        assert main(base + [flag, value]) == 2, (flag, value)
+        assert message in capsys.readouterr().err, (flag, value)
+    for key, value, message in [
+        ("batch_infer.guidance_scale", ".nan", "batch_infer.guidance_scale: expected a finite number >= 1"),
+        ("batch_infer.num_inference_steps", "0", "batch_infer.num_inference_steps: expected an integer from 1 to 1000"),
+        ("batch_infer.interpolation_steps", "1", "batch_infer.interpolation_steps: expected >= 2"),
+        ("render_validation.guidance_scale", "-.inf", "render_validation.guidance_scale: expected a finite number >= 1"),
+        ("render_validation.face_scale", ".nan", "render_validation.face_scale: expected a finite number >= 0"),
+        ("render_validation.seed", "-5", "render_validation.seed: expected an integer from 0 to 2^63-1"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            small(world["params"], **{key.replace(".", "__"): value})
+    with pytest.raises(InputError, match="sum to 1"):
+        parse_blend("a=0.5,b=0.4")
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_generate_video_checks_guidance_steps_and_seed(world, generator):
+    from faceid.infer import load_pose_video
+    from faceid.model.generate import generate_video
+
+    pose, _, _ = load_pose_video(world["pose"], "fix")
+    for kwargs, message in [(dict(guidance_scale=float("nan")), "guidance_scale: expected a finite number >= 1"),
+                            (dict(num_inference_steps=0), "num_inference_steps: expected an integer from 1 to 1000"),
+                            (dict(seed=-1), "seed: expected an integer from 0")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            generate_video(generator.pipe, None, pose, "a person dancing", **kwargs)
+
+
+def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
+    from faceid.infer import infer_one
+
+    p, a, pose = world["params"], str(world["a"]), world["pose"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for kwargs, message in [
+        (dict(identity=str(tmp_path / "nobody")), "nobody: identity folder not found"),
+        (dict(identity="models:/faceid-nobody@validated", mlflow_uri=uri),
+         "models:/faceid-nobody@validated: cannot load from the MLflow registry"),
+        (dict(identity=None, blend=f"{a}=0.5,{tmp_path / 'nobody'}=0.5"), "nobody: identity folder not found"),
+        (dict(identity=None), "expected --identity, --blend or --reference-only"),
+        (dict(identity=a, pose_video=tmp_path / "missing.mp4"), "missing.mp4"),
+        (dict(identity=str(copy_with_card(world["a"], tmp_path / "other", base_model="wan2.1-vace-1.3b"))),
+         "trained on base model 'wan2.1-vace-1.3b'"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            infer_one(p, pose_video=kwargs.pop("pose_video", pose), output=tmp_path / "o.mp4", **kwargs)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_second_writer_of_the_same_video_fails_at_once(world, tmp_path, no_model):
+    from faceid.infer import infer_one
+    from faceid.io import LockedError
+
+    out = tmp_path / "o.mp4"
+    with held_lock("infer", out) as holder:
+        with pytest.raises(LockedError, match=rf"another infer run \(pid {holder.pid}\) is writing {out}"):
+            infer_one(world["params"], str(world["a"]), world["pose"], out)
+    assert not out.exists()

@@ -307,3 +307,46 @@ def test_rotated_phone_video_is_prepared_upright(cfg, frames, tmp_path):
     kps = np.load(tmp_path / "out" / row["keypoints_path"])["keypoints"]
     ok = kps[:, 0, 2] > 0
     assert (kps[ok, 0, 1] < kps[ok, 1, 1]).all()  # nose above neck
+
+
+def _snapshot(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_nothing_usable_fails_and_leaves_the_output_as_it_was(cfg, frames, tmp_path, capsys, repo):
+    """No usable clip: exit code 2, one line per input on the terminal, the earlier output exactly as
+    it was (its clips not deleted, its manifest not replaced), a new output folder not created. A
+    video at another frame rate is resampled and says so (manifest note and terminal)."""
+    from faceid.cli import main
+
+    good, bad, out = tmp_path / "good", tmp_path / "bad", tmp_path / "out"
+    good.mkdir()
+    bad.mkdir()
+    write_video(good / "dancer.mp4", frames[:30], 24)  # 1.25 s at 24 fps: 20 frames at 16 fps, one clip
+    summary = prepare.run(dataclasses.replace(cfg, stride=0, max_clips_per_video=1), good, None, out)
+    (row,) = read_parquet(out / "manifest.parquet")
+    assert summary["clips_ok"] == 1 and row["status"] == "ok"
+    assert row["reason"] == "frame rate 24 fps resampled to 16 fps"
+    assert "  note dancer.mp4: frame rate 24 fps resampled to 16 fps" in capsys.readouterr().err
+    before = _snapshot(out)
+
+    write_video(bad / "short.mp4", frames[:10], 16)
+    noise = np.random.default_rng(1).normal(90, 8, (20, 96, 64, 3))  # nobody there: a clip, rejected
+    write_video(bad / "blank.mp4", noise.clip(0, 255).astype(np.uint8), 16)
+    (bad / "broken.mp4").write_bytes(b"not a video at all" * 20)
+    base = ["--params", str(repo / "params.yaml"), "prepare-pose", "--videos", str(bad)]
+    for target in (out, tmp_path / "new"):
+        assert main(base + ["--output", str(target)]) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("  rejected ")]
+        assert len(lines) == 3, err
+        assert "  rejected broken.mp4: not a readable video" in err
+        assert "  rejected short.mp4: too short: 10 frames" in err
+        assert "  rejected blank-00000: person detected in 0% of frames" in err
+        assert f"error: prepare-pose: no usable clip from 3 input(s) in {bad}" in err and "left as it was" in err
+        assert not prepare.staging_dir(target).exists()
+    assert _snapshot(out) == before
+    assert not (tmp_path / "new").exists()

@@ -212,3 +212,128 @@ def test_reference_image_trains_in_front_of_identity_examples(params, inputs, tm
     assert len(photos) == 4 and len(clips) == 2
     assert all(e["control"].shape[1] == e["target"].shape[1] + 1 for e in photos)  # the reference frame in front
     assert all(e["control"].shape[1] == e["target"].shape[1] for e in clips)  # prior clips: no reference
+
+
+# --------------------------------------------------------------------------- no pickle, one writer, no orphans
+
+
+def test_optimizer_state_is_read_without_pickle(tmp_path):
+    """optimizer.pt holds tensors, numbers and lists only (weights_only=True reads it back exactly);
+    a crafted pickle is refused before it can run anything."""
+    import os
+    import pickle
+
+    from faceid.train.recipe import load_optimizer_state, make_optimizer
+
+    class Stage:
+        learning_rate, warmup_steps = 0.1, 3
+
+    weights = [torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))]
+    optimizer, sched = make_optimizer(weights, Stage, 0.01)
+    for _ in range(2):
+        weights[0].pow(2).sum().backward()
+        optimizer.step()
+        sched.step()
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": sched.state_dict()}, tmp_path / "optimizer.pt")
+    state = load_optimizer_state(tmp_path / "optimizer.pt")
+    again, again_sched = make_optimizer([torch.nn.Parameter(weights[0].detach().clone())], Stage, 0.01)
+    again.load_state_dict(state["optimizer"])
+    again_sched.load_state_dict(state["lr_scheduler"])
+    assert again_sched.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(again.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"optimizer": Payload(), "lr_scheduler": {}}))
+    torch.save({"optimizer": Payload(), "lr_scheduler": {}}, tmp_path / "zip.pt")
+    for name in ("raw.pt", "zip.pt"):
+        with pytest.raises(TrainingError, match="refused: not plain optimizer state.*weights_only=True"):
+            load_optimizer_state(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
+    import faceid.ray_local
+    from faceid.io import LockedError
+    from faceid.train import launch
+    from test_processes import held_lock
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray started although another run holds the identity folder")
+
+    monkeypatch.setattr(faceid.ray_local, "session", started)
+    crops, emb, clips = inputs
+    out = tmp_path / "identity"
+    with held_lock("train-lora", out) as holder:
+        with pytest.raises(LockedError, match=rf"another train-lora run \(pid {holder.pid}\) is writing {out}"):
+            launch.run(small_params(params, tmp_path), "synth", crops, emb, clips, out)
+    assert not out.exists()
+
+
+def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, inputs, tmp_path, repo, request):
+    """SIGKILL of `faceid train-lora` after its first checkpoint: 30 s later no process of its local
+    Ray session is alive (faceid.ray_local's watchdog; Ray alone leaves its agents running), and
+    the same command resumes from the checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from faceid.train import launch
+
+    crops, emb, clips = inputs
+    sets = {"train_lora.cache_dir": tmp_path / "cache", "train_lora.stage1.steps": 6, "train_lora.stage2.steps": 6,
+            "train_lora.checkpoint_every": 2, "ray.storage_path": tmp_path / "ray"}
+    cmd = [sys.executable, "-m", "faceid.cli", "--params", str(repo / "params.yaml")]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    cmd += ["--set", "ray.num_cpus=2", "train-lora", "--identity", "synth", "--crops", str(crops), "--embeddings",
+            str(emb), "--clips", str(clips), "--output", str(tmp_path / "identity"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "ray").glob("*/checkpoint_manager_snapshot.json")):  # a checkpoint is registered
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        session = []
+        for proc in psutil.Process(driver.pid).children(recursive=True):
+            try:
+                session.append((proc, proc.create_time()))
+            except psutil.Error:
+                pass
+        assert any("raylet" in " ".join(p.cmdline()) for p, _ in session)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+
+    def alive():
+        out = []
+        for proc, created in session:
+            try:
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{proc.pid} {proc.name()}")
+            except psutil.Error:
+                pass
+        return out
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(), f"processes of the killed driver's Ray session still running after 30 s: {alive()}"
+    log = (tmp_path / "driver.log").read_text()
+    assert "Traceback" not in log and "Failed to query Ray Train Controller" not in log  # Ray's own logs: ERROR only
+
+    request.getfixturevalue("ray_session")  # the module's Ray: the rerun needs no second start-up
+    summary = launch.run(small_params(params, tmp_path, train_lora__checkpoint_every=2), "synth", crops, emb, clips,
+                         tmp_path / "identity")
+    assert summary["resumed_from"] is not None and summary["resumed_from"] >= 2 and summary["steps"] == 12
+    assert (tmp_path / "identity" / "identity.json").is_file()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.errors import InputError
+from faceid.errors import ConfigError, InputError
 from test_infer import copy_with_card, make_identity, small
+from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -223,7 +224,34 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
         validate.run(p, bad, world["root"] / "clips", world["root"] / "emb", tmp_path / "out", None)
     with pytest.raises(InputError, match="manifest not found|folder not found"):
         validate.run(p, world["identity"], tmp_path / "noclips", world["root"] / "emb", tmp_path / "out", None)
-    with pytest.raises(InputError, match="render_validation.face_scale: expected a finite number >= 0, got -0.5"):
-        validate.run(small(p, render_validation__face_scale=-0.5), world["identity"], world["root"] / "clips",
-                     world["root"] / "emb", tmp_path / "out", None)
+    with pytest.raises(ConfigError, match="render_validation.face_scale: expected a finite number >= 0, got -0.5"):
+        small(p, render_validation__face_scale=-0.5)  # checked when the config loads
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
+    from faceid import validate
+
+    p, root = world["params"], world["root"]
+    good = dict(identity_dir=world["identity"], clips_dir=root / "clips", reference=root / "emb")
+    for change, message in [
+        (dict(identity_dir=tmp_path / "nobody"), "nobody: identity folder not found"),
+        (dict(clips_dir=tmp_path / "noclips"), "noclips"),
+        (dict(reference=tmp_path / "noemb"), "noemb"),
+        (dict(identity_dir=copy_with_card(world["identity"], tmp_path / "other", base_model="wan2.1-vace-1.3b")),
+         "trained on base model 'wan2.1-vace-1.3b'"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            validate.run(p, output_dir=tmp_path / "out", mlflow_uri=None, **{**good, **change})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_writer_fails_at_once(world, tmp_path, no_model):
+    from faceid import validate
+    from faceid.io import LockedError
+
+    out, root = tmp_path / "out", world["root"]
+    with held_lock("render-validation", out) as holder:
+        with pytest.raises(LockedError, match=rf"another render-validation run \(pid {holder.pid}\) is writing {out}"):
+            validate.run(world["params"], world["identity"], root / "clips", root / "emb", out, None)
+    assert not out.exists()

@@ -32,7 +32,7 @@ import numpy as np
 from faceid.config import CropFacesConfig
 from faceid.errors import InputError
 from faceid.faces.detect import Aligner, Face, build_detector, estimate_yaw, rank_faces
-from faceid.io import atomic_dir, progress, read_parquet, require_dir, sha256_file, write_parquet
+from faceid.io import atomic_dir, output_lock, progress, read_parquet, require_dir, sha256_file, write_parquet
 
 QUALITY_SIZE = 150  # sharpness is measured on the aligned chip at this size (dlib's recogniser input)
 MAX_FACES = 4  # faces of one photo kept as candidates for embed-faces (the main face and 3 others)
@@ -423,7 +423,7 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str, str, bool]], columns: int =
     return sheet
 
 
-def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
+def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict:
     """Crop every photo in ``input_dir``; write the manifest, photos, crops, summary and contact sheet to ``output_dir``."""
     from PIL import Image
 
@@ -435,7 +435,8 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path) -> dict:
     names = _unique_names(files)
     sizes = tuple(sorted(set(cfg.crop_sizes)))
 
-    with atomic_dir(output_dir) as tmp:  # nothing appears at output_dir unless every step succeeds
+    # one writer (faceid.io.output_lock); nothing appears at output_dir unless every step succeeds
+    with output_lock("crop-faces", output_dir, lock_wait), atomic_dir(output_dir) as tmp:
         # 2. Per image: decode once, detect, align, quality; the photo of each image that passes is written now
         (tmp / "photos").mkdir()
         detector, aligner = build_detector(cfg.detector, cfg.min_detection_confidence), Aligner()

@@ -29,7 +29,7 @@ import numpy as np
 
 from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
-from faceid.io import atomic_dir, require_dir, require_file, write_json, write_parquet
+from faceid.io import atomic_dir, output_lock, require_dir, require_file, write_json, write_parquet
 
 # Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
 # used when embed_faces.outlier_threshold is 0.
@@ -283,9 +283,15 @@ def _groups_text(groups: list[list[int]], names: list[str], identity: bool) -> s
     )
 
 
-def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path) -> dict:
+def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict:
     """Embed the accepted crops of ``crops_dir``, decide the identity (:func:`decide_identity`);
-    write embeddings, table and report to ``output_dir``, or nothing on an error."""
+    write embeddings, table and report to ``output_dir``, or nothing on an error. One writer at a
+    time (:func:`faceid.io.output_lock`; ``lock_wait`` seconds to wait for another run)."""
+    with output_lock("embed-faces", output_dir, lock_wait):
+        return _embed(cfg, Path(crops_dir), Path(output_dir))
+
+
+def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path) -> dict:
     from PIL import Image
     from safetensors.numpy import save_file
 

@@ -23,7 +23,9 @@ How conditioning is built (the same layout training uses, see ``faceid.train.rec
   trained, > 1 extrapolates). ``face_scale == 0`` is the base model exactly: no face tokens in
   either branch, LoRA disabled, no identity reference image, so the frames equal
   ``generate_video(pipe, None, ...)`` with the same seed. ``lora_scale`` (default 1) scales the
-  LoRA alone. Both must be finite and >= 0 (:func:`check_scale`).
+  LoRA alone. Both must be finite and >= 0 (:func:`check_scale`); guidance finite and >= 1
+  (:func:`check_guidance`), steps 1..1000 (:func:`check_steps`), seed 0..2^63-1 (:func:`check_seed`):
+  the same checks run on the params keys at config load and on the command-line flags.
 - VACE reference image (R2V): ``reference_image`` is passed as ``reference_images=[PIL image]``
   (the pipeline fits it into the frame size, encodes it as one extra leading latent frame and drops
   that frame after denoising). Without one, an identity trained with its reference
@@ -92,7 +94,7 @@ def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]
         return [(identity_or_blend, 1.0)]
     blend = [(ident, float(w)) for ident, w in identity_or_blend]
     total = sum(w for _, w in blend)
-    if not blend or total <= 0 or any(w < 0 for _, w in blend):
+    if not blend or not math.isfinite(total) or total <= 0 or any(w < 0 for _, w in blend):
         raise InputError(f"blend: expected identities with non-negative weights summing to > 0, got {[(i.name, w) for i, w in blend]}")
     dims = {(i.card["text_dim"], i.card["num_face_tokens"]) for i, _ in blend}
     if len(dims) > 1:
@@ -100,16 +102,48 @@ def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]
     return [(ident, w / total) for ident, w in blend]
 
 
+def _number(value) -> float:
+    """``value`` as a float, NaN when it is not a number (so every check rejects it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def check_scale(name: str, value) -> float:
     """``value`` as a float; :class:`InputError` naming ``name`` (a flag or a params key) unless it
     is a finite number >= 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
+    number = _number(value)
     if not math.isfinite(number) or number < 0:
         raise InputError(f"{name}: expected a finite number >= 0, got {value!r}")
     return number
+
+
+MAX_STEPS = 1000  # denoising steps: at most the schedulers' num_train_timesteps
+MAX_SEED = 2**63 - 1
+
+
+def check_guidance(name: str, value) -> float:
+    """Classifier-free guidance scale: a finite number >= 1 (1 = no guidance; the pipeline runs the
+    unconditional branch only above 1, so a value below 1 would silently mean 1)."""
+    number = _number(value)
+    if not math.isfinite(number) or number < 1:
+        raise InputError(f"{name}: expected a finite number >= 1 (1 = no classifier-free guidance), got {value!r}")
+    return number
+
+
+def check_steps(name: str, value) -> int:
+    """Denoising steps: an integer in [1, MAX_STEPS]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_STEPS:
+        raise InputError(f"{name}: expected an integer from 1 to {MAX_STEPS}, got {value!r}")
+    return int(value)
+
+
+def check_seed(name: str, value) -> int:
+    """A seed for ``torch.Generator.manual_seed``: an integer in [0, 2^63)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{name}: expected an integer from 0 to 2^63-1, got {value!r}")
+    return int(value)
 
 
 def dominant(blend: list[tuple[Identity, float]]) -> Identity:
@@ -239,6 +273,9 @@ def generate_video(
     check_pose_frames(pose_frames)
     face_scale = check_scale("face_scale", face_scale)
     lora_scale = check_scale("lora_scale", lora_scale)
+    guidance_scale = check_guidance("guidance_scale", guidance_scale)
+    num_inference_steps = check_steps("num_inference_steps", num_inference_steps)
+    seed = check_seed("seed", seed)
     blend = as_blend(identity_or_blend)  # checked at face_scale 0 too
     if face_scale == 0:
         blend = []
@@ -294,7 +331,8 @@ def describe(identity_or_blend: IdentityOrBlend) -> str:
 
 
 __all__: list[Any] = [
-    "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "dominant", "identity_reference",
+    "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "check_guidance", "check_steps",
+    "check_seed", "dominant", "identity_reference",
     "face_tokens", "slerp", "adapter_name", "activate_loras", "check_reference_image", "check_pose_frames",
     "generate_video", "describe",
 ]

@@ -15,7 +15,13 @@ crop needs), crops the same window from both videos (centred on the person when
 A clip whose folder already holds the same checksum (inputs + settings) is not redone, so a rerun
 does no work and a crashed run resumes. Bad inputs become ``rejected`` rows with a reason; a clip
 with too few frames showing a person is written but marked ``rejected``. On ``ok`` rows ``reason``
-holds notes (variable frame rate resampled, container rotation, pose video trimmed or resized).
+holds notes (frame rate resampled, variable frame rate, container rotation, pose video trimmed or
+resized). Rejections and notes are also printed, one line each.
+
+Nothing usable, nothing touched: new clips are made in ``.<out>.staging`` beside the output folder
+(a crashed run resumes from there too) and move into ``<out>/clips`` only when at least one clip is
+``ok``; then the manifest is replaced (atomically) and clip folders no row refers to are removed.
+With no ``ok`` clip the stage fails (exit code 2) and ``<out>`` stays exactly as it was.
 
 Face regions: on ``face_samples`` frames spread evenly over each clip, decoded at the source
 video's native resolution (a face in a small full-body clip is often too small to detect), the
@@ -41,7 +47,7 @@ import numpy as np
 
 from faceid.config import PreparePoseConfig, to_dict
 from faceid.errors import InputError
-from faceid.io import atomic_dir, progress, require_dir, require_file, sha256_file, write_parquet
+from faceid.io import atomic_dir, output_lock, progress, require_dir, require_file, sha256_file, write_parquet
 from faceid.pose.video import VIDEO_EXTENSIONS
 
 POSE_SUFFIX = "_pose"
@@ -296,7 +302,9 @@ def plan_video(cfg: PreparePoseConfig, video: Path, pose: Path | None, caption: 
     try:
         info = probe(video)
         if info["vfr"]:
-            notes.append("variable frame rate: resampled by timestamps")
+            notes.append(f"variable frame rate: resampled by timestamps to {cfg.fps} fps")
+        elif abs(info["fps"] - cfg.fps) > 1e-3:
+            notes.append(f"frame rate {info['fps']:g} fps resampled to {cfg.fps} fps")
         if info["rotation"]:
             notes.append(f"rotated {info['rotation']} deg in the container: decoded upright")
         v_idx, _ = frame_indices(video, cfg.fps)
@@ -412,84 +420,136 @@ def _clean_partial(clips_root: Path) -> None:
                 shutil.rmtree(p)
 
 
+def staging_dir(output_dir: Path) -> Path:
+    """Where a run makes its new clips (beside the output folder, never part of it)."""
+    return output_dir.parent / f".{output_dir.name}.staging"
+
+
+def _move_in(src: Path, dst: Path) -> None:
+    """Replace the clip folder ``dst`` by ``src`` (a finished clip in the staging folder)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old)
+    else:
+        src.rename(dst)
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    """What the terminal shows besides the summary: one line per rejected input or clip, and one per
+    change made to an input (its notes, once per source video)."""
+    lines, noted = [], set()
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"  rejected {r['clip_id'] if r['video_path'] else r['source']}: {r['reason']}")
+        elif r["reason"] and r["source"] not in noted:
+            noted.add(r["source"])
+            lines.append(f"  note {r['source']}: {r['reason']}")
+    return lines
+
+
 # --------------------------------------------------------------------------- stage
 
 
-def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_dir: Path, captions: Path | None = None) -> dict:
-    """Prepare every video in ``videos_dir``; write clips and ``manifest.parquet`` to ``output_dir``."""
+def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_dir: Path, captions: Path | None = None,
+        lock_wait: float = 0.0) -> dict:
+    """Prepare every video in ``videos_dir``; write clips and ``manifest.parquet`` to ``output_dir``.
+    Fails (:class:`InputError`), leaving ``output_dir`` as it was, when no clip is usable.
+    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
     from faceid.faces.detect import build_detector
     from faceid.pose.estimate import build_estimator
 
-    # 1. Check inputs.
+    # 1. Check inputs; one writer per output folder
     videos_dir = require_dir(videos_dir, "a folder of dance videos")
     if pose_dir is not None:
         pose_dir = require_dir(pose_dir, "a folder of *_pose.mp4 videos")
     output_dir = Path(output_dir)
-    clips_root = output_dir / "clips"
-    _clean_partial(clips_root)
+    clips_root, staging = output_dir / "clips", staging_dir(output_dir)
     table = load_captions(videos_dir, captions)
-    pairs, rejects = find_inputs(videos_dir, pose_dir)
-    rows = [_row(clip_id=p.stem, source=p.name, status="rejected", reason=reason) for p, reason in rejects]
+    with output_lock("prepare-pose", output_dir, lock_wait):
+        pairs, rejects = find_inputs(videos_dir, pose_dir)
+        rows = [_row(clip_id=p.stem, source=p.name, status="rejected", reason=reason) for p, reason in rejects]
 
-    # 2. Plan: probe each video, decide its clips.
-    plans = []
-    for video, pose in pairs:
-        caption = caption_for(video, table, cfg.default_caption)
-        try:
-            plans.append(plan_video(cfg, video, pose, caption))
-        except Rejected as exc:
-            rows.append(_row(clip_id=video.stem, source=video.name, caption=caption, status="rejected", reason=str(exc)))
-    jobs = [(plan, start) for plan in plans for start in plan.starts]
-
-    # 3. Make the clips that are not done yet (same checksum = skip).
-    written = skipped = 0
-    estimator = detector = None
-    try:
-        for plan, start in progress(jobs, total=len(jobs), desc="prepare-pose"):
-            clip_id = f"{plan.video.stem}-{start:05d}"
-            clip_dir = clips_root / clip_id
-            checksum = clip_checksum(plan.key, start)
-            common = dict(clip_id=clip_id, source=plan.video.name, start_frame=start, num_frames=cfg.num_frames,
-                          fps=float(cfg.fps), height=cfg.height, width=cfg.width, caption=plan.caption, checksum=checksum)
-            done = _done(clip_dir, checksum)
+        # 2. Plan: probe each video, decide its clips
+        plans = []
+        for video, pose in pairs:
+            caption = caption_for(video, table, cfg.default_caption)
             try:
-                if done is None:
-                    estimator = estimator or build_estimator(cfg)
-                    if cfg.face_samples > 0:
-                        detector = detector or build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE)
-                    detected, num_regions = make_clip(cfg, plan, start, estimator, detector, clip_dir, checksum)
-                    written += 1
-                else:
-                    detected, num_regions = done
-                    skipped += 1
-            except Exception as exc:  # one bad clip never stops the stage; it is reported
-                rows.append(_row(**common, status="rejected", reason=f"failed: {type(exc).__name__}: {exc}"))
-                continue
-            rate = float(np.mean(detected))
-            notes = list(plan.notes)
-            status = "ok"
-            if rate < cfg.min_pose_detection_rate:
-                status = "rejected"
-                notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
-            rel = f"clips/{clip_id}"
-            rows.append(_row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
-                             keypoints_path=f"{rel}/keypoints.npz", faces_path=f"{rel}/faces.npz",
-                             pose_detection_rate=rate, num_face_regions=num_regions, status=status,
-                             reason="; ".join(notes)))
-    finally:
-        if estimator is not None:
-            estimator.close()
-        if detector is not None:
-            detector.close()
+                plans.append(plan_video(cfg, video, pose, caption))
+            except Rejected as exc:
+                rows.append(_row(clip_id=video.stem, source=video.name, caption=caption, status="rejected", reason=str(exc)))
+        jobs = [(plan, start) for plan in plans for start in plan.starts]
 
-    # 4. Manifest; remove clip folders that no row refers to (older settings or inputs).
-    write_parquet(output_dir / "manifest.parquet", rows, schema=_schema())
-    keep = {r["clip_id"] for r in rows if r["video_path"]}
-    if clips_root.is_dir():
+        # 3. Make the clips that are not done yet (same checksum in <out>/clips or in staging = skip);
+        #    new ones go to the staging folder
+        written = skipped = 0
+        staged: set[str] = set()
+        estimator = detector = None
+        _clean_partial(staging)
+        try:
+            for plan, start in progress(jobs, total=len(jobs), desc="prepare-pose"):
+                clip_id = f"{plan.video.stem}-{start:05d}"
+                checksum = clip_checksum(plan.key, start)
+                common = dict(clip_id=clip_id, source=plan.video.name, start_frame=start, num_frames=cfg.num_frames,
+                              fps=float(cfg.fps), height=cfg.height, width=cfg.width, caption=plan.caption, checksum=checksum)
+                try:
+                    done = _done(clips_root / clip_id, checksum)
+                    if done is None and (done := _done(staging / clip_id, checksum)) is not None:
+                        staged.add(clip_id)
+                    if done is None:
+                        estimator = estimator or build_estimator(cfg)
+                        if cfg.face_samples > 0:
+                            detector = detector or build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE)
+                        detected, num_regions = make_clip(cfg, plan, start, estimator, detector, staging / clip_id, checksum)
+                        staged.add(clip_id)
+                        written += 1
+                    else:
+                        detected, num_regions = done
+                        skipped += 1
+                except Exception as exc:  # one bad clip never stops the stage; it is reported
+                    rows.append(_row(**common, status="rejected", reason=f"failed: {type(exc).__name__}: {exc}"))
+                    continue
+                rate = float(np.mean(detected))
+                notes = list(plan.notes)
+                status = "ok"
+                if rate < cfg.min_pose_detection_rate:
+                    status = "rejected"
+                    notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
+                rel = f"clips/{clip_id}"
+                rows.append(_row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
+                                 keypoints_path=f"{rel}/keypoints.npz", faces_path=f"{rel}/faces.npz",
+                                 pose_detection_rate=rate, num_face_regions=num_regions, status=status,
+                                 reason="; ".join(notes)))
+        finally:
+            if estimator is not None:
+                estimator.close()
+            if detector is not None:
+                detector.close()
+
+        # 4. Nothing usable: fail, output folder untouched. Else move the new clips in, replace the
+        #    manifest (atomic), remove clip folders that no row refers to (older settings or inputs)
+        ok = sum(r["status"] == "ok" for r in rows)
+        for line in report_lines(rows):
+            print(line, file=sys.stderr)
+        if not ok:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise InputError(
+                f"prepare-pose: no usable clip from {len(pairs) + len(rejects)} input(s) in {videos_dir} "
+                f"(reasons above, one per input); {output_dir} left as it was"
+            )
+        keep = {r["clip_id"] for r in rows if r["video_path"]}
+        clips_root.mkdir(parents=True, exist_ok=True)
+        _clean_partial(clips_root)
+        for clip_id in sorted(staged & keep):
+            _move_in(staging / clip_id, clips_root / clip_id)
+        write_parquet(output_dir / "manifest.parquet", rows, schema=_schema())
         for p in clips_root.iterdir():
             if p.is_dir() and p.name not in keep:
                 shutil.rmtree(p)
-    ok = sum(r["status"] == "ok" for r in rows)
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {
         "clips_ok": ok,
         "rejected": len(rows) - ok,

@@ -1,10 +1,14 @@
 """``faceid train-lora``: launch the recipe on Ray Train, then log the run to MLflow (driver only).
 
 - Ray: ``TorchTrainer(train_loop_per_worker, ScalingConfig(num_workers, use_gpu))`` (DDP), local
-  Ray by default or ``ray_address`` for a cluster. Checkpoints every ``checkpoint_every`` steps go
+  Ray by default or ``ray_address`` for a cluster (``faceid.ray_local``: a local Ray never outlives
+  this process; Ray's own log records reach the terminal only when they are errors). Checkpoints
+  every ``checkpoint_every`` steps go
   to ``params.ray.storage_path/<run name>``; the run name hashes the identity, config and data, so
   re-running the same command after a kill resumes from the last checkpoint, and a worker crash is
   retried from it (``FailureConfig``). The identity folder comes back inside the final checkpoint.
+- One writer: the identity folder and the Ray run folder are locked for the run
+  (:func:`faceid.io.output_lock`); a second identical command fails at once instead of sharing them.
 - MLflow (this process, i.e. rank 0's entry point): flattened params, per-step losses and learning
   rates of both stages, throughput, peak memory, the identity card and loss table as artifacts,
   the identity folder as a registered model ``faceid-<identity>`` with alias
@@ -40,32 +44,49 @@ def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips
 
 
 def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
-        ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None) -> dict:
+        ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None, lock_wait: float = 0.0) -> dict:
     """Train ``identity``, write ``output_dir`` (the identity folder), log to MLflow; return the summary.
-    ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from faceid.config import to_dict
-    from faceid.faces.crop import read_photos
-    from faceid.io import atomic_dir
-    from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, training_clips
-    from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
+    ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume.
+    ``lock_wait``: seconds to wait for another run writing the same folders (:func:`faceid.io.output_lock`)."""
+    from faceid.io import output_lock
 
     # 1. Check inputs here, before any worker starts
     crops_dir, embeddings_dir = Path(crops_dir), Path(embeddings_dir)
     clips_dir, output_dir = Path(clips_dir), Path(output_dir)
+    clips = _check_inputs(params, crops_dir, embeddings_dir, clips_dir)
+    name = run_name(params, identity, crops_dir, embeddings_dir, clips)
+    storage = Path(params.ray.storage_path).resolve()
+    with output_lock("train-lora", output_dir, lock_wait), output_lock("train-lora", storage / name, lock_wait):
+        return _train(params, identity, crops_dir, embeddings_dir, clips_dir, output_dir, name, storage,
+                      ray_address, mlflow_uri, fail_at_step)
+
+
+def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> list:
+    """The training clips, after checking that the photos, embeddings and clips belong together."""
+    from faceid.faces.crop import read_photos
+    from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, training_clips
+
     _, meta = load_embedding(embeddings_dir)
     check_embedder(meta, params.embed_faces)
-    photos, kept = read_photos(crops_dir), load_photo_embeddings(embeddings_dir)[0]
+    photos, kept = read_photos(crops_dir, embeddings_dir), load_photo_embeddings(embeddings_dir)[0]
     if not any(p.name in kept for p in photos):
         raise InputError(f"{crops_dir}: none of its accepted photos is in {embeddings_dir} (embedded from other crops?); "
                          "rerun embed-faces on these crops")
-    clips = training_clips(clips_dir, params.train_lora.holdout_clips)
+    return training_clips(clips_dir, params.train_lora.holdout_clips)
+
+
+def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
+           name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None) -> dict:
+    """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from faceid import ray_local
+    from faceid.config import to_dict
+    from faceid.io import atomic_dir
+    from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
+
     tcfg = params.train_lora
-    name = run_name(params, identity, crops_dir, embeddings_dir, clips)
-    storage = Path(params.ray.storage_path).resolve()
     config = {
         "params": to_dict(params),
         "identity": identity,
@@ -78,13 +99,8 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
 
-    # 2. Ray (local unless an address is given) and the trainer
-    started = not ray.is_initialized()
-    if started:
-        local = not ray_address
-        ray.init(address=ray_address or None, num_cpus=(params.ray.num_cpus or None) if local else None,
-                 include_dashboard=False, log_to_driver=True)
-    try:
+    # 2. Ray (local unless an address is given; faceid.ray_local) and the trainer
+    with ray_local.session(ray_address, params.ray.num_cpus, log_to_driver=True):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
@@ -93,15 +109,13 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
                 name=name, storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=MAX_FAILURES),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=LoggingConfig(log_level=ray_local.RAY_LOG_LEVEL),
             ),
         )
         try:
             result = trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
             raise TrainingError(f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})") from exc
-    finally:
-        if started:
-            ray.shutdown()
 
     # 3. Outcome: NaN/inf stops with the recipe's message; otherwise copy the identity folder out
     metrics = dict(result.metrics or {})

@@ -179,6 +179,9 @@ def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tenso
 
 
 def save_checkpoint(folder: Path, model: FaceConditionedDiT, optimizer, lr_sched, state: dict) -> Path:
+    """Trainable weights (safetensors), optimizer + LR scheduler state (tensors, numbers and lists
+    only: read back with ``torch.load(weights_only=True)``, :func:`load_optimizer_state`), and the
+    step state (JSON). Nothing in a checkpoint is unpickled into arbitrary objects."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -454,8 +457,28 @@ def _load_checkpoint(model: FaceConditionedDiT, folder: Path) -> tuple[dict, dic
     load_trainable_state(model, load_file(str(folder / CKPT_WEIGHTS)))
     state = json.loads((folder / CKPT_STATE).read_text())
     state["resumed_from"] = state["step"]
-    optim = torch.load(folder / CKPT_OPTIM, weights_only=False) if (folder / CKPT_OPTIM).is_file() else None
+    optim = load_optimizer_state(folder / CKPT_OPTIM) if (folder / CKPT_OPTIM).is_file() else None
     return state, optim
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """``{"optimizer": ..., "lr_scheduler": ...}`` read with ``weights_only=True``: tensors, numbers,
+    strings and containers only. A file that would build any other object (a crafted pickle runs
+    code while it loads) is refused with a :class:`TrainingError`, never executed."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
+        why = (lines[0] if lines else type(exc).__name__)[:200]
+        raise TrainingError(f"{path}: refused: not plain optimizer state (tensors, numbers, lists), read with "
+                            f"torch.load(weights_only=True): {why}; delete this checkpoint (or its Ray run "
+                            "folder) to train from the start") from None
+    if not isinstance(state, dict) or not {"optimizer", "lr_scheduler"} <= set(state):
+        raise TrainingError(f"{path}: expected a dict with optimizer and lr_scheduler state, got {type(state).__name__}")
+    return state
 
 
 def _free_memory() -> None:

@@ -1,0 +1,235 @@
+"""Ray for train-lora and batch-infer: the one place that starts, joins and stops it.
+
+:func:`session` is the only caller of ``ray.init`` / ``ray.shutdown`` in faceid:
+
+- Ray already initialised in this process (tests, notebooks): used as is and left running.
+- ``address`` given (``auto``, ``ray://head:10001``): joined for the block, disconnected after.
+- otherwise a new local Ray (``address="local"``: never another user's cluster on this machine) on
+  ``num_cpus`` cores (0 = all), stopped after the block -- and never outliving this process, even
+  when it is killed (SIGKILL, the OOM killer). Ray alone leaves its DashboardAgent and
+  RuntimeEnvAgent running when its driver dies (measured with Ray 2.60: still there 30 s later),
+  and workers too when the driver dies during start-up. So before ``ray.init`` the driver starts a
+  watchdog, ``python -m faceid.ray_local <driver pid> <token>`` in its own session, that holds a pipe
+  from the driver: when the driver exits for any reason the pipe closes and the watchdog stops every
+  process of that Ray session (SIGTERM, then SIGKILL after :data:`GRACE_S`), then exits.
+
+Which processes belong to the session: processes whose environment holds this session's token
+(:data:`TOKEN_ENV`, set while ``ray.init`` starts the head processes, so the raylet and the workers
+it starts inherit it); processes whose raylet (``RAY_RAYLET_PID`` in their environment, e.g. Ray's
+agents) is one of those; and, when the driver died, its descendants born after the watchdog (noted
+every :data:`POLL_S` seconds). Nothing else is touched: another Ray on the same machine has neither
+the token nor our raylet, and the driver's older children are not noted.
+
+Ray's own log records are kept at ERROR on the terminal (``ray.LoggingConfig`` for the job; Ray
+Train's ``RunConfig(logging_config=...)`` in ``faceid.train.launch``): on a loaded machine Ray
+Train's controller otherwise prints a traceback ("Failed to send resource request") on a run that
+succeeds. They stay in the session's log folder (``/tmp/ray/session_*/logs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+TOKEN_ENV = "FACEID_RAY_SESSION"
+POLL_S = 0.25  # how often the watchdog notes the driver's descendants
+GRACE_S = 5.0  # SIGTERM -> SIGKILL
+RAY_LOG_LEVEL = "ERROR"  # Ray's own log records on the terminal
+GOODBYE = b"done\n"  # the driver's last words on the pipe: a normal exit (the watchdog stays quiet)
+
+
+@contextlib.contextmanager
+def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -> Iterator[None]:
+    """Ray for the block: the one already initialised, the cluster at ``address``, or a new local
+    Ray that cannot outlive this process (see the module docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    logging_config = ray.LoggingConfig(log_level=RAY_LOG_LEVEL)
+    if address:
+        with _driver_logging_kept():
+            ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    token = uuid.uuid4().hex
+    watchdog = start_watchdog(token)
+    try:
+        with _env(TOKEN_ENV, token), _driver_logging_kept():
+            ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
+                     log_to_driver=log_to_driver, logging_config=logging_config)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        stop_watchdog(watchdog)
+
+
+def start_watchdog(token: str) -> subprocess.Popen:
+    """The watchdog of this driver's local Ray session (its own session: a Ctrl-C or a kill of the
+    driver's process group does not reach it)."""
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    return subprocess.Popen([sys.executable, "-m", "faceid.ray_local", str(os.getpid()), token],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def stop_watchdog(watchdog: subprocess.Popen) -> None:
+    """Say goodbye and close the pipe: the watchdog stops what is left of the session (normally
+    nothing) quietly and exits."""
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(GOODBYE)
+    with contextlib.suppress(OSError):
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=GRACE_S + 10)
+    except subprocess.TimeoutExpired:  # it goes on alone; it exits when done
+        pass
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (the processes started in it inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _driver_logging_kept() -> Iterator[None]:
+    """``ray.init(logging_config=...)`` also reconfigures this process's root logger: restore it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+# --------------------------------------------------------------------------- the watchdog process
+
+
+def session_processes(known: dict, token: str) -> list:
+    """``psutil.Process`` objects of the session: the ``known`` descendants (pid -> create time,
+    checked against pid reuse), processes with the token, and those whose raylet is one of them."""
+    import psutil
+
+    found = {}
+    for pid, created in known.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                found[pid] = proc
+    envs = {}
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            envs[proc.pid] = (proc, proc.environ())
+    for pid, (proc, env) in envs.items():
+        if env.get(TOKEN_ENV) == token:
+            found[pid] = proc
+    raylets = {str(pid) for pid in found}
+    for pid, (proc, env) in envs.items():
+        if env.get("RAY_RAYLET_PID") in raylets:
+            found[pid] = proc
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_processes(procs: list) -> int:
+    """SIGTERM, wait up to :data:`GRACE_S`, SIGKILL what is left. Returns how many were running."""
+    import psutil
+
+    def gone(proc) -> bool:  # exited; a zombie waits for its parent to reap it, which may be the caller
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def wait(alive: list) -> list:
+        deadline = time.monotonic() + GRACE_S
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [proc for proc in alive if not gone(proc)]
+        return alive
+
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            alive.append(proc)
+    for proc in wait(alive):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)
+
+
+def watch(driver_pid: int, token: str) -> tuple[int, bool]:
+    """Note the driver's descendants until the pipe on stdin closes (the driver exited), then stop
+    every process of the session. Returns how many were still running and whether the driver said
+    goodbye (a normal exit) before the pipe closed."""
+    import select
+
+    import psutil
+
+    known: dict[int, float] = {}
+    born = psutil.Process().create_time()  # the driver's children from before the session are not ours
+    try:
+        driver = psutil.Process(driver_pid)
+    except psutil.Error:
+        driver = None
+    fd, said = sys.stdin.fileno(), b""
+    while True:
+        readable, _, _ = select.select([fd], [], [], POLL_S)
+        if readable:
+            data = os.read(fd, 4096)
+            if not data:
+                break  # EOF: the driver closed the pipe or died
+            said += data
+        if driver is not None:
+            with contextlib.suppress(psutil.Error):
+                for child in driver.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if child.pid not in known and child.create_time() >= born:
+                            known[child.pid] = child.create_time()
+    normal_exit = GOODBYE in said
+    if normal_exit:  # after ray.shutdown(): only what carries the session's marks, never other children
+        known = {}
+    stopped: set[int] = set()
+    for _ in range(3):  # a raylet still alive may start a worker while we stop the others
+        procs = [proc for proc in session_processes(known, token) if proc.pid not in stopped]
+        if not procs:
+            break
+        stop_processes(procs)
+        stopped |= {proc.pid for proc in procs}
+    return len(stopped), normal_exit
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    driver_pid, token = int(argv[0]), argv[1]
+    stopped, normal_exit = watch(driver_pid, token)
+    if stopped and not normal_exit:
+        print(f"faceid: stopped {stopped} process(es) of the local Ray session of pid {driver_pid}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
