@@ -13,13 +13,16 @@ def local_store_uri(store: Path) -> str:
 
 
 def setup(tracking_uri: str, experiment: str) -> str:
-    """Point MLflow at ``tracking_uri`` and make sure ``experiment`` exists; return its id.
+    """Point MLflow's tracking AND registry at ``tracking_uri`` and make sure ``experiment`` exists;
+    return its id. (The registry must follow: a registry URI set earlier in the process, e.g. by a
+    ``models:/`` download from another store, would otherwise receive the model versions.)
 
     For a sqlite store the experiment's artifacts go to ``<store>/artifacts`` (not the cwd).
     """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         mlflow.set_experiment(experiment)

@@ -157,7 +157,7 @@ def test_too_few_usable_photos_lists_each_rejection(tmp_path, photos, cfg):
     assert "only 1 usable photo(s) of 3" in msg and "min_photos is 3" in msg
     assert "corrupt.jpg: unreadable" in msg and "tiny.jpg: image_too_small" in msg and "notes.txt" not in msg
     assert not (tmp_path / "out").exists()  # nothing half-written
-    assert [p.name for p in tmp_path.iterdir()] == ["in"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "in"]  # no output, only the released lock
 
 
 def test_empty_or_missing_folder(tmp_path, cfg):

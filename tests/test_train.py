@@ -274,7 +274,7 @@ def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, inputs, tmp_path, repo, request):
+def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, inputs, tmp_path, repo):
     """SIGKILL of `faceid train-lora` after its first checkpoint: 30 s later no process of its local
     Ray session is alive (faceid.ray_local's watchdog; Ray alone leaves its agents running), and
     the same command resumes from the checkpoint."""
@@ -287,6 +287,12 @@ def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, input
 
     from faceid.train import launch
 
+    import ray
+
+    # the driver's Ray must be the only one here: Ray Train's state-API calls without an address
+    # (its PlacementGroupCleaner) fail with a traceback when they find two (this module's and the driver's)
+    if ray.is_initialized():
+        ray.shutdown()
     crops, emb, clips = inputs
     sets = {"train_lora.cache_dir": tmp_path / "cache", "train_lora.stage1.steps": 6, "train_lora.stage2.steps": 6,
             "train_lora.checkpoint_every": 2, "ray.storage_path": tmp_path / "ray"}
@@ -332,7 +338,6 @@ def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, input
     log = (tmp_path / "driver.log").read_text()
     assert "Traceback" not in log and "Failed to query Ray Train Controller" not in log  # Ray's own logs: ERROR only
 
-    request.getfixturevalue("ray_session")  # the module's Ray: the rerun needs no second start-up
     summary = launch.run(small_params(params, tmp_path, train_lora__checkpoint_every=2), "synth", crops, emb, clips,
                          tmp_path / "identity")
     assert summary["resumed_from"] is not None and summary["resumed_from"] >= 2 and summary["steps"] == 12
