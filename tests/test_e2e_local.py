@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 
 
 def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "KF_PIPELINES_ENDPOINT")}
+    # MLflow's set_tracking_uri/set_registry_uri export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into
+    # os.environ: after in-process tests they point at another test's store
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLFLOW_") and k not in ("RAY_ADDRESS", "KF_PIPELINES_ENDPOINT")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -63,7 +66,8 @@ def test_local_kfp_run_registers_a_model_version(tmp_path):
     assert (identity_dir / "metrics" / "train_loss.csv").is_file()
     assert (runs[0] / "render-validation" / "validation" / "metrics.json").is_file()
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     version = client.get_model_version_by_alias("faceid-obama", "candidate")
     assert int(version.version) >= 1
     run = client.get_run(version.run_id)
