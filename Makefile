@@ -29,7 +29,7 @@ demo: install
 
 # pytest exit code 5 (no tests collected) fails too.
 test: install
-	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(VENV)/bin/pytest -q --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # dvc runs each stage's `faceid ...` cmd through the shell: put the venv on PATH.
 repro: install

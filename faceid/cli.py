@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from faceid.errors import FaceidError
+from faceid.errors import ConfigError, FaceidError
 
 # --------------------------------------------------------------------------- handlers
 # Each handler: (params, args) -> None. Library functions do the work and print summaries.
@@ -27,13 +27,15 @@ def _cmd_sample_data(params, args) -> None:
 def _cmd_crop_faces(params, args) -> None:
     from faceid.faces import crop
 
-    crop.run(params.crop_faces, Path(args.input), Path(args.output), lock_wait=args.lock_wait)
+    run = crop.run_many if crop.holds_identities(Path(args.input)) else crop.run
+    run(params.crop_faces, Path(args.input), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_embed_faces(params, args) -> None:
     from faceid.faces import embed
 
-    embed.run(params.embed_faces, Path(args.crops), Path(args.output), lock_wait=args.lock_wait)
+    run = embed.run_many if embed.holds_identities(Path(args.crops)) else embed.run
+    run(params.embed_faces, Path(args.crops), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_similarity(params, args) -> None:
@@ -43,15 +45,24 @@ def _cmd_similarity(params, args) -> None:
 
 
 def _cmd_prepare_pose(params, args) -> None:
+    import dataclasses
+
     from faceid.pose import prepare
 
+    cfg = params.prepare_pose
+    if args.workers is not None:
+        if args.workers < 0:
+            raise ConfigError(f"--workers: expected >= 0 (0 = one per CPU, 1 = in this process), got {args.workers}")
+        cfg = dataclasses.replace(cfg, workers=args.workers)
     prepare.run(
-        params.prepare_pose,
+        cfg,
         Path(args.videos),
         Path(args.pose_videos) if args.pose_videos else None,
         Path(args.output),
         captions=Path(args.captions) if args.captions else None,
         lock_wait=args.lock_wait,
+        ray_address=_ray_address(params, args),
+        num_cpus=params.ray.num_cpus,
     )
 
 
@@ -185,11 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="data/sample")
 
     p = add("crop-faces", _cmd_crop_faces, "detect, align, quality-filter and crop reference face photos")
-    p.add_argument("--input", required=True, help="folder of photos of one person")
+    p.add_argument("--input", required=True,
+                   help="folder of photos of one person; or a folder of such folders and no photos (many identities "
+                        "as one job, models loaded once): each is cropped into OUTPUT/<folder name>/, and an identity "
+                        "that fails leaves its output as it was while the others go on (exit 2 at the end)")
     p.add_argument("--output", required=True)
 
     p = add("embed-faces", _cmd_embed_faces, "embed face crops; identity embedding and outlier report")
-    p.add_argument("--crops", required=True, help="output folder of crop-faces")
+    p.add_argument("--crops", required=True,
+                   help="output folder of crop-faces; or a folder of them (crop-faces run on a folder of identities): "
+                        "each is embedded into OUTPUT/<folder name>/, embedder loaded once")
     p.add_argument("--output", required=True)
 
     p = add("similarity", _cmd_similarity, "FaceSim: per-frame identity similarity of a video to a reference")
@@ -202,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose-videos", help="folder of pre-rendered *_pose.mp4 videos (optional)")
     p.add_argument("--captions", help="captions.csv (name,caption); default: <name>.txt sidecars or the default prompt")
     p.add_argument("--output", required=True)
+    p.add_argument("--workers", type=int, help="clip makers (default prepare_pose.workers): 0 = one per CPU on Ray, "
+                   "1 = in this process without Ray")
+    p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
 
     mlflow_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)"
     for name in ("train-lora", "train"):

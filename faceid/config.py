@@ -114,6 +114,7 @@ class PreparePoseConfig:
     default_caption: str
     person_aware_crop: bool
     face_samples: int  # frames per clip whose face region (source resolution) goes to faces.npz; 0 = off
+    workers: int  # clip makers: 0 = one per CPU of the Ray cluster (local Ray: this machine); 1 = in this process, no Ray
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}.{name}: expected a positive multiple of 16, got {v}")
         if obj.face_samples < 0:
             raise ConfigError(f"{prefix}.face_samples: expected >= 0 (0 = no face regions), got {obj.face_samples}")
+        if obj.workers < 0:
+            raise ConfigError(f"{prefix}.workers: expected >= 0 (0 = one per CPU, 1 = in this process), got {obj.workers}")
     if isinstance(obj, LoraConfig) and obj.rank <= 0:
         raise ConfigError(f"{prefix}.rank: expected a positive integer, got {obj.rank}")
     if isinstance(obj, TrainLoraConfig):

@@ -1,4 +1,4 @@
-"""Ray for train-lora and batch-infer: the one place that starts, joins and stops it.
+"""Ray for prepare-pose, train-lora and batch-infer: the one place that starts, joins and stops it.
 
 :func:`session` is the only caller of ``ray.init`` / ``ray.shutdown`` in faceid:
 
@@ -50,14 +50,16 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
     import ray
 
     if ray.is_initialized():
-        yield
+        with _ray_data_quiet():
+            yield
         return
     logging_config = ray.LoggingConfig(log_level=RAY_LOG_LEVEL)
     if address:
         with _driver_logging_kept():
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         try:
-            yield
+            with _ray_data_quiet():
+                yield
         finally:
             ray.shutdown()
         return
@@ -68,7 +70,8 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
             ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
                      log_to_driver=log_to_driver, logging_config=logging_config)
         try:
-            yield
+            with _ray_data_quiet():
+                yield
         finally:
             ray.shutdown()
     finally:
@@ -122,6 +125,21 @@ def _driver_logging_kept() -> Iterator[None]:
     finally:
         root.setLevel(level)
         root.handlers[:] = handlers
+
+
+@contextlib.contextmanager
+def _ray_data_quiet() -> Iterator[None]:
+    """Ray Data's driver-side records (progress-bar notice, "execution finished") at
+    :data:`RAY_LOG_LEVEL` on the terminal for the block."""
+    import logging
+
+    data = logging.getLogger("ray.data")
+    level = data.level
+    data.setLevel(RAY_LOG_LEVEL)
+    try:
+        yield
+    finally:
+        data.setLevel(level)
 
 
 # --------------------------------------------------------------------------- the watchdog process

@@ -29,7 +29,7 @@ def infer(
 ) -> Dataset:
     videos = dsl.importer(artifact_uri=dance_videos, artifact_class=Dataset, reimport=False)
     videos.set_display_name("import-videos")
-    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
+    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path, profile=profile, ray_address=ray_address))
     generated = on_gpu(batch_infer(
         clips=clips.outputs["clips"], identity=identity, alias=alias, params_path=params_path,
         profile=profile, face_scale=face_scale, lora_scale=lora_scale, ray_address=ray_address, mlflow_uri=mlflow_uri,

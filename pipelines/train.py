@@ -41,7 +41,7 @@ def train(
 
     crops = on_cpu(crop_faces(photos=photos.output, params_path=params_path))
     embeddings = on_cpu(embed_faces(crops=crops.outputs["crops"], params_path=params_path))
-    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path))
+    clips = on_cpu(prepare_pose(videos=videos.output, params_path=params_path, profile=profile, ray_address=ray_address))
 
     trained = on_gpu(train_lora(
         crops=crops.outputs["crops"], embeddings=embeddings.outputs["embeddings"], clips=clips.outputs["clips"],

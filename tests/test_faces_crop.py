@@ -576,3 +576,21 @@ def test_photo_max_side_is_validated(repo):
     for bad in (100, -1):
         with pytest.raises(ConfigError, match=rf"crop_faces\.photo_max_side: expected 0 \(full size\) or >= 256 px, got {bad}"):
             load_params(path, [f"crop_faces.photo_max_side={bad}"])
+
+
+def test_write_png_round_trips_exactly(tmp_path):
+    """crop-faces' PNG writer (photos, crops, contact sheet): Pillow and libpng read back the same pixels."""
+    import cv2
+
+    from faceid.io import write_png
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1, 3), (1, 7, 3), (5, 1, 3), (31, 17, 3)):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        write_png(tmp_path / "x.png", pixels)
+        with Image.open(tmp_path / "x.png") as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(im), pixels)
+        np.testing.assert_array_equal(cv2.imread(str(tmp_path / "x.png"))[:, :, ::-1], pixels)
+    with pytest.raises(ValueError, match=r"expected an RGB uint8 image"):
+        write_png(tmp_path / "grey.png", np.zeros((4, 4), np.uint8))

@@ -137,11 +137,12 @@ def test_ray_cluster_runs_the_pinned_gpu_image_and_this_ray():
 
     (cluster,) = by_kind("RayCluster")
     assert cluster["spec"]["rayVersion"] == ray.__version__
-    groups = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
-    for group in groups:
+    head, gpu, cpu = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    for group, image in [(head, components.GPU_IMAGE), (gpu, components.GPU_IMAGE), (cpu, components.IMAGE)]:
         for container in group["template"]["spec"]["containers"]:
-            assert container["image"] == components.GPU_IMAGE
-    worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+            assert container["image"] == image
+    assert "nvidia.com/gpu" not in str(cpu)  # prepare-pose's clip makers: CPU nodes
+    worker = gpu["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"][pipelines.GPU_RESOURCE] == "1"
     assert worker["nodeSelector"] == {pipelines.GPU_NODE_LABEL[0]: pipelines.GPU_NODE_LABEL[1]}
     assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == pipelines.MODELS_PVC

@@ -33,6 +33,7 @@ def cfg(params):
     return dataclasses.replace(
         params.prepare_pose, fps=16, num_frames=17, height=96, width=64, stride=8, max_clips_per_video=0,
         min_pose_detection_rate=0.5, default_caption="a person dancing", person_aware_crop=True, face_samples=5,
+        workers=1,  # in this process (Ray: tests/test_pose_scale.py)
     )
 
 

@@ -27,7 +27,7 @@ def world(tmp_path_factory, params, sample_identity):
     assert sample_data.VIDEO_SOURCES[2] == "biden.jpg"
     sample_data.run(sample, root / "sample")
     reference, _ = embed.load_identity_embedding(sample_identity[1])  # crop-faces + embed-faces of the obama photos
-    cfg = dataclasses.replace(params.prepare_pose, max_clips_per_video=1)  # params.yaml: 17 frames, 64x64, 5 samples
+    cfg = dataclasses.replace(params.prepare_pose, max_clips_per_video=1, workers=1)  # params.yaml: 17 frames, 64x64, 5 samples
     prepare.run(cfg, root / "sample" / "videos", None, root / "clips")
     clips = {c.clip_id: c for c in load_clips(root / "clips")}
     return {"root": root, "reference": reference, "clips": clips, "params": params}

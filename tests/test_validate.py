@@ -83,7 +83,7 @@ def world(tmp_path_factory, params, sample_dir):
     from faceid.train.launch import log_to_mlflow
 
     root = tmp_path_factory.mktemp("validate")
-    p = small(params, prepare_pose__num_frames=9, prepare_pose__max_clips_per_video=1,
+    p = small(params, prepare_pose__num_frames=9, prepare_pose__max_clips_per_video=1, prepare_pose__workers=1,
               render_validation__num_inference_steps=2, render_validation__num_clips=2)
     prepare.run(p.prepare_pose, sample_dir / "videos", None, root / "clips")
     crop.run(p.crop_faces, sample_dir / "identities" / "obama", root / "crops")

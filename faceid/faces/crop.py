@@ -9,7 +9,10 @@ scaled by their real range), :func:`crop_face` (one image -> :class:`FaceCrop` o
 atomically. Every input photo gets a manifest row; rejections carry a reason code (``unreadable``,
 ``image_too_small``, ``image_too_large``, ``blank_image`` (no face, and the image is almost uniform),
 ``no_face``, ``face_too_small``, ``extreme_pose``, ``too_blurry``, ``duplicate``) and a human-readable detail.
-``<stem>.txt`` files are caption sidecars of the photos named ``<stem>.*``, not inputs.
+``<stem>.txt`` files are caption sidecars of the photos named ``<stem>.*``, not inputs. While one
+photo is detected, the next decodes on a thread and PNGs are written on two more (:func:`run`).
+:func:`run_many` crops a folder of identity folders as one job, the models loaded once
+(:func:`holds_identities`, :mod:`faceid.faces.many`).
 
 Photos with several faces: the largest face is not necessarily the person (a group photo with a
 stranger in front). crop-faces keeps every face that passes the checks, up to ``MAX_FACES``:
@@ -22,8 +25,12 @@ returns the face embed-faces chose).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +38,9 @@ import numpy as np
 
 from faceid.config import CropFacesConfig
 from faceid.errors import InputError
-from faceid.faces.detect import Aligner, Face, build_detector, estimate_yaw, rank_faces
-from faceid.io import atomic_dir, output_lock, progress, read_parquet, require_dir, sha256_file, write_parquet
+from faceid.faces.detect import Aligner, Face, build_detector, detection_copy, estimate_yaw, rank_faces
+from faceid.faces.many import each_identity, identity_folders
+from faceid.io import atomic_dir, output_lock, progress, read_parquet, require_dir, sha256_file, write_parquet, write_png
 
 QUALITY_SIZE = 150  # sharpness is measured on the aligned chip at this size (dlib's recogniser input)
 MAX_FACES = 4  # faces of one photo kept as candidates for embed-faces (the main face and 3 others)
@@ -131,7 +139,7 @@ def _to_rgb(im) -> tuple[np.ndarray, bool]:
         if had_alpha:
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        pixels = np.asarray(im.convert("RGB"))
+        pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert("RGB") copies an RGB image
     except ValueError as exc:  # a mode PIL cannot convert
         raise UnreadableImage("unreadable", f"image mode {im.mode} cannot be converted to RGB ({exc})") from exc
     return np.ascontiguousarray(pixels), had_alpha
@@ -153,7 +161,8 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
                     )
                 im.load()
                 exif_rotated = im.getexif().get(0x0112, 1) not in (0, 1)
-                pixels, had_alpha = _to_rgb(ImageOps.exif_transpose(im))
+                # exif_transpose copies the image even when there is nothing to turn: call it only then
+                pixels, had_alpha = _to_rgb(ImageOps.exif_transpose(im) if exif_rotated else im)
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -216,7 +225,8 @@ def _check_face(image: np.ndarray, faces: list[Face], index: int, aligner: Align
     return found
 
 
-def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfig) -> FaceCrop | Rejection:
+def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfig,
+              small: tuple[np.ndarray, float] | None = None) -> FaceCrop | Rejection:
     """Detect the faces of one RGB photo, align them, crop them at ``cfg.crop_sizes`` and check quality.
 
     Faces are tried in main-face order (largest, preferring central ones); the first that passes the
@@ -224,11 +234,12 @@ def crop_face(image: np.ndarray, detector, aligner: Aligner, cfg: CropFacesConfi
     ``FaceCrop.others``: size does not say *who* a face is, so embed-faces picks the person's face
     among them. The photo is rejected only when no face passes, with the main face's reason. No face
     at all on an almost uniform image (grey-level std < ``BLANK_MAX_STD``) is ``blank_image``.
+    ``small``: :func:`faceid.faces.detect.detection_copy` of ``image``, if the caller made it already.
     """
     h, w = image.shape[:2]
     if min(h, w) < cfg.min_face_size:
         return Rejection("image_too_small", f"image is {w}x{h} px, smaller than min_face_size {cfg.min_face_size} px")
-    faces = detector.detect(image)
+    faces = detector.detect(image, small)
     if not faces:
         std = grey_std(image)
         if std < BLANK_MAX_STD:
@@ -423,10 +434,78 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str, str, bool]], columns: int =
     return sheet
 
 
-def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict:
-    """Crop every photo in ``input_dir``; write the manifest, photos, crops, summary and contact sheet to ``output_dir``."""
-    from PIL import Image
+@contextlib.contextmanager
+def face_models(cfg: CropFacesConfig) -> Iterator[tuple[object, Aligner]]:
+    """``(detector, aligner)`` of ``cfg`` for the block, the detector closed after it: build them once
+    and pass them to any number of :func:`run` calls (:func:`run_many` does)."""
+    detector = build_detector(cfg.detector, cfg.min_detection_confidence)
+    try:
+        yield detector, Aligner()
+    finally:
+        detector.close()
 
+
+@dataclass(frozen=True, eq=False)
+class _Decoded:
+    """A photo decoded, with the downscaled copies every step works on (crop-faces' reading thread)."""
+
+    loaded: LoadedImage
+    photo: np.ndarray  # long side <= photo_max_side: written as photos/<name>.png; perceptual hash, contact sheet tile
+    photo_scale: float
+    detection: tuple[np.ndarray, float]  # faceid.faces.detect.detection_copy
+
+
+def _decode(path: Path, cfg: CropFacesConfig) -> _Decoded | UnreadableImage:
+    try:
+        loaded = load_image(path, cfg.max_image_pixels)
+    except UnreadableImage as exc:
+        return exc
+    photo, scale = downscale_photo(loaded.pixels, cfg.photo_max_side)
+    return _Decoded(loaded, photo, scale, detection_copy(loaded.pixels))
+
+
+def _read_ahead(pool: ThreadPoolExecutor, paths: list[Path], cfg: CropFacesConfig) -> Iterator[_Decoded | UnreadableImage]:
+    """:func:`_decode` of each path in order; the next photo decodes on ``pool`` while the caller works
+    on this one (PIL decoding and OpenCV resizing run without the GIL)."""
+    pending = pool.submit(_decode, paths[0], cfg) if paths else None
+    for k in range(len(paths)):
+        current = pending.result()
+        if k + 1 < len(paths):
+            pending = pool.submit(_decode, paths[k + 1], cfg)
+        yield current
+
+
+class _PngWriter:
+    """Writes PNG files (:func:`faceid.io.write_png`) on ``pool``, where they run without the GIL. At
+    most ``depth`` images wait, so memory stays bounded; :meth:`wait` returns once every file is written
+    and raises the first error."""
+
+    def __init__(self, pool: ThreadPoolExecutor, depth: int = 8):
+        self._pool, self._depth, self._pending = pool, depth, collections.deque()
+
+    def save(self, pixels: np.ndarray, path: Path) -> None:
+        self._pending.append(self._pool.submit(write_png, path, pixels))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+
+def _face_paths(name: str, candidate: int, sizes: tuple[int, ...]) -> dict[int, str]:
+    """``{size: path relative to the output}`` of a face's crops: the main face (candidate 0) in
+    ``crops/``, the photo's other candidate faces in ``other_faces/``."""
+    if candidate == 0:
+        return {s: f"crops/{s}/{name}.png" for s in sizes}
+    return {s: f"other_faces/{s}/{name}.{candidate}.png" for s in sizes}
+
+
+def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: float = 0.0, models=None,
+        desc: str = "crop-faces") -> dict:
+    """Crop every photo in ``input_dir``; write the manifest, photos, crops, summary and contact sheet to
+    ``output_dir``. ``models``: ``(detector, aligner)`` from :func:`face_models`, shared between runs;
+    None builds them here, once the output lock is held. ``desc`` labels the progress bar."""
     # 1. Check inputs
     input_dir = require_dir(input_dir, "a folder of photos of one person")
     files, sidecars = _list_inputs(input_dir)
@@ -435,40 +514,50 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
     names = _unique_names(files)
     sizes = tuple(sorted(set(cfg.crop_sizes)))
 
-    # one writer (faceid.io.output_lock); nothing appears at output_dir unless every step succeeds
-    with output_lock("crop-faces", output_dir, lock_wait), atomic_dir(output_dir) as tmp:
-        # 2. Per image: decode once, detect, align, quality; the photo of each image that passes is written now
+    # one writer (faceid.io.output_lock); nothing appears at output_dir unless every step succeeds; the
+    # threads decode the next photo and write PNGs while this one detects (closed before tmp is renamed)
+    with (
+        output_lock("crop-faces", output_dir, lock_wait),
+        atomic_dir(output_dir) as tmp,
+        (face_models(cfg) if models is None else contextlib.nullcontext(models)) as (detector, aligner),
+        ThreadPoolExecutor(1, thread_name_prefix="crop-faces-read") as reader,
+        ThreadPoolExecutor(2, thread_name_prefix="crop-faces-write") as write_pool,
+    ):
+        # 2. Per image: decode once (one photo ahead, on the reading thread), detect, align, quality; the
+        #    photo and crops of each image that passes are written now (on the writing threads)
+        writer = _PngWriter(write_pool)
         (tmp / "photos").mkdir()
-        detector, aligner = build_detector(cfg.detector, cfg.min_detection_confidence), Aligner()
+        for size in sizes:
+            (tmp / "crops" / str(size)).mkdir(parents=True)
         rows, results, tiles, hashes, photo_scales = [], [], [], {}, {}
-        try:
-            for path, name in progress(list(zip(files, names)), desc="crop-faces"):
-                row = _row(path, name, sizes)
-                row["caption"] = captions.get(path.stem)
-                image = None
-                try:
-                    loaded = load_image(path, cfg.max_image_pixels)
-                    image = loaded.pixels
-                    row.update(height=image.shape[0], width=image.shape[1], exif_rotated=loaded.exif_rotated)
-                    result = crop_face(image, detector, aligner, cfg)
-                    phash = phash64(image)
-                    row["phash"] = f"{phash:016x}"
-                    hashes[len(rows)] = (phash, (-image.shape[0] * image.shape[1], loaded.had_alpha, name))
-                except UnreadableImage as exc:
-                    result = Rejection(exc.reason, exc.detail)
-                found = result if isinstance(result, FaceCrop) else result.found
-                if found is not None:
-                    row.update(num_faces=found.num_faces, num_candidates=1 + len(found.others), **_face_columns(found))
-                if isinstance(result, Rejection):
-                    row.update(reason=result.reason, detail=result.detail)
-                else:
-                    photo, photo_scales[len(rows)] = downscale_photo(image, cfg.photo_max_side)
-                    Image.fromarray(photo).save(tmp / "photos" / f"{name}.png", compress_level=1)
-                rows.append(row)
-                results.append(result)
-                tiles.append(_thumb(result, image))
-        finally:
-            detector.close()
+        for path, name, decoded in progress(zip(files, names, _read_ahead(reader, files, cfg)), total=len(files), desc=desc):
+            row = _row(path, name, sizes)
+            row["caption"] = captions.get(path.stem)
+            photo = None
+            if isinstance(decoded, UnreadableImage):
+                result = Rejection(decoded.reason, decoded.detail)
+            else:
+                image, photo, photo_scales[len(rows)] = decoded.loaded.pixels, decoded.photo, decoded.photo_scale
+                row.update(height=image.shape[0], width=image.shape[1], exif_rotated=decoded.loaded.exif_rotated)
+                result = crop_face(image, detector, aligner, cfg, small=decoded.detection)
+                phash = phash64(photo)  # a 32x32 area average: of the photo copy as of the full image
+                row["phash"] = f"{phash:016x}"
+                hashes[len(rows)] = (phash, (-image.shape[0] * image.shape[1], decoded.loaded.had_alpha, name))
+            found = result if isinstance(result, FaceCrop) else result.found
+            if found is not None:
+                row.update(num_faces=found.num_faces, num_candidates=1 + len(found.others), **_face_columns(found))
+            if isinstance(result, Rejection):
+                row.update(reason=result.reason, detail=result.detail)
+            else:
+                writer.save(photo, tmp / "photos" / f"{name}.png")
+                for k, face in enumerate((result, *result.others)):
+                    for size, rel in _face_paths(name, k, sizes).items():
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        writer.save(face.crops[size], tmp / rel)
+            rows.append(row)
+            results.append(result)
+            tiles.append(_thumb(result, photo))
+        writer.wait()
 
         # 3. Duplicates among the images that passed the per-image checks (keep the largest; no alpha first)
         candidates = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
@@ -476,8 +565,11 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
         for k, kept in dups.items():
             i, j = candidates[k], candidates[kept]
             rows[i].update(reason="duplicate", detail=f"near-identical to {rows[j]['path']} (perceptual hash)", duplicate_of=rows[j]["path"])
-            results[i] = Rejection("duplicate", rows[i]["detail"], results[i])
+            for c in range(1 + len(results[i].others)):
+                for rel in _face_paths(rows[i]["name"], c, sizes).values():
+                    (tmp / rel).unlink()
             (tmp / "photos" / f"{rows[i]['name']}.png").unlink()
+            results[i] = Rejection("duplicate", rows[i]["detail"], results[i])
         accepted = [i for i, r in enumerate(results) if isinstance(r, FaceCrop)]
 
         # 4. Enough usable photos?
@@ -488,29 +580,20 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
                 f"Rejected:\n{listing or '  (none)'}"
             )
 
-        # 5. Write crops, manifest, summary, contact sheet
+        # 5. Write manifest, summary, contact sheet (photos and crops are written)
         counts: dict[str, int] = {}
         for r in rows:
             if r["reason"]:
                 counts[r["reason"]] = counts.get(r["reason"], 0) + 1
         rejected_text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         line = f"crop-faces: {len(accepted)}/{len(rows)} photos accepted" + (f" (rejected: {rejected_text})" if counts else "") + f" -> {output_dir}"
-        for size in sizes:
-            (tmp / "crops" / str(size)).mkdir(parents=True)
         other_rows = []
         for i in accepted:
             rows[i].update(status="accepted", photo_path=f"photos/{rows[i]['name']}.png", photo_scale=photo_scales[i])
-            for size in sizes:
-                rel = f"crops/{size}/{rows[i]['name']}.png"
-                Image.fromarray(results[i].crops[size]).save(tmp / rel)
-                rows[i][f"crop_{size}"] = rel
+            rows[i].update({f"crop_{size}": rel for size, rel in _face_paths(rows[i]["name"], 0, sizes).items()})
             for k, other in enumerate(results[i].others, start=1):  # a photo with several faces: the candidates
                 other_rows.append({"name": rows[i]["name"], "candidate": k, **_face_columns(other)})
-                for size in sizes:
-                    rel = f"other_faces/{size}/{rows[i]['name']}.{k}.png"
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(other.crops[size]).save(tmp / rel)
-                    other_rows[-1][f"crop_{size}"] = rel
+                other_rows[-1].update({f"crop_{size}": rel for size, rel in _face_paths(rows[i]["name"], k, sizes).items()})
         write_parquet(tmp / "manifest.parquet", rows, schema=_manifest_schema(sizes))
         write_parquet(tmp / "other_faces.parquet", other_rows, schema=_other_faces_schema(sizes))
         details = [
@@ -523,12 +606,43 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
         details += [f"  unused   {n}: caption sidecar without a photo named {Path(n).stem}.*" for n in unused]
         (tmp / "summary.txt").write_text("\n".join([line, *details]) + "\n")
         notes = [(t, r["name"], "accepted" if i in accepted else r["reason"], i in accepted) for i, (t, r) in enumerate(zip(tiles, rows))]
-        contact_sheet(notes).save(tmp / "contact_sheet.png")
+        write_png(tmp / "contact_sheet.png", np.asarray(contact_sheet(notes)))
     print(line)
     return {
         "accepted": len(accepted), "rejected": len(rows) - len(accepted), "reasons": counts,
         "unused_sidecars": unused, "output": str(output_dir),
     }
+
+
+def holds_identities(folder: Path) -> bool:
+    """True for a folder of identity folders: no photo directly in it (caption sidecars and hidden files
+    do not count), and at least one visible sub-folder. :func:`run_many` crops each sub-folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return not any(p.is_file() and p.suffix.lower() != CAPTION_SUFFIX for p in entries) and any(p.is_dir() for p in entries)
+
+
+def run_many(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict[str, dict]:
+    """Crop every identity folder of ``input_dir`` (:func:`holds_identities`) into ``output_dir/<folder name>/``
+    as one job, loading the models once: ``{identity: run() summary}``. Each identity is a :func:`run`
+    (its own output lock, written atomically); one that fails keeps its output as it was and the others
+    go on; the job fails at the end naming each failed identity (:mod:`faceid.faces.many`)."""
+    folders = identity_folders(input_dir, output_dir, "a folder of identity folders, each holding photos of one person")
+    loose = sorted(p.name for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() == CAPTION_SUFFIX
+                   and not p.name.startswith("."))
+    if loose:
+        raise InputError(f"{input_dir}: caption sidecar(s) {', '.join(loose)} directly in a folder of identity folders; "
+                         "a caption belongs beside its photo, in the identity's folder")
+
+    def check(folder: Path) -> None:
+        _read_captions(_list_inputs(folder)[1])
+
+    return each_identity(
+        "crop-faces", folders, output_dir, check, lambda: face_models(cfg),
+        lambda folder, out, models, desc: run(cfg, folder, out, lock_wait, models=models, desc=desc),
+    )
 
 
 def _crop_size(crops_dir: Path, rows: list[dict], size: int) -> int:

@@ -92,6 +92,13 @@ def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return small, scale
 
 
+def detection_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(copy, scale)``: what the detectors look at, ``image`` downscaled to at most ``DETECT_MAX_SIDE``
+    (copy px = image px x scale). A caller may make it ahead (crop-faces does, on its decoding thread)
+    and pass it to ``detect(image, small)``: the faces are exactly those ``detect(image)`` finds."""
+    return _downscale(image, DETECT_MAX_SIDE)
+
+
 class MediapipeDetector:
     name = "mediapipe"
 
@@ -99,8 +106,9 @@ class MediapipeDetector:
         mp = import_mediapipe()
         self._fd = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        small, scale = _downscale(image, DETECT_MAX_SIDE)
+    def detect(self, image: np.ndarray, small: tuple[np.ndarray, float] | None = None) -> list[Face]:
+        """The faces of ``image``, found on ``small`` = :func:`detection_copy` of it (made here if None)."""
+        small, scale = detection_copy(image) if small is None else small
         h, w = small.shape[:2]
         result = self._fd.process(np.ascontiguousarray(small))
         faces = []
@@ -125,8 +133,9 @@ class DlibHogDetector:
 
         self._hog = dlib.get_frontal_face_detector()
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        small, scale = _downscale(image, DETECT_MAX_SIDE)
+    def detect(self, image: np.ndarray, small: tuple[np.ndarray, float] | None = None) -> list[Face]:
+        """The faces of ``image``, found on ``small`` = :func:`detection_copy` of it (made here if None)."""
+        small, scale = detection_copy(image) if small is None else small
         upsample = 1 if max(small.shape[:2]) < 640 else 0
         rects, scores, _ = self._hog.run(np.ascontiguousarray(small), upsample, 0.0)
         return [
@@ -139,7 +148,7 @@ class DlibHogDetector:
 
 
 def build_detector(name: str, min_confidence: float):
-    """``mediapipe`` or ``dlib-hog`` -> an object with ``.detect(image RGB uint8) -> list[Face]``."""
+    """``mediapipe`` or ``dlib-hog`` -> an object with ``.detect(image RGB uint8, small=None) -> list[Face]``."""
     if name == "mediapipe":
         return MediapipeDetector(min_confidence)
     if name == "dlib-hog":

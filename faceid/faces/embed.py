@@ -21,6 +21,7 @@ photos, outlier = excluded, reason) and ``report.json`` (groups, photos with sev
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
+from faceid.faces.many import each_identity, identity_folders
 from faceid.io import atomic_dir, output_lock, require_dir, require_file, write_json, write_parquet
 
 # Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
@@ -283,22 +285,45 @@ def _groups_text(groups: list[list[int]], names: list[str], identity: bool) -> s
     )
 
 
-def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict:
+def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait: float = 0.0, embedder=None) -> dict:
     """Embed the accepted crops of ``crops_dir``, decide the identity (:func:`decide_identity`);
     write embeddings, table and report to ``output_dir``, or nothing on an error. One writer at a
-    time (:func:`faceid.io.output_lock`; ``lock_wait`` seconds to wait for another run)."""
+    time (:func:`faceid.io.output_lock`; ``lock_wait`` seconds to wait for another run).
+    ``embedder``: one from :func:`build_embedder` to share between runs; None builds it here."""
     with output_lock("embed-faces", output_dir, lock_wait):
-        return _embed(cfg, Path(crops_dir), Path(output_dir))
+        return _embed(cfg, Path(crops_dir), Path(output_dir), embedder or build_embedder(cfg))
 
 
-def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path) -> dict:
+def holds_identities(crops_dir: Path) -> bool:
+    """True for a folder of crop-faces outputs (``faceid crop-faces`` on a folder of identity folders
+    writes one): no ``manifest.parquet`` directly in it, and at least one visible sub-folder."""
+    crops_dir = Path(crops_dir)
+    return (crops_dir.is_dir() and not (crops_dir / "manifest.parquet").exists()
+            and any(p.is_dir() and not p.name.startswith(".") for p in crops_dir.iterdir()))
+
+
+def run_many(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait: float = 0.0) -> dict[str, dict]:
+    """Embed every crop-faces output in ``crops_dir`` (:func:`holds_identities`) into
+    ``output_dir/<folder name>/`` as one job, loading the embedder once: ``{identity: run() report}``.
+    Each identity is a :func:`run` (its own output lock, written atomically); one that fails keeps its
+    output as it was and the others go on; the job fails at the end naming each failed identity
+    (:mod:`faceid.faces.many`)."""
+    folders = identity_folders(crops_dir, output_dir, "a folder of crop-faces outputs, one per identity")
+    return each_identity(
+        "embed-faces", folders, output_dir,
+        lambda folder: require_file(folder / "manifest.parquet", "a crop-faces output folder"),
+        lambda: contextlib.nullcontext(build_embedder(cfg)),
+        lambda folder, out, embedder, desc: run(cfg, folder, out, lock_wait, embedder=embedder),
+    )
+
+
+def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -> dict:
     from PIL import Image
     from safetensors.numpy import save_file
 
     from faceid.faces.crop import read_candidates
 
-    # 1. Inputs and embedder
-    embedder = build_embedder(cfg)
+    # 1. Inputs (the embedder is built)
     crops_dir = Path(crops_dir)
     items = read_candidates(crops_dir, embedder.input_size)
     if len(items) < cfg.min_photos:

@@ -36,17 +36,20 @@ of any identity; training scores the regions per identity (faceid.train.routing)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from faceid.config import PreparePoseConfig, to_dict
-from faceid.errors import InputError
+from faceid.errors import FaceidError, InputError
 from faceid.io import atomic_dir, output_lock, progress, require_dir, require_file, sha256_file, write_parquet
 from faceid.pose.video import VIDEO_EXTENSIONS
 
@@ -61,6 +64,9 @@ FACE_MIN_CONFIDENCE = 0.5
 FACE_REGION_SCALE = 2.0  # region side / face box longer side: the whole head and some context
 FACE_REGION_SIZE = 256  # px, side of the stored face regions
 CLIP_FILES = ("video.mp4", "pose.mp4", "keypoints.npz", "faces.npz")
+PLAN_THREADS = 8  # videos probed and hashed at once
+MAX_CLIPS_PER_CALL = 4  # clips a Ray worker takes at a time (its decode / pose / encode overlap within them)
+LOCAL_RAY_MIN_CLIPS = 8  # workers 0 on one machine: fewer clips to make are made in this process
 
 COLUMNS = (
     ("clip_id", "string"), ("source", "string"), ("start_frame", "int64"), ("num_frames", "int64"),
@@ -335,7 +341,8 @@ def plan_video(cfg: PreparePoseConfig, video: Path, pose: Path | None, caption: 
             f"a clip needs {cfg.num_frames} ({cfg.num_frames / cfg.fps:.2f} s)"
         )
     size = analysis_size(info["height"], info["width"], cfg.height, cfg.width)
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("default_caption", "max_clips_per_video", "min_pose_detection_rate")}
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("default_caption", "max_clips_per_video", "min_pose_detection_rate", "workers")}
     key = {
         "version": FORMAT_VERSION,
         "video": sha256_file(video),
@@ -344,6 +351,23 @@ def plan_video(cfg: PreparePoseConfig, video: Path, pose: Path | None, caption: 
     }
     starts = clip_starts(len(v_idx), cfg.num_frames, cfg.stride, cfg.max_clips_per_video)
     return VideoPlan(video, pose, caption, v_idx, p_idx, size, starts, key, notes)
+
+
+def plan_videos(cfg: PreparePoseConfig, pairs: list[tuple[Path, Path | None]], captions: dict[str, str]) -> list:
+    """:func:`plan_video` of every pair, in order, a few at a time: each a :class:`VideoPlan` or
+    ``(caption, reason)`` for a rejected video."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(pair):
+        video, pose = pair
+        caption = caption_for(video, captions, cfg.default_caption)
+        try:
+            return plan_video(cfg, video, pose, caption)
+        except Rejected as exc:
+            return caption, str(exc)
+
+    with ThreadPoolExecutor(min(PLAN_THREADS, max(1, len(pairs)))) as pool:
+        return list(progress(pool.map(one, pairs), total=len(pairs), desc="prepare-pose: probe"))
 
 
 def clip_checksum(key: dict, start: int) -> str:
@@ -364,46 +388,244 @@ def _done(clip_dir: Path, checksum: str) -> tuple[np.ndarray, int] | None:
         return None
 
 
-def make_clip(cfg: PreparePoseConfig, plan: VideoPlan, start: int, estimator, detector, clip_dir: Path,
-              checksum: str) -> tuple[np.ndarray, int]:
-    """Decode, estimate, crop, draw, cut face regions and write one clip atomically.
+@dataclass
+class ClipJob:
+    """One clip to make: everything a worker needs (plain values: it travels to Ray workers as JSON)."""
 
-    Returns the ``detected`` flags and the number of face regions (``detector`` may be None when
-    ``face_samples`` is 0).
-    """
+    clip_id: str
+    video: str
+    pose: str | None
+    video_indices: list[int]  # source frames of the clip
+    pose_indices: list[int] | None
+    size: tuple[int, int] | None  # decode size (h, w) of both videos; None = native
+    checksum: str
+
+    @classmethod
+    def of(cls, plan: VideoPlan, start: int, num_frames: int) -> "ClipJob":
+        stop = start + num_frames
+        return cls(
+            clip_id=f"{plan.video.stem}-{start:05d}", video=str(plan.video), pose=str(plan.pose) if plan.pose else None,
+            video_indices=[int(i) for i in plan.video_indices[start:stop]],
+            pose_indices=None if plan.pose_indices is None else [int(i) for i in plan.pose_indices[start:stop]],
+            size=None if plan.size is None else (int(plan.size[0]), int(plan.size[1])),
+            checksum=clip_checksum(plan.key, start),
+        )
+
+
+@dataclass
+class Decoded:
+    """A clip's source frames: at analysis resolution, the pose video's, and the face samples at native size."""
+
+    frames: np.ndarray
+    pose_frames: np.ndarray | None
+    face_frames: np.ndarray
+    face_picks: np.ndarray
+
+
+@dataclass
+class Made:
+    """A clip ready to write."""
+
+    clip: np.ndarray
+    pose: np.ndarray
+    keypoints: np.ndarray
+    detected: np.ndarray
+    faces: dict
+
+
+def decode_clip(cfg: PreparePoseConfig, job: ClipJob) -> Decoded:
+    """1. Decode the clip's frames (analysis resolution), its pose video's, and the face-sample frames
+    at the source's native resolution (same source frames)."""
+    from faceid.pose.video import read_frames
+
+    frames = read_frames(job.video, job.video_indices, job.size)
+    pose_frames = read_frames(job.pose, job.pose_indices, frames.shape[1:3]) if job.pose is not None else None
+    picks = face_sample_frames(cfg.num_frames, cfg.face_samples)
+    native = (read_frames(job.video, [job.video_indices[i] for i in picks]) if len(picks)
+              else np.zeros((0, 1, 1, 3), np.uint8))
+    return Decoded(frames, pose_frames, native, picks)
+
+
+def analyse_clip(cfg: PreparePoseConfig, decoded: Decoded, estimator, detector) -> Made:
+    """2. Find the person, crop both videos with one window, draw the skeleton (unless a pose video
+    was given), cut the face regions. ``detector`` may be None when ``face_samples`` is 0."""
     from faceid.pose.draw import draw_poses
-    from faceid.pose.video import read_frames, write_video
 
-    # 1. Decode the clip's frames at analysis resolution and find the person.
-    stop = start + cfg.num_frames
-    frames = read_frames(plan.video, plan.video_indices[start:stop], plan.size)
+    frames = decoded.frames
     kps = estimator.estimate(frames)
     detected = (kps[..., 2] > 0).any(axis=1)
-    # 2. One crop window for the dance video and its pose video; keypoints into clip pixels.
     h, w = frames.shape[1:3]
     box = crop_box(h, w, cfg.height, cfg.width, kps if cfg.person_aware_crop else None)
     clip = apply_crop(frames, box, cfg.height, cfg.width)
     clip_kps = transform_keypoints(kps, box, cfg.height, cfg.width)
-    # 3. Pose-control frames: the given pose video (same crop) or the drawn skeleton.
-    if plan.pose is not None:
-        pose_frames = apply_crop(read_frames(plan.pose, plan.pose_indices[start:stop], (h, w)), box, cfg.height, cfg.width)
+    if decoded.pose_frames is not None:
+        pose = apply_crop(decoded.pose_frames, box, cfg.height, cfg.width)
     else:
-        pose_frames = draw_poses(clip_kps, cfg.height, cfg.width, DRAW_MIN_CONFIDENCE)
-    # 4. Face regions on a few frames decoded at the source's native resolution (same source frames).
-    picks = face_sample_frames(cfg.num_frames, cfg.face_samples)
-    native = read_frames(plan.video, plan.video_indices[start:stop][picks]) if len(picks) else np.zeros((0, 1, 1, 3), np.uint8)
-    faces = face_regions(native, picks, detector)
-    # 5. Write all four files or none.
+        pose = draw_poses(clip_kps, cfg.height, cfg.width, DRAW_MIN_CONFIDENCE)
+    faces = face_regions(decoded.face_frames, decoded.face_picks, detector)
+    return Made(clip, pose, clip_kps, detected, faces)
+
+
+def write_clip(cfg: PreparePoseConfig, made: Made, clip_dir: Path, checksum: str) -> None:
+    """3. Write all four files or none."""
+    from faceid.pose.video import write_video
+
     with atomic_dir(clip_dir) as tmp:
-        write_video(tmp / "video.mp4", clip, cfg.fps)
-        write_video(tmp / "pose.mp4", pose_frames, cfg.fps)
-        np.savez(tmp / "keypoints.npz", keypoints=clip_kps, detected=detected, checksum=np.array(checksum))
-        np.savez(tmp / "faces.npz", **faces, checksum=np.array(checksum))
-    return detected, len(faces["frames"])
+        write_video(tmp / "video.mp4", made.clip, cfg.fps)
+        write_video(tmp / "pose.mp4", made.pose, cfg.fps)
+        np.savez(tmp / "keypoints.npz", keypoints=made.keypoints, detected=made.detected, checksum=np.array(checksum))
+        np.savez(tmp / "faces.npz", **made.faces, checksum=np.array(checksum))
+
+
+class ClipMaker:
+    """One worker's clip maker (in this process, or one per Ray Data actor).
+
+    The pose estimator and the face detector are built once and reused for every clip. Clips flow
+    through three overlapping steps: a thread decodes the next clip while this thread estimates the
+    current one and another thread encodes the previous one (at most three clips in memory), so the
+    pose model does not wait on video I/O. Each clip's outcome is a dict: ``clip_id``, ``detected``
+    (list of bools) and ``num_face_regions``, or ``error``; one failing clip never stops the others.
+    """
+
+    def __init__(self, cfg: PreparePoseConfig, staging: str | Path):
+        from faceid.faces.detect import build_detector
+        from faceid.pose.estimate import build_estimator
+
+        self.cfg, self.staging = cfg, Path(staging)
+        self.estimator = build_estimator(cfg)
+        self.detector = build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE) if cfg.face_samples > 0 else None
+
+    def make_all(self, jobs: list[ClipJob]) -> Iterator[dict]:
+        """Outcomes in the order of ``jobs``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not jobs:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+            decoding = decoder.submit(decode_clip, self.cfg, jobs[0])
+            writing = None  # (job, made, future) of the clip being written
+            for i, job in enumerate(jobs):
+                current, decoding = decoding, (decoder.submit(decode_clip, self.cfg, jobs[i + 1]) if i + 1 < len(jobs) else None)
+                try:
+                    made = analyse_clip(self.cfg, current.result(), self.estimator, self.detector)
+                    started = (job, made, encoder.submit(write_clip, self.cfg, made, self.staging / job.clip_id, job.checksum))
+                except Exception as exc:
+                    started = None
+                    failed = _failed(job, exc)
+                if writing is not None:
+                    yield _written(*writing)
+                writing = started
+                if started is None:
+                    yield failed
+            if writing is not None:
+                yield _written(*writing)
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data: a batch of JSON jobs -> their JSON outcomes."""
+        jobs = [ClipJob(**json.loads(text)) for text in batch["job"]]
+        for path in [Path(jobs[0].video), self.staging] if jobs else []:
+            if not path.exists():  # a cluster node without the driver's storage: every clip would fail
+                import socket
+
+                raise FaceidError(
+                    f"prepare-pose: the Ray worker on {socket.gethostname()} cannot see {path}; on a cluster the "
+                    "videos and the output folder must be on storage that every Ray node mounts at the same path")
+        return {"outcome": np.array([json.dumps(o) for o in self.make_all(jobs)], dtype=object)}
+
+    def close(self) -> None:
+        self.estimator.close()
+        if self.detector is not None:
+            self.detector.close()
+
+
+def _failed(job: ClipJob, exc: Exception) -> dict:
+    return {"clip_id": job.clip_id, "error": f"failed: {type(exc).__name__}: {exc}"}
+
+
+def _written(job: ClipJob, made: Made, future) -> dict:
+    try:
+        future.result()
+    except Exception as exc:
+        return _failed(job, exc)
+    return {"clip_id": job.clip_id, "detected": [bool(d) for d in made.detected],
+            "num_face_regions": int(len(made.faces["frames"]))}
+
+
+def make_clips(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str = "",
+               num_cpus: int = 0) -> Iterator[dict]:
+    """Make ``jobs`` into ``staging``; yield each outcome as it arrives (any order), with progress.
+
+    Where: ``cfg.workers`` 1 -> in this process. A cluster (``ray_address``) or ``cfg.workers`` >= 2
+    -> on Ray Data: that many actors (0 = one per CPU of the cluster), each a :class:`ClipMaker`.
+    ``cfg.workers`` 0 without a cluster -> local Ray on ``num_cpus`` cores (0 = all) when there are
+    at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make and more than one core, else in this process
+    (starting local Ray costs about as much as making a few clips). On a cluster ``staging`` must
+    be on storage that every node sees (as ``ray.storage_path`` for training).
+    """
+    if not jobs:
+        return
+    cores = num_cpus or os.cpu_count() or 1
+    local_small = not ray_address and cfg.workers == 0 and (len(jobs) < LOCAL_RAY_MIN_CLIPS or cores < 2)
+    if cfg.workers == 1 or local_small:
+        maker = ClipMaker(cfg, staging)
+        try:
+            yield from progress(maker.make_all(jobs), total=len(jobs), desc="prepare-pose")
+        finally:
+            maker.close()
+        return
+    yield from _make_on_ray(cfg, jobs, staging, ray_address, num_cpus)
+
+
+def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str,
+                 num_cpus: int) -> Iterator[dict]:
+    import ray
+    from ray.data import DataContext
+
+    from faceid import ray_local
+
+    with ray_local.session(ray_address, num_cpus, log_to_driver=False):
+        DataContext.get_current().enable_progress_bars = False
+        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(workers, len(jobs))
+        # a few clips per call, so that a worker's decode / pose / encode overlap; ~2 calls per worker
+        per_call = max(1, min(MAX_CLIPS_PER_CALL, -(-len(jobs) // (2 * workers))))
+        texts = [{"job": json.dumps(dataclasses.asdict(j))} for j in jobs]
+        ds = ray.data.from_items(texts, override_num_blocks=-(-len(jobs) // per_call)).map_batches(
+            ClipMaker, fn_constructor_kwargs={"cfg": cfg, "staging": str(staging)}, batch_size=per_call,
+            batch_format="numpy", concurrency=workers, num_cpus=1,
+        )
+        print(f"prepare-pose: {len(jobs)} clips on {workers} Ray worker(s)"
+              + (f" at {ray_address}" if ray_address else " (local Ray)"), file=sys.stderr)
+        try:
+            for row in progress(ds.iter_rows(), total=len(jobs), desc="prepare-pose"):
+                yield json.loads(row["outcome"])
+        except Exception as exc:  # a worker could not start or died: show the cause; finished clips stay staged
+            cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise FaceidError(f"prepare-pose: the Ray Data job failed ({type(exc).__name__}: {cause}); "
+                              "clips made so far are kept and a rerun resumes") from exc
 
 
 def _row(**values) -> dict:
     return {name: values.get(name) for name, _ in COLUMNS}
+
+
+def _clip_row(cfg: PreparePoseConfig, plan: VideoPlan, job: ClipJob, outcome: dict) -> dict:
+    """The manifest row of a clip: ``ok``, or ``rejected`` (failed, or too few frames with a person)."""
+    common = dict(clip_id=job.clip_id, source=plan.video.name, start_frame=int(job.clip_id.rsplit("-", 1)[1]),
+                  num_frames=cfg.num_frames, fps=float(cfg.fps), height=cfg.height, width=cfg.width,
+                  caption=plan.caption, checksum=job.checksum)
+    if "error" in outcome:
+        return _row(**common, status="rejected", reason=outcome["error"])
+    rate = float(np.mean(outcome["detected"]))
+    notes, status = list(plan.notes), "ok"
+    if rate < cfg.min_pose_detection_rate:
+        status = "rejected"
+        notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
+    rel = f"clips/{job.clip_id}"
+    return _row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
+                keypoints_path=f"{rel}/keypoints.npz", faces_path=f"{rel}/faces.npz", pose_detection_rate=rate,
+                num_face_regions=int(outcome["num_face_regions"]), status=status, reason="; ".join(notes))
 
 
 def _schema():
@@ -455,13 +677,11 @@ def report_lines(rows: list[dict]) -> list[str]:
 
 
 def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_dir: Path, captions: Path | None = None,
-        lock_wait: float = 0.0) -> dict:
+        lock_wait: float = 0.0, ray_address: str = "", num_cpus: int = 0) -> dict:
     """Prepare every video in ``videos_dir``; write clips and ``manifest.parquet`` to ``output_dir``.
     Fails (:class:`InputError`), leaving ``output_dir`` as it was, when no clip is usable.
-    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
-    from faceid.faces.detect import build_detector
-    from faceid.pose.estimate import build_estimator
-
+    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`).
+    ``ray_address`` / ``num_cpus``: where the clip makers run (:func:`make_clips`; ``cfg.workers``)."""
     # 1. Check inputs; one writer per output folder
     videos_dir = require_dir(videos_dir, "a folder of dance videos")
     if pose_dir is not None:
@@ -473,61 +693,38 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
         pairs, rejects = find_inputs(videos_dir, pose_dir)
         rows = [_row(clip_id=p.stem, source=p.name, status="rejected", reason=reason) for p, reason in rejects]
 
-        # 2. Plan: probe each video, decide its clips
+        # 2. Plan: probe and hash each video (threads: I/O and decoder index), decide its clips
         plans = []
-        for video, pose in pairs:
-            caption = caption_for(video, table, cfg.default_caption)
-            try:
-                plans.append(plan_video(cfg, video, pose, caption))
-            except Rejected as exc:
-                rows.append(_row(clip_id=video.stem, source=video.name, caption=caption, status="rejected", reason=str(exc)))
-        jobs = [(plan, start) for plan in plans for start in plan.starts]
+        for (video, _), planned in zip(pairs, plan_videos(cfg, pairs, table)):
+            if isinstance(planned, VideoPlan):
+                plans.append(planned)
+            else:
+                rows.append(_row(clip_id=video.stem, source=video.name, caption=planned[0], status="rejected",
+                                 reason=planned[1]))
 
         # 3. Make the clips that are not done yet (same checksum in <out>/clips or in staging = skip);
-        #    new ones go to the staging folder
-        written = skipped = 0
-        staged: set[str] = set()
-        estimator = detector = None
+        #    new ones go to the staging folder, made by workers (ClipMaker: in this process or on Ray Data)
         _clean_partial(staging)
-        try:
-            for plan, start in progress(jobs, total=len(jobs), desc="prepare-pose"):
-                clip_id = f"{plan.video.stem}-{start:05d}"
-                checksum = clip_checksum(plan.key, start)
-                common = dict(clip_id=clip_id, source=plan.video.name, start_frame=start, num_frames=cfg.num_frames,
-                              fps=float(cfg.fps), height=cfg.height, width=cfg.width, caption=plan.caption, checksum=checksum)
-                try:
-                    done = _done(clips_root / clip_id, checksum)
-                    if done is None and (done := _done(staging / clip_id, checksum)) is not None:
-                        staged.add(clip_id)
-                    if done is None:
-                        estimator = estimator or build_estimator(cfg)
-                        if cfg.face_samples > 0:
-                            detector = detector or build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE)
-                        detected, num_regions = make_clip(cfg, plan, start, estimator, detector, staging / clip_id, checksum)
-                        staged.add(clip_id)
-                        written += 1
-                    else:
-                        detected, num_regions = done
-                        skipped += 1
-                except Exception as exc:  # one bad clip never stops the stage; it is reported
-                    rows.append(_row(**common, status="rejected", reason=f"failed: {type(exc).__name__}: {exc}"))
-                    continue
-                rate = float(np.mean(detected))
-                notes = list(plan.notes)
-                status = "ok"
-                if rate < cfg.min_pose_detection_rate:
-                    status = "rejected"
-                    notes.insert(0, f"person detected in {rate:.0%} of frames (< {cfg.min_pose_detection_rate:.0%})")
-                rel = f"clips/{clip_id}"
-                rows.append(_row(**common, video_path=f"{rel}/video.mp4", pose_path=f"{rel}/pose.mp4",
-                                 keypoints_path=f"{rel}/keypoints.npz", faces_path=f"{rel}/faces.npz",
-                                 pose_detection_rate=rate, num_face_regions=num_regions, status=status,
-                                 reason="; ".join(notes)))
-        finally:
-            if estimator is not None:
-                estimator.close()
-            if detector is not None:
-                detector.close()
+        jobs = [(plan, ClipJob.of(plan, start, cfg.num_frames)) for plan in plans for start in plan.starts]
+        outcomes: dict[str, dict] = {}
+        staged: set[str] = set()
+        for _, job in jobs:
+            done = _done(clips_root / job.clip_id, job.checksum)
+            if done is None and (done := _done(staging / job.clip_id, job.checksum)) is not None:
+                staged.add(job.clip_id)
+            if done is not None:
+                outcomes[job.clip_id] = {"clip_id": job.clip_id, "detected": done[0], "num_face_regions": done[1]}
+        skipped = len(outcomes)
+        todo = [job for _, job in jobs if job.clip_id not in outcomes]
+        if todo:
+            staging.mkdir(parents=True, exist_ok=True)
+        for outcome in make_clips(cfg, todo, staging, ray_address, num_cpus):
+            outcomes[outcome["clip_id"]] = outcome
+            if "error" not in outcome:
+                staged.add(outcome["clip_id"])
+        written = len(outcomes) - skipped - sum("error" in o for o in outcomes.values())
+        for plan, job in jobs:
+            rows.append(_clip_row(cfg, plan, job, outcomes[job.clip_id]))
 
         # 4. Nothing usable: fail, output folder untouched. Else move the new clips in, replace the
         #    manifest (atomic), remove clip folders that no row refers to (older settings or inputs)
