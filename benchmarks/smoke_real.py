@@ -43,6 +43,9 @@ SMALL = [  # geometry and step counts of the smoke run (override with --set)
     "train_lora.stage1.steps=1", "train_lora.stage2.steps=1", "train_lora.stage1.warmup_steps=0",
     "train_lora.stage2.warmup_steps=0", "train_lora.checkpoint_every=1", "train_lora.gradient_checkpointing=true",
     "train_lora.use_gpu=false", "train_lora.num_workers=1", "train_lora.photos.views=1",
+    # validation during training: the held-out loss at one timestep; no renders (each costs minutes on CPU at
+    # this size; render_validation renders the real profile below)
+    "train_lora.validation.num_timesteps=1", "train_lora.validation.render_every=0",
     "render_validation.num_clips=1", "render_validation.num_inference_steps=1",
     "batch_infer.num_inference_steps=1", "batch_infer.use_gpu=false", "batch_infer.num_workers=1",
     "model.device=cpu",

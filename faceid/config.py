@@ -145,6 +145,25 @@ class PhotoExamplesConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Validation during training (``train_lora.validation``; ``faceid.train.validation``)."""
+
+    # Steps between held-out losses (also at step 0 and the last step); validate_every and render_every
+    # both 0 = validation off: nothing is held out and the last step is kept.
+    validate_every: int
+    holdout_photos: int  # photos never trained on (identity loss); 0 = the last augmented view of each photo instead
+    num_timesteps: int  # fixed, evenly spaced timesteps (with fixed noise) of the held-out loss
+    render_every: int  # steps between renders of held-out poses (identity and face_scale 0) + FaceSim; 0 = off
+    num_clips: int  # held-out clips rendered (<= train_lora.holdout_clips)
+    num_inference_steps: int
+    guidance_scale: float
+    # auto: FaceSim of the renders once a face is detected in them, else the held-out identity loss
+    criterion: Literal["auto", "facesim", "identity_loss"]
+    patience: int  # validations without improvement that stop a stage; 0 = never stop early
+    keep: Literal["best", "last"]  # the identity folder holds this step (the other goes to <identity>/last/)
+
+
+@dataclass(frozen=True)
 class TrainLoraConfig:
     num_face_tokens: int
     mapper_hidden_dim: int  # 0 = text_dim
@@ -172,6 +191,7 @@ class TrainLoraConfig:
     face_loss_weight: float  # loss weight of latent tokens inside the face box (identity examples); 1 = uniform
     timestep_sampling: Literal["uniform", "logit_normal", "mid_weighted"]
     reference_image: bool  # pass the identity's best aligned crop as VACE reference_images (train + inference)
+    validation: ValidationConfig
 
 
 @dataclass(frozen=True)
@@ -337,6 +357,12 @@ def _validate(obj: Any, prefix: str) -> None:
                               f"got {obj.clip_identity_threshold}")
         if not obj.face_loss_weight >= 1.0:
             raise ConfigError(f"{prefix}.face_loss_weight: expected >= 1 (1 = uniform loss), got {obj.face_loss_weight}")
+        v = obj.validation
+        if v.render_every and v.num_clips > obj.holdout_clips:
+            raise ConfigError(f"{prefix}.validation.num_clips: renders need held-out clips, but num_clips={v.num_clips} > "
+                              f"{prefix}.holdout_clips={obj.holdout_clips}; raise holdout_clips or set render_every: 0")
+    if isinstance(obj, ValidationConfig):
+        _validate_validation(obj, prefix)
     if isinstance(obj, PhotoExamplesConfig):
         if obj.views < 1:
             raise ConfigError(f"{prefix}.views: expected >= 1 (1 = no augmentation), got {obj.views}")
@@ -347,6 +373,30 @@ def _validate(obj: Any, prefix: str) -> None:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
     if isinstance(obj, (BatchInferConfig, RenderValidationConfig)):
         _validate_generation(obj, prefix)
+
+
+def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
+    from faceid.errors import InputError
+    from faceid.model.generate import check_guidance, check_steps
+
+    for name in ("validate_every", "holdout_photos", "render_every", "patience"):
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{prefix}.{name}: expected >= 0 (0 = off), got {getattr(obj, name)}")
+    if not 1 <= obj.num_timesteps <= 1000:
+        raise ConfigError(f"{prefix}.num_timesteps: expected 1..1000 (fixed timesteps of the held-out loss), "
+                          f"got {obj.num_timesteps}")
+    if obj.num_clips < 1:
+        raise ConfigError(f"{prefix}.num_clips: expected >= 1, got {obj.num_clips}")
+    try:
+        check_steps(f"{prefix}.num_inference_steps", obj.num_inference_steps)
+        check_guidance(f"{prefix}.guidance_scale", obj.guidance_scale)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    if obj.criterion == "facesim" and not obj.render_every:
+        raise ConfigError(f"{prefix}.criterion: facesim is measured on renders, but render_every is 0; "
+                          "set render_every > 0 or criterion: auto | identity_loss")
+    if obj.patience and not (obj.validate_every or obj.render_every):
+        raise ConfigError(f"{prefix}.patience: early stop counts validations, but validate_every and render_every are 0")
 
 
 def _validate_generation(obj: Any, prefix: str) -> None:

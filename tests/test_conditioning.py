@@ -39,6 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 F, H, W, S = 9, 64, 64, 8  # frames, pixels, VAE scale
 CAPTION, RED, BLUE = "a person dancing", "a person in red", "a person in blue"  # RED draws A, BLUE draws C
 PRETRAIN_STEPS, STAGE1_STEPS, STAGE2_STEPS = 700, 120, 200
+VALIDATE_EVERY = 40
 
 
 def rect_pose(x0: int, y0: int, dx: int, dy: int = 0, frames: int = F, size=(32, 24)) -> np.ndarray:
@@ -89,6 +90,7 @@ def world(params, tmp_path_factory, one_thread):
     from faceid.train import recipe
     from faceid.train.cache import encode_example
     from faceid.train.examples import IDENTITY, PRIOR
+    from faceid.train.validation import Validation
 
     p = params_from_dict(to_dict(params), [
         f"train_lora.stage1.steps={STAGE1_STEPS}", f"train_lora.stage2.steps={STAGE2_STEPS}",
@@ -143,7 +145,7 @@ def world(params, tmp_path_factory, one_thread):
     base_weights = copy.deepcopy(pipe.transformer.state_dict())
     out = tmp_path_factory.mktemp("conditioning")
 
-    def train(name: str, pools: dict) -> dict:
+    def train(name: str, pools: dict, held_out: dict | None = None) -> tuple[dict, object, object]:
         fresh = build_pipeline(p.model, torch.device("cpu"))
         fresh.transformer.load_state_dict(base_weights)
         torch.manual_seed(tcfg.seed)
@@ -151,17 +153,28 @@ def world(params, tmp_path_factory, one_thread):
         add_lora(fresh.transformer, tcfg.lora)
         model = recipe.FaceConditionedDiT(fresh.transformer, mapper)
         state = {"step": 0, "history": []}
-        recipe.fit(model, pools, tcfg, state, **common)
+        validation = None
+        if held_out is not None:  # measures only: the training itself is the same with or without it
+            vcfg = dataclasses.replace(tcfg.validation, validate_every=VALIDATE_EVERY)
+            validation = Validation(vcfg, held_out, state.setdefault("validation", {}), seed=tcfg.seed,
+                                    final_step=STAGE1_STEPS + STAGE2_STEPS, timestep_sampling=tcfg.timestep_sampling,
+                                    amp_dtype=None, **common)
+        recipe.fit(model, pools, tcfg, state, validation=validation, **common)
         save_identity(out / name, name=name, card={"base_model": "tiny-pretrained-in-test", "embedder": "dlib"},
                       mapper=mapper, embedding=emb_a, transformer=fresh.transformer, loss_rows=state["history"])
-        return state
+        return state, model, validation
 
-    # 1. The new way: photos are identity examples, the clips a motion prior with the null face
+    # 1. The new way: photos are identity examples, the clips a motion prior with the null face; held out
+    #    for validation: a seventh photo of A (a pose and an embedding of its own) and an unseen dance of C
     clips_prior = [example(cp, app_c, emb_a, False, f"clip:{i}") for i, cp in enumerate(clip_poses)]
-    new_state = train("new", {IDENTITY: photos, PRIOR: clips_prior})
+    held_emb = torch.nn.functional.normalize(emb_a + 0.05 * torch.randn(128, generator=gen), dim=0)
+    held_photo = example(rect_pose(16, 20, 0, frames=1), app_a, held_emb, True, "photo:held")
+    held_clip = example(held_out[0], app_c, emb_a, False, "clip:held")
+    new_state, new_model, validation = train("new", {IDENTITY: photos, PRIOR: clips_prior},
+                                             held_out={IDENTITY: [held_photo], PRIOR: [held_clip]})
     # 2. The old way: the clips are the identity's targets (under its mean embedding), no photo
     clips_as_identity = [example(cp, app_c, emb_a, True, f"clip:{i}") for i, cp in enumerate(clip_poses)]
-    old_state = train("old", {IDENTITY: clips_as_identity, PRIOR: []})
+    old_state = train("old", {IDENTITY: clips_as_identity, PRIOR: []})[0]
 
     # 3. A fresh pipeline with the pretrained base weights; identities loaded from their folders
     render = build(p)
@@ -177,7 +190,8 @@ def world(params, tmp_path_factory, one_thread):
     refs = [{"A": decode(app_a.view(16, 1, 1, 1) * latent_mask(hp)[None]),
              "C": decode(app_c.view(16, 1, 1, 1) * latent_mask(hp)[None])} for hp in held_out]
     return dict(pipe=render, new=load_identity(out / "new"), old=load_identity(out / "old"), held_out=held_out, refs=refs,
-                new_history=new_state["history"], old_history=old_state["history"], photos=photos, clips=clips_prior)
+                new_history=new_state["history"], old_history=old_state["history"], photos=photos, clips=clips_prior,
+                new_model=new_model, validation=validation)
 
 
 def gen(world, who, pose, face_scale=1.0, guidance=1.0, seed=0, caption=CAPTION):
@@ -246,3 +260,27 @@ def test_classifier_free_guidance_keeps_the_identity(world):
     pose, ref = world["held_out"][0], world["refs"][0]
     red, blue = words(world, 0)
     assert position(gen(world, world["new"], pose, guidance=3.0), ref["A"], ref["C"]) < red + 0.25 * (blue - red)
+
+
+def test_held_out_loss_is_deterministic_and_falls_as_the_identity_is_learnt(world):
+    """Validation during training (``faceid.train.validation``) on examples never trained on: a photo
+    of A in an unseen pose, an unseen dance of C. The held-out identity loss (fixed noise, fixed
+    timesteps) falls over the run as the training loss does, from the untrained adapter at step 0;
+    measured twice on the trained model it gives the same numbers, equal to the last point's."""
+    validation, model = world["validation"], world["new_model"]
+    points = validation.state["points"]
+    assert [pt["step"] for pt in points] == list(range(0, STAGE1_STEPS + STAGE2_STEPS + 1, VALIDATE_EVERY))
+    history = world["new_history"]
+    for stage in ("stage1", "stage2"):  # the training loss falls in each stage ...
+        losses = [h["loss"] for h in history if h["stage"] == stage]
+        assert np.mean(losses[-20:]) < 0.85 * np.mean(losses[:20]), stage
+    first, last = points[0]["identity_loss"], points[-1]["identity_loss"]
+    assert last < 0.65 * first, (first, last)  # ... and so does the held-out identity loss (0.16 -> 0.08)
+    # the held-out prior loss (null face; it rises while stage 1 moves the null face) ends near where it
+    # started: stage 2's prior examples keep the motion prior
+    assert points[-1]["prior_loss"] < 1.2 * points[0]["prior_loss"], [pt["prior_loss"] for pt in points]
+    again = [validation.losses(model) for _ in range(2)]
+    assert again[0] == again[1] == {"identity_loss": last, "prior_loss": points[-1]["prior_loss"]}
+    # the best step is the lowest held-out identity loss after step 0, and its weights were kept
+    best = min(points[1:], key=lambda pt: pt["identity_loss"])
+    assert validation.state["best"]["step"] == best["step"] and validation.best_weights is not None

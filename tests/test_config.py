@@ -52,13 +52,38 @@ def test_every_dataclass_field_is_in_params_yaml(repo):
         ("render_validation.face_scale=.nan", "render_validation.face_scale: expected a finite number >= 0"),
         ("batch_infer.seed=-1", "batch_infer.seed: expected an integer from 0 to 2^63-1"),
         ("batch_infer.interpolation_steps=1", "batch_infer.interpolation_steps: expected >= 2"),
+        # validation during training
+        ("train_lora.validation.validate_every=-1", "train_lora.validation.validate_every: expected >= 0"),
+        ("train_lora.validation.num_timesteps=0", "train_lora.validation.num_timesteps: expected 1..1000"),
+        ("train_lora.validation.criterion=fid", "train_lora.validation.criterion: expected one of 'auto' | 'facesim'"),
+        ("train_lora.validation.keep=first", "train_lora.validation.keep: expected one of 'best' | 'last'"),
+        ("train_lora.validation.criterion=facesim", "train_lora.validation.criterion: facesim is measured on renders, "
+                                                    "but render_every is 0"),
+        ("train_lora.validation.guidance_scale=0.5", "train_lora.validation.guidance_scale: expected a finite number >= 1"),
+        ("train_lora.validation.render_every=5", None),  # fine: 1 held-out clip, 1 rendered
+        ("train_lora.validation.num_clips=2", None),  # fine while render_every is 0
     ],
 )
 def test_bad_values_name_the_key_and_expectation(repo, override, message):
+    if message is None:
+        load_params(repo / "params.yaml", [override])
+        return
     with pytest.raises(ConfigError) as err:
         load_params(repo / "params.yaml", [override])
     assert message in str(err.value)
     assert "params.yaml" in str(err.value)
+
+
+def test_validation_needs_what_it_measures(repo):
+    with pytest.raises(ConfigError, match=r"train_lora.validation.num_clips: renders need held-out clips, but num_clips=2 > "
+                                          r"train_lora.holdout_clips=1"):
+        load_params(repo / "params.yaml", ["train_lora.validation.render_every=5", "train_lora.validation.num_clips=2"])
+    with pytest.raises(ConfigError, match=r"train_lora.validation.patience: early stop counts validations, but "
+                                          r"validate_every and render_every are 0"):
+        load_params(repo / "params.yaml", ["train_lora.validation.validate_every=0", "train_lora.validation.patience=3"])
+    real = load_params(repo / "params.yaml", [f"@{repo / 'configs' / 'wan2.1-vace-1.3b.yaml'}"])
+    assert real.train_lora.validation.render_every > 0 and real.train_lora.validation.keep == "best"
+    assert load_params(repo / "params.yaml").train_lora.validation.render_every == 0  # tiny: losses only
 
 
 def test_missing_key_is_named(repo):

@@ -72,7 +72,8 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     from faceid.model.identity import load_identity
     from faceid.train import recipe
 
-    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=0.01)
+    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=0.01,
+                     train_lora__validation__validate_every=2)  # a best step before the resume point
     checkpoints: list[Path] = []
 
     def keep(metrics, ckpt):
@@ -88,36 +89,48 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     assert [c.name for c in checkpoints] == ["ckpt_4", "ckpt_6", "ckpt_8", "ckpt_12", "ckpt_final"]
     assert (tmp_path / "ckpt_final" / "identity" / "identity.json").is_file()
     assert full["stage2_loss_last"] < full["stage1_loss_first"]
+    assert (tmp_path / "ckpt_4" / recipe.CKPT_BEST).is_file()  # the best step so far travels with the checkpoint
     ident = load_identity(tmp_path / "full", model_cfg=p.model, embedder="dlib", embed_dim=128)
     card = ident.card
     # the last clip (train_lora.holdout_clips=1) is kept out of training for render_validation
     assert card["lora"]["targets"] == "main-cross-attn" and card["data"]["clips"] == {"c0": "sum0", "c1": "sum1"}
     assert (tmp_path / "full" / "metrics" / "train_loss.csv").read_text().count("\n") == 13
-    # the card lists every photo and clip with its role: the accepted photos are identity examples,
-    # the clips (no face in them) the motion prior
+    # the card lists every photo and clip with its role: the accepted photos are identity examples but
+    # one held out for validation (never trained on), the clips (no face in them) the motion prior,
+    # the held-out clip validates the prior
     roles = {(r["kind"], r["id"]): r["role"] for r in card["examples"]}
     photos = {n for (k, n), role in roles.items() if k == "photo" and role == "identity"}
-    assert photos == {"obama", "obama2", "obama3", "obama_partial_face"}
+    assert photos == {"obama", "obama2", "obama3"}
+    assert roles[("photo", "obama_partial_face")] == roles[("clip", "c2")] == "held_out"
+    assert next(r for r in card["examples"] if r["id"] == "c2")["validates"] == "prior"
     assert roles[("clip", "c0")] == roles[("clip", "c1")] == "prior"
     assert card["loss"]["identity_share"] == p.train_lora.identity_share
     assert card["reference_image"]["source"] in photos and ident.reference is not None
-    assert full["identity_examples"] == 4 * p.train_lora.photos.views and full["prior_examples"] == 2
-    # the latent cache was filled: one entry per clip and per photo view
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 + 4 * p.train_lora.photos.views
+    assert full["identity_examples"] == 3 * p.train_lora.photos.views and full["prior_examples"] == 2
+    # the latent cache was filled: one entry per clip and per photo view (held-out ones included)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3 + 4 * p.train_lora.photos.views
+    # validation at step 0, every 2 steps and the last; the folder holds the kept step and says why
+    val = (tmp_path / "full" / "metrics" / "validation.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in val[1:]] == [0, 2, 4, 6, 8, 10, 12]
+    assert card["kept"]["last_step"] == 12 and card["kept"]["criterion"] == "identity_loss"
 
     # resume from the step-4 checkpoint (a run killed after step 4) -> identical result
     resumed = recipe.train(config_for(p, inputs, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
     assert resumed["resumed_from"] == 4
     # every example (photo views and clips) came from the latent cache the first run filled
-    assert full["latent_cache_encoded"] == 2 + 4 * p.train_lora.photos.views and full["latent_cache_read"] == 0
+    assert full["latent_cache_encoded"] == 3 + 4 * p.train_lora.photos.views and full["latent_cache_read"] == 0
     assert resumed["latent_cache_read"] == full["latent_cache_encoded"] and resumed["latent_cache_encoded"] == 0
     from safetensors.torch import load_file
 
-    for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
-        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "resumed" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    rows_full = (tmp_path / "full" / "metrics" / "train_loss.csv").read_text()
-    assert rows_full == (tmp_path / "resumed" / "metrics" / "train_loss.csv").read_text()
+    # the same kept step (the best so far came back from the checkpoint), weights and tables
+    assert load_identity(tmp_path / "resumed").card["kept"] == card["kept"]
+    folders = [""] + (["last"] if card["kept"]["last_folder"] else [])
+    for sub in folders:
+        for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
+            a, b = load_file(str(tmp_path / "full" / sub / name)), load_file(str(tmp_path / "resumed" / sub / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (sub, name)
+    for table in ("train_loss.csv", "validation.csv"):
+        assert (tmp_path / "full" / "metrics" / table).read_text() == (tmp_path / "resumed" / "metrics" / table).read_text()
 
 
 def test_nan_loss_stops_with_clear_message(params, inputs, tmp_path):
@@ -137,10 +150,12 @@ def ray_session():
     ray.shutdown()
 
 
-def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ray_session):
+def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ray_session, shared_cache):
     """Ray Train launch: the worker is killed after the step-4 checkpoint, FailureConfig restarts it
-    from that checkpoint, and the result equals the uninterrupted recipe run directly; MLflow gets params,
-    per-step losses and a registered model version with the alias."""
+    from that checkpoint, and the result equals the uninterrupted recipe run directly (the same best
+    step kept); MLflow gets params, per-step losses, the validation time series and the renders of
+    each render step (logged by rank 0 while it trained, once per step across the restart) and a
+    registered model version with the alias."""
     import mlflow
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
@@ -149,7 +164,8 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     from faceid.train import launch, recipe
 
     crops, emb, clips = inputs
-    p = small_params(params, tmp_path)
+    p = small_params(params, tmp_path, train_lora__cache_dir=shared_cache, train_lora__validation__validate_every=4,
+                     train_lora__validation__render_every=8)
     uri = local_store_uri(tmp_path / "mlruns")
     summary = launch.run(p, "synth", crops, emb, clips, tmp_path / "identity", ray_address="", mlflow_uri=uri, fail_at_step=4)
     assert summary["resumed_from"] == 4 and summary["steps"] == 12
@@ -162,9 +178,12 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     finally:
         torch.set_num_threads(threads)
     assert direct["steps"] == 12
-    for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
-        a, b = load_file(str(tmp_path / "identity" / name)), load_file(str(tmp_path / "direct" / name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    kept = json.loads((tmp_path / "identity" / "identity.json").read_text())["kept"]
+    assert kept == json.loads((tmp_path / "direct" / "identity.json").read_text())["kept"]
+    for sub in [""] + (["last"] if kept["last_folder"] else []):
+        for name in ("face_mapper.safetensors", "pytorch_lora_weights.safetensors"):
+            a, b = load_file(str(tmp_path / "identity" / sub / name)), load_file(str(tmp_path / "direct" / sub / name))
+            assert all(torch.equal(a[k], b[k]) for k in a), (sub, name)
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
@@ -174,9 +193,23 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     assert run.data.params["train_lora.stage1.steps"] == "6"
     history = client.get_metric_history(run.info.run_id, "stage2_loss")
     assert [m.step for m in history] == list(range(7, 13))
+    # validation: the time series beside the training loss, one value per step (step 8 ran twice: before the
+    # kill and after the resume from step 4)
+    rows = launch.read_validation_table(tmp_path / "identity")
+    for key in ("identity_loss", "prior_loss"):
+        series = client.get_metric_history(run.info.run_id, f"val_{key}")
+        assert sorted(m.step for m in series) == [0, 4, 8, 12]
+        csv = {r["step"]: r[key] for r in rows}  # 6 significant digits
+        assert {m.step: m.value for m in series} == pytest.approx(csv, rel=1e-5)
+    # renders of the held-out clip (identity, face_scale 0) + contact sheet per render step (and the last)
+    for step in (8, 12):
+        files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"validation/step_{step:06d}")}
+        assert files == {"c2.mp4", "c2_base.mp4", "c2.png"}, step
+    assert run.data.tags["kept_step"] == str(kept["step"]) and run.info.status == "FINISHED"
     local = mlflow.artifacts.download_artifacts(f"models:/faceid-synth@{p.tracking.register_alias}",
                                                 dst_path=str(tmp_path / "dl"))
     assert (Path(local) / "artifacts" / "identity" / "identity.json").is_file()
+    assert not (Path(local) / "artifacts" / "identity" / "last").exists()  # the registered model is the kept step
 
 
 def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):
@@ -209,9 +242,103 @@ def test_reference_image_trains_in_front_of_identity_examples(params, inputs, tm
     entries = [load_file(str(f)) for f in (tmp_path / "cache").glob("*.safetensors")]
     photos = [e for e in entries if e["target"].shape[1] == 1]
     clips = [e for e in entries if e["target"].shape[1] > 1]
-    assert len(photos) == 4 and len(clips) == 2
+    assert len(photos) == 4 and len(clips) == 3  # the held-out clip and photo are cached too (validation)
     assert all(e["control"].shape[1] == e["target"].shape[1] + 1 for e in photos)  # the reference frame in front
     assert all(e["control"].shape[1] == e["target"].shape[1] for e in clips)  # prior clips: no reference
+
+
+# --------------------------------------------------------------------------- validation during training
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One latent cache for the tests below that do not count its entries (each entry is encoded once)."""
+    return tmp_path_factory.mktemp("shared_cache")
+
+
+@pytest.fixture
+def one_thread():
+    """As in a Ray worker (OMP_NUM_THREADS=1): the tiny model's ops are too short for two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_best_step_is_kept_and_early_stop_fires_after_patience(params, inputs, tmp_path, shared_cache, one_thread):
+    """A run that gets worse: stage 1 learns (held-out identity loss falls), then stage 2's learning rate
+    is far too high. The identity folder holds the best step by held-out identity loss (in stage 1),
+    ``last/`` the last one, the card says which and why; patience 2 stops stage 2 after two
+    validations without improvement."""
+    from safetensors.torch import load_file
+
+    from faceid.model.identity import load_identity
+    from faceid.train import launch, recipe
+
+    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=5.0,
+                     train_lora__checkpoint_every=2, train_lora__validation__validate_every=2,
+                     train_lora__validation__patience=2, train_lora__photos__views=1, train_lora__cache_dir=shared_cache)
+    weights: dict[int, dict] = {}  # step -> trainable tensors of its checkpoint
+
+    def keep(metrics, ckpt):
+        if ckpt is not None and not metrics.get("done"):
+            weights[metrics["step"]] = load_file(str(ckpt / recipe.CKPT_WEIGHTS))
+
+    out = tmp_path / "identity"
+    summary = recipe.train(config_for(p, inputs, out), report=keep)
+    rows = launch.read_validation_table(out)
+    losses = {r["step"]: r["identity_loss"] for r in rows}
+    best = min((s for s in losses if s > 0), key=losses.get)
+    # the constructed run: better in stage 1, worse once stage 2's learning rate hits
+    assert losses[2] < losses[0] and best <= 6 and losses[10] > losses[best]
+    # early stop: two validations without improvement (steps 8 and 10) end stage 2 at step 10
+    stop = summary["early_stop"]["stage2"]
+    assert stop["step"] == 10 and "no improvement for 2 validation(s)" in stop["reason"] and "patience=2" in stop["reason"]
+    assert summary["steps_trained"] == 10 and sorted(losses) == [0, 2, 4, 6, 8, 10]
+    assert (out / "metrics" / "train_loss.csv").read_text().count("\n") == 11
+    running, improved = float("inf"), []  # validation.csv flags each new best (step 0 is a baseline only)
+    for step in sorted(s for s in losses if s > 0):
+        if losses[step] < running:
+            running, improved = losses[step], improved + [step]
+    assert [r["step"] for r in rows if r["best"]] == improved and improved[-1] == best
+    # the folder holds the best step, last/ the last; each card says which step it is and why
+    ident, last = load_identity(out), load_identity(out / "last")
+    assert ident.card["kept"]["step"] == summary["kept_step"] == best and ident.card["kept"]["last_step"] == 10
+    assert ident.card["kept"]["criterion"] == "identity_loss"
+    assert ident.card["kept"]["value"] == pytest.approx(losses[best], rel=1e-5)
+    assert f"step {best}" in ident.card["kept"]["why"] and ident.card["validation"]["early_stop"]["stage2"] == stop
+    assert last.card["kept"]["step"] == 10 and not (out / "last" / "last").exists()
+    # the checkpoint reported at the early stop says step 12: the stage is over (a resume skips it)
+    assert sorted(weights) == [2, 4, 6, 8, 12]
+    for folder, step in ((out, best), (out / "last", 12)):
+        mapper = load_file(str(folder / "face_mapper.safetensors"))
+        assert all(torch.equal(v, weights[step][f"mapper.{k}"]) for k, v in mapper.items()), (folder, step)
+    assert summary["validation_seconds"] > 0 and 0 < summary["validation_share"] < 1
+
+
+def test_holdout_plan_keeps_two_photos_to_train_on_or_holds_out_a_view():
+    from dataclasses import dataclass
+
+    from faceid.errors import InputError
+    from faceid.train.validation import plan_holdout
+
+    @dataclass
+    class Cfg:
+        validate_every: int = 10
+        render_every: int = 0
+        holdout_photos: int = 1
+
+    names = ["a", "b", "c", "d"]
+    assert plan_holdout(names, "d", Cfg(), views=2).photos == ("c",)  # the last by name, never the reference
+    assert plan_holdout(names, "a", Cfg(holdout_photos=2), views=2).photos == ("c", "d")
+    three = plan_holdout(names[:3], "a", Cfg(), views=2)  # 3 photos: the product's minimum, 2 stay in training
+    assert three.photos == ("c",) and three.view is None
+    two = plan_holdout(names[:2], "a", Cfg(), views=4)  # too few: the last augmented view of each photo instead
+    assert two.photos == () and two.view == 3 and "at least 2 must stay in training" in two.note
+    assert plan_holdout(names, "a", Cfg(holdout_photos=0), views=2).view == 1
+    with pytest.raises(InputError, match=r"photos.views=1 has no augmented view.*turn validation off"):
+        plan_holdout(names[:2], "a", Cfg(), views=1)
+    assert plan_holdout(names, "a", Cfg(validate_every=0), views=1).photos == ()  # validation off: nothing held out
 
 
 # --------------------------------------------------------------------------- no pickle, one writer, no orphans

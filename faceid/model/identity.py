@@ -9,11 +9,15 @@ Layout (docs/architecture.md)::
       identity.json                      the card (below)
       reference.png                      the identity's best aligned face crop (sharp, frontal), RGB
       metrics/train_loss.csv             step,stage,loss,lr (DVC plot)
+      metrics/validation.csv             held-out losses and FaceSim per validation step (train_lora.validation)
+      last/                              the last step's identity folder, when the folder above holds another (best) step
 
 ``reference.png`` is optional (folders written before it existed have none). It is what
 ``faceid infer --reference-only`` gives base VACE as ``reference_images`` (the training-free
 baseline), and what an identity trained with ``train_lora.reference_image`` passes at inference
 (card key ``reference_image``: ``{"file", "source", "in_training"}``).
+
+The card's ``kept`` says which training step the folder holds and why (``faceid.train.validation``).
 
 The card names the base model, the embedder and every dimension; :func:`load_identity` refuses
 a folder whose card does not match the model or embedder it is used with (``InputError``).
@@ -34,6 +38,9 @@ CARD_FILE = "identity.json"
 MAPPER_FILE = "face_mapper.safetensors"
 EMBEDDING_FILE = "identity_embedding.safetensors"
 LOSS_FILE = "metrics/train_loss.csv"
+VALIDATION_FILE = "metrics/validation.csv"
+VALIDATION_COLUMNS = ("step", "stage", "identity_loss", "prior_loss", "facesim", "facesim_base", "best")
+LAST_SUBDIR = "last"
 REFERENCE_FILE = "reference.png"
 CARD_VERSION = 1
 
@@ -80,10 +87,12 @@ def save_identity(
     loss_rows: list[dict] = (),
     adapter_name: str = "default",
     reference=None,
+    validation_rows: list[dict] = (),
 ) -> Path:
     """Write the identity folder atomically. ``card`` holds the training facts (base_model, embedder,
     lora, train_config_hash, data hashes...); dims are filled in from ``mapper``. ``reference``:
-    the best aligned face crop ([H, W, 3] uint8 RGB) written as ``reference.png``, or None."""
+    the best aligned face crop ([H, W, 3] uint8 RGB) written as ``reference.png``, or None.
+    ``validation_rows``: the validation points (``VALIDATION_COLUMNS``; None = not measured), if any."""
     import torch
     from safetensors.torch import save_file
 
@@ -119,6 +128,10 @@ def save_identity(
         (tmp / "metrics").mkdir()
         lines = ["step,stage,loss,lr"] + [f"{r['step']},{r['stage']},{r['loss']:.6g},{r['lr']:.6g}" for r in loss_rows]
         (tmp / LOSS_FILE).write_text("\n".join(lines) + "\n")
+        if validation_rows:
+            cells = [",".join("" if r.get(c) is None else f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                              for c in VALIDATION_COLUMNS) for r in validation_rows]
+            (tmp / VALIDATION_FILE).write_text("\n".join([",".join(VALIDATION_COLUMNS)] + cells) + "\n")
     return folder
 
 

@@ -56,13 +56,19 @@ def load_clips(clips_dir: str | Path) -> list[Clip]:
 def training_clips(clips_dir: str | Path, holdout: int) -> list[Clip]:
     """The clips to train on: all ``ok`` clips but the last ``holdout`` by clip_id, which
     render_validation renders as unseen poses (the identity card lists the trained clips)."""
+    return split_clips(clips_dir, holdout)[0]
+
+
+def split_clips(clips_dir: str | Path, holdout: int) -> tuple[list[Clip], list[Clip]]:
+    """``(training clips, held-out clips)``: the held-out ones are the last ``holdout`` ``ok`` clips by
+    clip_id, never trained on (validation during training and render_validation use them)."""
     clips = sorted(load_clips(clips_dir), key=lambda c: c.clip_id)
     if holdout >= len(clips):
         raise InputError(
             f"{Path(clips_dir) / 'manifest.parquet'}: {len(clips)} usable clip(s) but train_lora.holdout_clips={holdout}; "
             "expected more clips than held out (add videos or lower holdout_clips)"
         )
-    return clips[: len(clips) - holdout]
+    return clips[: len(clips) - holdout], clips[len(clips) - holdout:]
 
 
 def read_clip(clip: Clip) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,14 @@ face tokens, and *prior* examples, which keep the base model's motion and people
   reference image (for the reference photo itself, the second best, so no target is its own
   reference).
 
+Held out for validation during training (``faceid.train.validation``, when it is on): the photos
+:func:`faceid.train.validation.plan_holdout` picks (or one augmented view of every photo) and the
+held-out clips (``train_lora.holdout_clips``, routed like the others). They are built exactly like
+training examples but land in ``TrainingSet.validation``, never in a training pool.
+
 Every example is cached in the latent cache (``faceid.train.cache``); ``rows`` lists each photo
-and clip with its role and score for the identity card and MLflow.
+and clip with its role (``identity`` | ``prior`` | ``excluded`` | ``held_out``) and score for the
+identity card and MLflow.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from faceid.errors import InputError
 from faceid.train.routing import IDENTITY, PRIOR
 
 EXCLUDED = "excluded"  # a photo embed-faces found to show another person
+HELD_OUT = "held_out"  # a photo or clip kept out of training for validation (row key "validates": its role)
 BATCH_KEYS = ("target", "control", "text", "embedding", "face", "weight")
 
 
@@ -43,6 +50,9 @@ class TrainingSet:
     cache_hits: int = 0
     cache_misses: int = 0
     notes: list[str] = field(default_factory=list)
+    # held-out examples (never trained on), by the role they validate
+    validation: dict[str, list[dict]] = field(default_factory=lambda: {IDENTITY: [], PRIOR: []})
+    holdout_note: str = ""
 
     def pools(self) -> dict[str, list[dict]]:
         return {IDENTITY: self.identity, PRIOR: self.prior}
@@ -150,8 +160,11 @@ def _clip_sources(clips, routes: dict, reference_sha: str | None, reference_imag
 
 
 def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clips: list, mean_embedding: np.ndarray,
-                       cache_dir: Path, base_model: str, show_progress: bool = True) -> TrainingSet:
-    """Identity and prior examples (cached latents + conditioning) of one identity; see the module doc."""
+                       cache_dir: Path, base_model: str, show_progress: bool = True,
+                       held_out_clips: list = ()) -> TrainingSet:
+    """Identity and prior examples (cached latents + conditioning) of one identity, and the held-out
+    validation examples when ``train_lora.validation`` is on (``held_out_clips``: the clips kept out
+    of training); see the module doc."""
     import torch
 
     from faceid.faces.crop import choose_reference, read_photos
@@ -159,6 +172,7 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
     from faceid.train.cache import cached_examples
     from faceid.train.data import load_photo_embeddings
     from faceid.train.routing import route_clips
+    from faceid.train.validation import enabled, plan_holdout
 
     tcfg = params.train_lora
     vae_scale = int(pipe.vae_scale_factor_spatial)
@@ -176,9 +190,17 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
     rows += [{"kind": "photo", "id": n, "role": EXCLUDED, "facesim": None, "reason": "embed-faces outlier (likely another person)"}
              for n in outliers]
 
-    # 2. The reference image: the best aligned crop (the second best for the best photo itself)
+    # 2. The reference image: the best aligned crop (the second best for the best photo itself);
+    #    the photos (or views) held out for validation
     best = choose_reference(used)
-    second = choose_reference([r for r in used if r is not best]) if len(used) > 1 else best
+    holdout = plan_holdout([r.name for r in used], best.name, tcfg.validation, tcfg.photos.views)
+    for row in rows:
+        if row["kind"] == "photo" and row["id"] in holdout.photos:
+            row.update(role=HELD_OUT, validates=IDENTITY)
+        elif row["kind"] == "photo" and row["role"] == IDENTITY and holdout.view is not None:
+            row["held_out_view"] = holdout.view
+    others = [r for r in used if r is not best and r.name not in holdout.photos]  # a held-out photo is no reference
+    second = choose_reference(others) if others else best
     images = {r.name: _read_rgb(r.crop_path) for r in {best.name: best, second.name: second}.values()}
     shas = {n: _sha256_array(im) for n, im in images.items()}
     reference = {"name": best.name, "image": images[best.name], "in_training": tcfg.reference_image}
@@ -187,27 +209,36 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
         pick = second.name if name == best.name else best.name
         return images[pick], shas[pick]
 
-    # 3. Clips: identity when they show the identity, else motion prior
-    route_list = route_clips(clips, mean_embedding, params.crop_faces, params.embed_faces, tcfg.clip_identity_threshold)
+    # 3. Clips: identity when they show the identity, else motion prior (held-out clips: what they validate)
+    held_out_clips = list(held_out_clips) if enabled(tcfg.validation) else []
+    held_ids = {c.clip_id for c in held_out_clips}
+    all_clips = list(clips) + held_out_clips
+    route_list = route_clips(all_clips, mean_embedding, params.crop_faces, params.embed_faces, tcfg.clip_identity_threshold)
     routes = {r.clip_id: r for r in route_list}
-    rows += [{"kind": "clip", "id": c.clip_id, "role": routes[c.clip_id].role, "facesim": routes[c.clip_id].facesim,
-              "faces": routes[c.clip_id].num_faces, "reason": routes[c.clip_id].reason} for c in clips]
+    for c in all_clips:
+        route = routes[c.clip_id]
+        row = {"kind": "clip", "id": c.clip_id, "role": route.role, "facesim": route.facesim, "faces": route.num_faces,
+               "reason": route.reason}
+        if c.clip_id in held_ids:
+            row.update(role=HELD_OUT, validates=route.role)
+        rows.append(row)
 
     # 4. Latent cache (photo poses are estimated only on cache misses)
     budget = min(c.height * c.width for c in clips)
     estimator = _LazyEstimator(params.prepare_pose)
     try:
         photo_src = _photo_sources(used, params, budget, reference_for if tcfg.reference_image else None, estimator, vae_scale)
-        clip_src = _clip_sources(clips, routes, shas[best.name], images[best.name] if tcfg.reference_image else None)
+        clip_src = _clip_sources(all_clips, routes, shas[best.name], images[best.name] if tcfg.reference_image else None)
         cached = cached_examples(pipe, photo_src + clip_src, cache_dir, base_model, show_progress=show_progress)
     finally:
         estimator.close()
 
-    # 5. Conditioning per example: embedding, face tokens on/off, loss weight map, reference frames
-    by_clip = {c.clip_id: c for c in clips}
+    # 5. Conditioning per example: embedding, face tokens on/off, loss weight map, reference frames;
+    #    then into a training pool or, held out, into the validation set
+    by_clip = {c.clip_id: c for c in all_clips}
     texts: dict[str, torch.Tensor] = {}
     out = TrainingSet([], [], rows, reference, route_list, cache_hits=sum(e["cached"] for e in cached),
-                      cache_misses=sum(not e["cached"] for e in cached))
+                      cache_misses=sum(not e["cached"] for e in cached), holdout_note=holdout.note)
     mean_t = torch.from_numpy(np.asarray(mean_embedding, np.float32))
     for ex in cached:
         kind, name = ex["example_id"].split(":")[:2]
@@ -227,7 +258,14 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
         ex["text"] = texts.setdefault(text_id, ex["text"])  # one tensor per distinct caption
         ex.update(embedding=embedding, face=torch.tensor(role == IDENTITY), weight=weight, role=role,
                   ref_frames=int(ex["control"].shape[1] - f))
-        (out.identity if role == IDENTITY else out.prior).append(ex)
+        if kind == "photo":
+            held = name in holdout.photos or int(ex["example_id"].rsplit(":v", 1)[1]) == holdout.view
+        else:
+            held = name in held_ids
+        if held:
+            out.validation[role].append(ex)
+        else:
+            (out.identity if role == IDENTITY else out.prior).append(ex)
     return out
 
 
@@ -243,4 +281,7 @@ def summary_text(ts: TrainingSet) -> str:
             f"latent cache: {ts.cache_hits} read, {ts.cache_misses} encoded")
     if excluded:
         text += f"; photos left out (embed-faces outliers): {', '.join(excluded)}"
+    if ts.holdout_note:
+        text += (f"\nvalidation: {ts.holdout_note}; held-out examples: {len(ts.validation[IDENTITY])} identity, "
+                 f"{len(ts.validation[PRIOR])} prior")
     return text + "\n" + summarize_routes(ts.routes)

@@ -9,10 +9,14 @@
   retried from it (``FailureConfig``). The identity folder comes back inside the final checkpoint.
 - One writer: the identity folder and the Ray run folder are locked for the run
   (:func:`faceid.io.output_lock`); a second identical command fails at once instead of sharing them.
-- MLflow (this process, i.e. rank 0's entry point): flattened params, per-step losses and learning
-  rates of both stages, throughput, peak memory, the identity card and loss table as artifacts,
-  the identity folder as a registered model ``faceid-<identity>`` with alias
-  ``params.tracking.register_alias``.
+- MLflow: the run is opened here before training (a rerun after a kill continues the unfinished
+  run of the same Ray run name); rank 0 logs each validation point into it while it trains
+  (:func:`validation_logger`: held-out losses and FaceSim as metrics at their step, renders and
+  contact sheets under ``validation/step_NNNNNN/``). After training this process logs flattened
+  params, per-step losses and learning rates of both stages, the validation series (steps not
+  logged yet), throughput, peak memory, validation time, the identity card and loss tables as
+  artifacts, the kept step as tags, and the identity folder (without ``last/``) as a registered
+  model ``faceid-<identity>`` with alias ``params.tracking.register_alias``.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from pathlib import Path
 from faceid.errors import InputError, TrainingError
 
 MAX_FAILURES = 2
+# validation point key -> MLflow metric (beside stage1_loss / stage2_loss)
+VALIDATION_METRICS = {"identity_loss": "val_identity_loss", "prior_loss": "val_prior_loss", "facesim": "val_facesim",
+                      "facesim_base": "val_facesim_base"}
 
 
 def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips: list) -> str:
     """Stable per (identity, config, data): the same command resumes the same Ray run.
-    ``clips``: the training clips (:func:`faceid.train.data.training_clips`)."""
+    ``clips``: the training and held-out clips (:func:`faceid.train.data.split_clips`)."""
     from faceid.config import config_hash
     from faceid.io import sha256_file
     from faceid.train.data import embeddings_sha256
@@ -62,9 +69,9 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
 
 
 def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> list:
-    """The training clips, after checking that the photos, embeddings and clips belong together."""
+    """The training and held-out clips, after checking that the photos, embeddings and clips belong together."""
     from faceid.faces.crop import read_photos
-    from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, training_clips
+    from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, split_clips
 
     _, meta = load_embedding(embeddings_dir)
     check_embedder(meta, params.embed_faces)
@@ -72,19 +79,14 @@ def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path
     if not any(p.name in kept for p in photos):
         raise InputError(f"{crops_dir}: none of its accepted photos is in {embeddings_dir} (embedded from other crops?); "
                          "rerun embed-faces on these crops")
-    return training_clips(clips_dir, params.train_lora.holdout_clips)
+    train, held_out = split_clips(clips_dir, params.train_lora.holdout_clips)
+    return train + held_out
 
 
 def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
            name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None) -> dict:
-    """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from faceid import ray_local
+    """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow (the run opened first)."""
     from faceid.config import to_dict
-    from faceid.io import atomic_dir
-    from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
 
     tcfg = params.train_lora
     config = {
@@ -98,6 +100,27 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
     config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
+    run_id = open_mlflow_run(params, identity, name, mlflow_uri) if mlflow_uri else None
+    if run_id:  # rank 0 logs validation points into this run while it trains
+        config["mlflow"] = {"uri": mlflow_uri, "run_id": run_id}
+    try:
+        return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id)
+    except BaseException:
+        if run_id:
+            _end_mlflow_run(mlflow_uri, run_id, "FAILED")
+        raise
+
+
+def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Path, ray_address: str, mlflow_uri: str,
+                 config: dict, run_id: str | None) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from faceid import ray_local
+    from faceid.io import atomic_dir
+    from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
+
+    tcfg = params.train_lora
 
     # 2. Ray (local unless an address is given; faceid.ray_local) and the trainer
     with ray_local.session(ray_address, params.ray.num_cpus, log_to_driver=True):
@@ -129,8 +152,87 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
 
     # 4. MLflow (driver only)
     if mlflow_uri:
-        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri))
+        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id))
     return metrics
+
+
+def open_mlflow_run(params, identity: str, name: str, mlflow_uri: str) -> str:
+    """The MLflow run of Ray run ``name``: the unfinished one a killed command left (its rerun resumes
+    the same training), else a new one. Returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    from faceid import tracking
+
+    experiment_id = tracking.setup(mlflow_uri, params.tracking.experiment)
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.ray_run = '{name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"train-lora-{identity}",
+                            tags={"ray_run": name, "stage": "train_lora", "identity": identity})
+    return run.info.run_id
+
+
+def _end_mlflow_run(mlflow_uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=mlflow_uri).set_terminated(run_id, status)
+    except Exception as exc:  # the training error matters more than MLflow's state
+        print(f"train-lora: could not mark MLflow run {run_id} {status} ({type(exc).__name__}: {exc})")
+
+
+def validation_logger(mlflow_uri: str, run_id: str):
+    """``on_validation`` for rank 0 (``faceid.train.recipe.train``): each validation point into the
+    run as it happens -- held-out losses and FaceSim as metrics at their step (steps already logged,
+    e.g. before a resume, are skipped), the renders and contact sheets as artifacts under
+    ``validation/step_NNNNNN/``, an early stop as tag ``early_stop.<stage>``. MLflow unreachable from
+    the worker does not stop training: it says so (the driver logs the numbers at the end)."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    logged: dict[str, set[int]] = {}  # metric -> steps in the run (read at the first point)
+
+    def log(point: dict, folder: Path | None) -> None:
+        step = point["step"]
+        try:
+            if not logged:
+                logged.update({name: {m.step for m in client.get_metric_history(run_id, name)}
+                               for name in VALIDATION_METRICS.values()})
+            now = int(time.time() * 1000)
+            metrics = [Metric(name, float(point[key]), now, step) for key, name in VALIDATION_METRICS.items()
+                       if point.get(key) is not None and step not in logged[name]]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+            for m in metrics:
+                logged[m.key].add(step)
+            if folder is not None:
+                client.log_artifacts(run_id, str(folder), artifact_path=f"validation/step_{step:06d}")
+            if point.get("stop"):
+                client.set_tag(run_id, f"early_stop.{point['stage']}", point["stop"])
+        except Exception as exc:
+            print(f"train-lora: MLflow logging of validation step {step} failed ({type(exc).__name__}: {exc}); "
+                  "training goes on (the driver logs the numbers at the end)")
+
+    return log
+
+
+def read_validation_table(identity_dir: Path) -> list[dict]:
+    """``metrics/validation.csv`` rows (empty cells -> None); [] when validation was off."""
+    import csv
+
+    from faceid.model.identity import VALIDATION_FILE
+
+    path = Path(identity_dir) / VALIDATION_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: (v if k == "stage" else int(v) if k in ("step", "best") else float(v) if v else None)
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def read_loss_table(identity_dir: Path) -> list[dict]:
@@ -144,8 +246,10 @@ def read_loss_table(identity_dir: Path) -> list[dict]:
     return rows
 
 
-def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str) -> dict:
-    """One MLflow run: params, per-step metrics, summary, artifacts, registered model + alias."""
+def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str, run_id: str | None = None) -> dict:
+    """One MLflow run (``run_id``: the one :func:`open_mlflow_run` opened, else a new one): params,
+    per-step metrics, validation series, summary, artifacts, registered model + alias."""
+    import tempfile
     import time
 
     import mlflow
@@ -155,15 +259,17 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     from faceid import tracking
     from faceid.config import flatten
     from faceid.io import read_json
-    from faceid.model.identity import CARD_FILE, LOSS_FILE
+    from faceid.model.identity import CARD_FILE, LAST_SUBDIR, LOSS_FILE, VALIDATION_FILE
 
     tracking.setup(mlflow_uri, params.tracking.experiment)
     card = read_json(identity_dir / CARD_FILE)
     model_name = tracking.registered_model_name(identity)
     client = MlflowClient()
-    with mlflow.start_run(run_name=f"train-lora-{identity}") as run:
+    with (mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"train-lora-{identity}")) as run:
+        kept = card.get("kept") or {}
         mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
-                         "embedder": card["embedder"]})
+                         "embedder": card["embedder"], "kept_step": str(kept.get("step")),
+                         "kept_why": str(kept.get("why"))[:5000]})
         # every photo and clip with its role (identity | prior | excluded) and FaceSim score
         mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {})}, "examples.json")
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
@@ -174,18 +280,28 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
         rows = read_loss_table(identity_dir)
         step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
         step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
+        for key, name in VALIDATION_METRICS.items():  # the points rank 0 has not logged live
+            done = {m.step for m in client.get_metric_history(run.info.run_id, name)}
+            step_metrics += [Metric(name, r[key], now, r["step"]) for r in read_validation_table(identity_dir)
+                             if r[key] is not None and r["step"] not in done]
         for i in range(0, len(step_metrics), 1000):
             client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
         mlflow.log_metrics({k: float(v) for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_artifact(str(identity_dir / CARD_FILE))
         mlflow.log_artifact(str(identity_dir / LOSS_FILE), artifact_path=str(Path(LOSS_FILE).parent))
-        info = mlflow.pyfunc.log_model(
-            name="identity",
-            python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
-            artifacts={"identity": str(identity_dir)},
-            registered_model_name=model_name,
-        )
+        if (identity_dir / VALIDATION_FILE).is_file():
+            mlflow.log_artifact(str(identity_dir / VALIDATION_FILE), artifact_path=str(Path(VALIDATION_FILE).parent))
+        with tempfile.TemporaryDirectory() as tmp:  # the registered model is the kept step only (no last/)
+            model_dir = Path(tmp) / "identity"
+            top = Path(identity_dir)
+            shutil.copytree(top, model_dir, ignore=lambda d, names: [LAST_SUBDIR] if Path(d) == top else [])
+            info = mlflow.pyfunc.log_model(
+                name="identity",
+                python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
+                artifacts={"identity": str(model_dir)},
+                registered_model_name=model_name,
+            )
         version = str(info.registered_model_version)
         client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
     print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "

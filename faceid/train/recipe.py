@@ -1,4 +1,4 @@
-"""The identity training recipe, top to bottom: setup -> model -> data -> stage 1 -> stage 2 -> save.
+"""The identity training recipe, top to bottom: setup -> model -> data -> validation -> stage 1 -> stage 2 -> save.
 
 Data (``faceid.train.examples``): *identity* examples — every accepted photo of the person as
 1-frame samples with that photo's own embedding, plus dance clips that show the person — and
@@ -21,9 +21,15 @@ the noise) and is left out of the loss. Conditioning: ``[caption tokens | face t
 face instead for prior examples and on a ``face_dropout`` share of identity samples, so the
 unconditional branch of CFG is trained.
 
+Validation (``faceid.train.validation``, ``train_lora.validation``): examples held out of training
+give a held-out loss every ``validate_every`` steps and renders every ``render_every`` steps, on
+rank 0; the best step's weights are kept (the identity folder holds them, ``last/`` the last step)
+and ``patience`` validations without improvement stop a stage. Validation draws no training
+randomness: a run trains the same with or without it.
+
 Determinism and resume: the sample order, noise, sigma and face dropout of global step s on rank r
-come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint computes exactly what
-the uninterrupted run would have.
+come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint (with the validation
+state and the best weights so far) computes exactly what the uninterrupted run would have.
 
 ``train(config, ...)`` is a plain function (tests call it directly); ``train_loop_per_worker`` is
 the thin adapter Ray Train launches (rank, device, checkpoints and metrics through ``ray.train``).
@@ -48,6 +54,7 @@ from faceid.errors import TrainingError
 CKPT_WEIGHTS = "trainable.safetensors"
 CKPT_OPTIM = "optimizer.pt"
 CKPT_STATE = "state.json"
+CKPT_BEST = "best.safetensors"  # trainable tensors of the best validation step so far (train_lora.validation)
 IDENTITY_SUBDIR = "identity"
 
 Report = Callable[[dict, "Path | None"], None]  # (metrics, checkpoint folder or None)
@@ -119,18 +126,34 @@ def sample_timestep_index(scheme: str, bsz: int, num_timesteps: int, gen: torch.
 
 def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator, face_dropout: float,
                        device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
-    """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here)."""
-    x0 = batch["target"]
-    n_ref = int(batch.get("ref_frames", 0))
-    if n_ref:  # the reference latent in front, as the pipeline puts it in front of the noise
-        x0 = torch.cat([batch["control"][:, : x0.shape[1], :n_ref], x0], dim=2)
+    """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here): noise, timesteps
+    and face dropout drawn from ``gen``."""
+    x0 = clean_latents(batch)
     bsz = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
+    idx = sample_timestep_index(timestep_sampling, bsz, noise_scheduler.config.num_train_timesteps, gen)
+    drop_face = (torch.rand(bsz, generator=gen) < face_dropout) | ~batch["face"].bool()
+    return loss_at(model, batch, noise_scheduler, noise, idx, drop_face, device, amp_dtype, timestep_sampling)
+
+
+def clean_latents(batch: dict) -> torch.Tensor:
+    """x0: the target latents, with the reference latent in front (as the pipeline puts it in front of the noise)."""
+    x0 = batch["target"]
+    n_ref = int(batch.get("ref_frames", 0))
+    if n_ref:
+        x0 = torch.cat([batch["control"][:, : x0.shape[1], :n_ref], x0], dim=2)
+    return x0
+
+
+def loss_at(model: nn.Module, batch: dict, noise_scheduler, noise: torch.Tensor, idx: torch.Tensor, drop_face: torch.Tensor,
+            device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
+    """The flow-matching loss of ``batch`` for given ``noise``, timestep indices ``idx`` and null-face mask
+    (training draws them in :func:`flow_matching_loss`; validation fixes them, ``faceid.train.validation``)."""
+    x0 = clean_latents(batch)
+    n_ref = int(batch.get("ref_frames", 0))
     n_train = noise_scheduler.config.num_train_timesteps
-    idx = sample_timestep_index(timestep_sampling, bsz, n_train, gen)
     timesteps = noise_scheduler.timesteps[idx]
     sigmas = noise_scheduler.sigmas[idx].view(-1, 1, 1, 1, 1)
-    drop_face = (torch.rand(bsz, generator=gen) < face_dropout) | ~batch["face"].bool()
     noisy = (1.0 - sigmas) * x0 + sigmas * noise
     target = noise - x0
 
@@ -160,13 +183,14 @@ def make_optimizer(params: list[nn.Parameter], stage_cfg, weight_decay: float):
 
 
 def trainable_state(model: FaceConditionedDiT) -> dict[str, torch.Tensor]:
-    """Mapper + LoRA tensors (what training changes), CPU float32, flat keys."""
+    """Mapper + LoRA tensors (what training changes), CPU float32, flat keys: copies, never views of
+    the parameters (a snapshot must not change with the next optimizer step)."""
     from faceid.model.lora import lora_state_dict
 
     state = {f"mapper.{k}": v for k, v in model.mapper.state_dict().items()}
     if getattr(model.transformer, "peft_config", None):
         state.update({f"lora.{k}": v for k, v in lora_state_dict(model.transformer).items()})
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
 
 
 def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tensor]) -> None:
@@ -178,16 +202,20 @@ def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tenso
         set_lora_state_dict(model.transformer, lora)
 
 
-def save_checkpoint(folder: Path, model: FaceConditionedDiT, optimizer, lr_sched, state: dict) -> Path:
+def save_checkpoint(folder: Path, model: FaceConditionedDiT, optimizer, lr_sched, state: dict,
+                    best: dict | None = None) -> Path:
     """Trainable weights (safetensors), optimizer + LR scheduler state (tensors, numbers and lists
-    only: read back with ``torch.load(weights_only=True)``, :func:`load_optimizer_state`), and the
-    step state (JSON). Nothing in a checkpoint is unpickled into arbitrary objects."""
+    only: read back with ``torch.load(weights_only=True)``, :func:`load_optimizer_state`), the
+    step state (JSON, with the validation state) and the best step's weights (``best``, if any).
+    Nothing in a checkpoint is unpickled into arbitrary objects."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(model), str(folder / CKPT_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()}, folder / CKPT_OPTIM)
     (folder / CKPT_STATE).write_text(json.dumps(state))
+    if best is not None:
+        save_file(best, str(folder / CKPT_BEST))
     return folder
 
 
@@ -215,11 +243,13 @@ def run_stage(
     resume_optim: dict | None = None,
     report: Report | None = None,
     amp_dtype: torch.dtype | None = None,
+    validation=None,
 ) -> None:
     """Train ``trainable`` for ``stage_cfg.steps`` steps on batches from ``pools`` (identity examples
     with probability ``share``, see :func:`make_batch`); global steps ``first_step ..``; appends
     ``{step, stage, loss, lr}`` to ``state['history']``, checkpoints every ``tcfg.checkpoint_every``.
-    Resumes mid-stage from ``state['step']`` (with ``resume_optim``). ``amp_dtype``: CUDA autocast dtype (None = off)."""
+    Resumes mid-stage from ``state['step']`` (with ``resume_optim``). ``amp_dtype``: CUDA autocast dtype (None = off).
+    ``validation`` (``faceid.train.validation.Validation``): validates when due and may stop the stage early."""
     import torch.distributed as dist
 
     from faceid.io import progress
@@ -240,6 +270,8 @@ def run_stage(
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if validation is not None:
+        validation.start_stage(stage)
     model.train()
     steps = range(state["step"], last_step)
     bar = progress(steps, total=stage_cfg.steps, desc=f"{stage}") if rank == 0 else steps
@@ -272,6 +304,9 @@ def run_stage(
         state["history"].append({"step": step + 1, "stage": stage, "loss": float(logged), "lr": lr})
         if rank == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{float(logged):.4f}", lr=f"{lr:.2e}", refresh=False)
+        stop = validation is not None and validation.due(state["step"]) and validation.validate(model, state["step"], stage)
+        if stop:  # early stop: the stage is over (the next one starts at its own first step)
+            state["step"] = last_step
         done = state["step"] == last_step
         if report is not None and (state["step"] % tcfg.checkpoint_every == 0 or done):
             elapsed = time.perf_counter() - t0
@@ -281,8 +316,11 @@ def run_stage(
                 "peak_memory_mb": peak_memory_mb(device),
             }
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = save_checkpoint(Path(tmp), model, optimizer, lr_sched, state) if rank == 0 else None
+                best = validation.best_weights if validation is not None else None
+                ckpt = save_checkpoint(Path(tmp), model, optimizer, lr_sched, state, best) if rank == 0 else None
                 report(metrics, ckpt)
+        if done:
+            break
     if rank == 0 and hasattr(bar, "close"):
         bar.close()
     model.eval()
@@ -290,9 +328,12 @@ def run_stage(
 
 def fit(model: FaceConditionedDiT, pools: dict[str, list[dict]], tcfg, state: dict, **common) -> None:
     """The two stages: stage 1 trains the mapper alone (DiT frozen) on identity examples only;
-    stage 2 trains mapper + LoRA on ``identity_share`` identity examples and the rest prior ones."""
+    stage 2 trains mapper + LoRA on ``identity_share`` identity examples and the rest prior ones.
+    With ``validation`` in ``common``: first the step-0 baseline of the held-out losses."""
     from faceid.model.lora import lora_parameters
 
+    if common.get("validation") is not None and state["step"] == 0:
+        common["validation"].baseline(model)
     mapper = model.mapper
     run_stage("stage1", model, list(mapper.parameters()), pools, 1.0, tcfg.stage1, tcfg, state, first_step=0, **common)
     trainable = list(mapper.parameters()) + lora_parameters(model.transformer)
@@ -311,43 +352,50 @@ def train(
     device: torch.device | None = None,
     checkpoint_dir: Path | None = None,
     report: Report | None = None,
+    on_validation=None,
 ) -> dict:
     """Two-stage training of one identity. ``config``: ``params`` (dict of Params), ``identity``,
     ``crops_dir``, ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity
-    folder there). ``checkpoint_dir``: resume from it. Returns the summary metrics."""
+    folder there). ``checkpoint_dir``: resume from it. ``on_validation(point, renders folder or
+    None)``: called on rank 0 after each validation point. Returns the summary metrics."""
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
     from faceid.model import components as comp
     from faceid.model.generate import build_pipeline
     from faceid.model.memory import text_encoder_on_device
-    from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import FaceMapper
-    from faceid.train.data import check_embedder, embeddings_sha256, load_embedding, training_clips
+    from faceid.train.data import check_embedder, embeddings_sha256, load_embedding, split_clips
     from faceid.train.examples import IDENTITY, build_training_set, summary_text
+    from faceid.train.validation import Renderer, Validation, enabled, kept_without_validation
 
     # 1. Setup
     params = params_from_dict(config["params"])
-    mcfg, tcfg = params.model, params.train_lora
+    mcfg, tcfg, vcfg = params.model, params.train_lora, params.train_lora.validation
     device = device or comp.resolve_device(mcfg)
     torch.manual_seed(tcfg.seed)
     t_start = time.perf_counter()
 
-    # 2. Base model (text encoder and VAE are needed only to fill the cache)
+    # 2. Base model (text encoder and VAE are needed only to fill the cache, and the VAE for renders)
     pipe = build_pipeline(mcfg, device)
     pipe.set_progress_bar_config(disable=True)
 
-    # 3. Data: identity photos + clips (identity or prior) -> cached latents; then free text encoder and VAE
+    # 3. Data: identity photos + clips (identity or prior) -> cached latents, the held-out validation
+    #    examples likewise; then free the text encoder and the VAE (rank 0 keeps the VAE to render)
     embedding, emb_meta = load_embedding(config["embeddings_dir"])
     check_embedder(emb_meta, params.embed_faces)
-    clips = training_clips(config["clips_dir"], tcfg.holdout_clips)
+    clips, held_out_clips = split_clips(config["clips_dir"], tcfg.holdout_clips)
     base_model = comp.base_model_id(mcfg)
     with text_encoder_on_device(pipe):  # an offloaded text encoder visits once for the whole cache fill
         data = build_training_set(pipe, params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), clips,
-                                  embedding, Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
+                                  embedding, Path(tcfg.cache_dir), base_model, show_progress=rank == 0,
+                                  held_out_clips=held_out_clips)
     if rank == 0:
         print(summary_text(data))
+    renderer = None  # rank 0 renders held-out poses with the VAE (and the prompts encoded once)
+    if rank == 0 and vcfg.render_every:
+        renderer = Renderer(pipe, held_out_clips[: vcfg.num_clips], embedding, params, device)
     emb = torch.from_numpy(embedding)
     transformer = pipe.transformer
     del pipe
@@ -363,26 +411,43 @@ def train(
         transformer.enable_gradient_checkpointing()
     model = FaceConditionedDiT(transformer, mapper)
 
-    # 5. Resume from the last checkpoint (if any)
-    state, resume_optim = {"step": 0, "history": [], "resumed_from": None}, None
+    # 5. Resume from the last checkpoint (if any): weights, optimizer, step, validation state and best weights
+    state, resume_optim, best = {"step": 0, "history": [], "resumed_from": None}, None, None
     if checkpoint_dir is not None:
-        state, resume_optim = _load_checkpoint(model, Path(checkpoint_dir))
+        state, resume_optim, best = _load_checkpoint(model, Path(checkpoint_dir))
         if rank == 0:
             print(f"train-lora: resuming {config['identity']} from step {state['step']}")
 
     # autocast to the model dtype on CUDA (bf16 by default); float32 -> no autocast; CPU -> float32
     model_dtype = comp.resolve_dtype(mcfg, device)
     amp_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
-    common = dict(device=device, noise_scheduler=training_scheduler(mcfg.flow_shift), rank=rank,
+    noise_scheduler = training_scheduler(mcfg.flow_shift)
+    common = dict(device=device, noise_scheduler=noise_scheduler, rank=rank,
                   world_size=world_size, resume_optim=resume_optim, report=report, amp_dtype=amp_dtype)
 
-    # 6-7. Stage 1: mapper only, identity examples only; stage 2: mapper + LoRA, mixed with the motion prior
-    fit(model, data.pools(), tcfg, state, **common)
+    # 6. Validation during training (rank 0 measures): held-out losses, renders, best step, early stop
+    validation = None
+    if enabled(vcfg):
+        validation = Validation(vcfg, data.validation, state.setdefault("validation", {}), seed=tcfg.seed,
+                                final_step=tcfg.stage1.steps + tcfg.stage2.steps, noise_scheduler=noise_scheduler,
+                                device=device, amp_dtype=amp_dtype, timestep_sampling=tcfg.timestep_sampling, rank=rank,
+                                world_size=world_size, renderer=renderer, on_point=on_validation, best_weights=best)
 
-    # 8. Save the identity folder (rank 0) and summarise
+    # 7. Stage 1: mapper only, identity examples only; stage 2: mapper + LoRA, mixed with the motion prior
+    try:
+        fit(model, data.pools(), tcfg, state, validation=validation, **common)
+    finally:
+        if validation is not None:
+            validation.close()
+
+    # 8. Save the identity folder (rank 0): the kept step (the best by default; the last in last/), and summarise
+    last_step = state["history"][-1]["step"] if state["history"] else state["step"]
+    kept = validation.kept(last_step) if validation is not None else kept_without_validation(last_step)
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
     summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior),
-                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses)
+                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses,
+                   **_validation_summary(validation, kept, summary["seconds"]))
+    last_weights = trainable_state(model)
     if rank == 0:
         card = {
             "base_model": base_model,
@@ -403,17 +468,23 @@ def train(
                 "clips": {c.clip_id: c.checksum for c in clips},
                 "identity_clips": sorted(r["id"] for r in data.rows if r["kind"] == "clip" and r["role"] == IDENTITY),
             },
+            "validation": {**to_dict(vcfg), "holdout": data.holdout_note,
+                           "early_stop": (validation.state["stopped"] if validation is not None else {})},
+            "kept": kept,
         }
-        save_identity(Path(config["output_dir"]), name=config["identity"], card=card, mapper=mapper,
-                      embedding=emb, transformer=transformer, loss_rows=state["history"],
-                      reference=data.reference["image"])
+        save = dict(name=config["identity"], mapper=mapper, embedding=emb, transformer=transformer,
+                    loss_rows=state["history"], reference=data.reference["image"],
+                    validation_rows=validation.rows() if validation is not None else ())
+        _save_kept(Path(config["output_dir"]), model, card, save, kept, validation)
         print(format_summary(config["identity"], summary, config["output_dir"]))
     if report is not None:  # final checkpoint: trainable state + the identity folder (Ray brings it back)
         with tempfile.TemporaryDirectory() as tmp:
             final = None
             if rank == 0:
                 final = Path(tmp)
-                save_file(trainable_state(model), str(final / CKPT_WEIGHTS))
+                save_file(last_weights, str(final / CKPT_WEIGHTS))
+                if validation is not None and validation.best_weights is not None:
+                    save_file(validation.best_weights, str(final / CKPT_BEST))
                 (final / CKPT_STATE).write_text(json.dumps(state))
                 shutil.copytree(config["output_dir"], final / IDENTITY_SUBDIR)
             report({**summary, "done": True}, final)
@@ -438,12 +509,18 @@ def train_loop_per_worker(config: dict) -> None:
     if fail_at is not None:
         report = _failing_report(report, fail_at, Path(config["fail_marker"]))
 
+    on_validation = None  # rank 0 logs each validation point to MLflow as it happens
+    if rank == 0 and config.get("mlflow"):
+        from faceid.train.launch import validation_logger
+
+        on_validation = validation_logger(config["mlflow"]["uri"], config["mlflow"]["run_id"])
+
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp, (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
         try:
             train({**config, "output_dir": str(Path(tmp) / IDENTITY_SUBDIR)}, rank=rank, world_size=world,
                   device=ray.train.torch.get_device(), checkpoint_dir=Path(ckpt_dir) if ckpt_dir else None,
-                  report=report)
+                  report=report, on_validation=on_validation)
         except TrainingError as exc:
             ray.train.report({"error": str(exc)})
 
@@ -451,14 +528,50 @@ def train_loop_per_worker(config: dict) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _load_checkpoint(model: FaceConditionedDiT, folder: Path) -> tuple[dict, dict | None]:
+def _load_checkpoint(model: FaceConditionedDiT, folder: Path) -> tuple[dict, dict | None, dict | None]:
+    """``(step state, optimizer state or None, best step's weights or None)``; the model gets the weights."""
     from safetensors.torch import load_file
 
     load_trainable_state(model, load_file(str(folder / CKPT_WEIGHTS)))
     state = json.loads((folder / CKPT_STATE).read_text())
     state["resumed_from"] = state["step"]
     optim = load_optimizer_state(folder / CKPT_OPTIM) if (folder / CKPT_OPTIM).is_file() else None
-    return state, optim
+    best = load_file(str(folder / CKPT_BEST)) if (folder / CKPT_BEST).is_file() else None
+    return state, optim, best
+
+
+def _save_kept(output_dir: Path, model: FaceConditionedDiT, card: dict, save: dict, kept: dict, validation) -> None:
+    """The identity folder holds the kept step; when that is not the last step (the best one, by
+    default), the last step goes to ``last/`` beside it, with its own card. ``save``: the other
+    arguments of ``save_identity``. Leaves the model at the last step."""
+    from faceid.model.identity import LAST_SUBDIR, save_identity
+
+    if kept["last_folder"] is None:
+        save_identity(output_dir, card=card, **save)
+        return
+    last = trainable_state(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        last_kept = {**kept, "step": kept["last_step"], "last_folder": None,
+                     "why": f"the last step; the folder above holds step {kept['step']} ({kept['why']})"}
+        save_identity(Path(tmp) / LAST_SUBDIR, card={**card, "kept": last_kept}, **save)
+        load_trainable_state(model, validation.best_weights)
+        try:
+            save_identity(output_dir, card=card, **save)
+        finally:
+            load_trainable_state(model, last)
+        shutil.move(str(Path(tmp) / LAST_SUBDIR), str(output_dir / LAST_SUBDIR))
+
+
+def _validation_summary(validation, kept: dict, seconds: float) -> dict:
+    out = {"kept_step": kept["step"], "last_step": kept["last_step"]}
+    if validation is None:
+        return out
+    out.update(validation_seconds=validation.seconds, validation_share=validation.seconds / max(seconds, 1e-9),
+               validation_points=len(validation.state["points"]), early_stop=dict(validation.state["stopped"]))
+    best = validation.state["best"]
+    if best is not None:
+        out[f"best_{best['criterion']}"] = best["value"]
+    return out
 
 
 def load_optimizer_state(path: Path) -> dict:
@@ -490,27 +603,33 @@ def _free_memory() -> None:
 
 
 def _summary(state: dict, tcfg, world_size: int, seconds: float, device: torch.device) -> dict:
-    out = {"steps": state["step"], "seconds": seconds, "peak_memory_mb": peak_memory_mb(device),
-           "resumed_from": state.get("resumed_from")}
+    out = {"steps": state["step"], "steps_trained": len(state["history"]), "seconds": seconds,
+           "peak_memory_mb": peak_memory_mb(device), "resumed_from": state.get("resumed_from")}
     for stage in ("stage1", "stage2"):
         losses = [h["loss"] for h in state["history"] if h["stage"] == stage]
         if losses:
             k = max(1, min(5, len(losses) // 4))
             out[f"{stage}_loss_first"] = sum(losses[:k]) / k
             out[f"{stage}_loss_last"] = sum(losses[-k:]) / k
-    out["samples_per_s"] = state["step"] * tcfg.batch_size * world_size / max(seconds, 1e-9)
+    out["samples_per_s"] = len(state["history"]) * tcfg.batch_size * world_size / max(seconds, 1e-9)
     return out
 
 
 def format_summary(identity: str, s: dict, output_dir) -> str:
-    lines = [f"train-lora {identity}: {s['steps']} steps in {s['seconds']:.1f} s "
+    lines = [f"train-lora {identity}: {s['steps_trained']} steps in {s['seconds']:.1f} s "
              f"({s['samples_per_s']:.2f} samples/s, peak memory {s['peak_memory_mb']:.0f} MiB)"]
     for stage in ("stage1", "stage2"):
         if f"{stage}_loss_first" in s:
             lines.append(f"  {stage}: loss {s[f'{stage}_loss_first']:.4f} -> {s[f'{stage}_loss_last']:.4f}")
     if s.get("resumed_from") is not None:
         lines.append(f"  resumed from step {s['resumed_from']}")
-    lines.append(f"  identity folder: {output_dir}")
+    for stop in (s.get("early_stop") or {}).values():
+        lines.append(f"  {stop['reason']}")
+    if "validation_seconds" in s:
+        lines.append(f"  validation: {s['validation_points']} point(s), {s['validation_seconds']:.1f} s "
+                     f"({100 * s['validation_share']:.1f} % of the run)")
+    last = f" (the last step {s['last_step']} is in {Path(output_dir) / 'last'})" if s["kept_step"] != s["last_step"] else ""
+    lines.append(f"  identity folder: {output_dir} holds step {s['kept_step']}{last}")
     return "\n".join(lines)
 
 
