@@ -4,7 +4,7 @@ A folder of ``--videos`` generated dance videos (``faceid sample-data`` with mor
 photos moved over a background, 832x480 landscape, ``--seconds`` each at 16 fps) is prepared into
 81-frame 480x832 clips (the real profile's clip settings), first in one process
 (``prepare_pose.workers=1``: decode / pose / encode overlapping in threads), then on local Ray with
-one worker per core (Ray start-up included). The bound is mediapipe Pose alone, single process, on
+one worker per core (``workers`` = the number of cores; Ray start-up included). The bound is mediapipe Pose alone, single process, on
 the decoded frames of one clip, measured in the same run. Appends the section "Scale" to
 ``benchmarks/results/pose.md`` (replacing an older one) and prints it.
 
@@ -62,7 +62,7 @@ def main() -> None:
 
         cores = os.cpu_count() or 1
         for label, workers in [("1 worker, in this process (threads overlap decode / pose / encode)", 1),
-                               (f"{cores} workers on local Ray (start-up included)", 0)]:
+                               (f"{cores} workers on local Ray (start-up included)", cores)]:
             out = tmp / f"clips-{workers}"
             start = time.perf_counter()
             summary = prepare.run(dataclasses.replace(cfg, workers=workers), videos, None, out)

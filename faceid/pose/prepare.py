@@ -68,6 +68,7 @@ PLAN_THREADS = 8  # videos probed and hashed at once
 MAX_CLIPS_PER_CALL = 4  # clips a Ray worker takes at a time (its decode / pose / encode overlap within them)
 ENCODE_PRESET = "veryfast"  # x264: half the CPU of "fast" at crf 18 (41.3 vs 42.5 dB PSNR on a 480x832 clip)
 LOCAL_RAY_MIN_CLIPS = 8  # workers 0 on one machine: fewer clips to make are made in this process
+LOCAL_RAY_MIN_CORES = 2  # ... and so is everything on a machine with this many cores or fewer
 
 COLUMNS = (
     ("clip_id", "string"), ("source", "string"), ("start_frame", "int64"), ("num_frames", "int64"),
@@ -573,14 +574,16 @@ def make_clips(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_a
     Where: ``cfg.workers`` 1 -> in this process. A cluster (``ray_address``) or ``cfg.workers`` >= 2
     -> on Ray Data: that many actors (0 = one per CPU of the cluster), each a :class:`ClipMaker`.
     ``cfg.workers`` 0 without a cluster -> local Ray on ``num_cpus`` cores (0 = all) when there are
-    at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make and more than one core, else in this process
-    (starting local Ray costs about as much as making a few clips). On a cluster ``staging`` must
-    be on storage that every node sees (as ``ray.storage_path`` for training).
+    at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make and more than :data:`LOCAL_RAY_MIN_CORES`
+    cores, else in this process: starting local Ray costs about as much as making a few clips, and
+    one process's threads already keep two cores busy (benchmarks/results/pose.md: 25.5 frames/s in
+    one process vs 18.6 on 2 Ray workers on 2 cores). On a cluster ``staging`` must be on storage
+    that every node sees (as ``ray.storage_path`` for training).
     """
     if not jobs:
         return
     cores = num_cpus or os.cpu_count() or 1
-    local_small = not ray_address and cfg.workers == 0 and (len(jobs) < LOCAL_RAY_MIN_CLIPS or cores < 2)
+    local_small = not ray_address and cfg.workers == 0 and (len(jobs) < LOCAL_RAY_MIN_CLIPS or cores <= LOCAL_RAY_MIN_CORES)
     if cfg.workers == 1 or local_small:
         maker = ClipMaker(cfg, staging)
         try:
