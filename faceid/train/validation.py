@@ -46,7 +46,6 @@ import torch
 from faceid.errors import InputError
 
 MIN_TRAINING_PHOTOS = 2
-SHEET_FRAMES = 8
 METRICS = ("identity_loss", "prior_loss", "facesim", "facesim_base")  # per point; None = not measured
 
 OnPoint = Callable[[dict, "Path | None"], None]  # (point, folder of renders or None)
@@ -135,18 +134,6 @@ def heldout_loss(model, examples: list[dict], noise_scheduler, *, seed: int, num
 # --------------------------------------------------------------------------- renders
 
 
-def step_sheet(videos: list[np.ndarray], num_frames: int = SHEET_FRAMES, gap: int = 2) -> np.ndarray:
-    """Rows pose | base | identity of ``num_frames`` evenly spaced frames (render-validation's layout)."""
-    length = min(len(v) for v in videos)
-    idx = np.linspace(0, length - 1, min(num_frames, length)).round().astype(int)
-    h, w = videos[0].shape[1:3]
-    sheet = np.full((len(videos) * (h + gap) - gap, len(idx) * (w + gap) - gap, 3), 255, np.uint8)
-    for r, video in enumerate(videos):
-        for c, i in enumerate(idx):
-            sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = video[i]
-    return sheet
-
-
 class Renderer:
     """Renders held-out poses with the adapter being trained (rank 0). Prompts are encoded once;
     then a pipeline of the training transformer, the VAE and the inference scheduler (no text
@@ -211,6 +198,7 @@ class Renderer:
         from PIL import Image
 
         from faceid.pose.video import write_video
+        from faceid.validate import contact_sheet  # pose | base | identity rows, as render-validation lays them out
 
         ident_scores, base_scores, rates = [], [], []
         with torch.no_grad():
@@ -226,7 +214,7 @@ class Renderer:
                 rates.append(face["detection_rate"])
                 write_video(folder / f"{clip['id']}.mp4", frames, clip["fps"])
                 write_video(folder / f"{clip['id']}_base.mp4", base, clip["fps"])
-                Image.fromarray(step_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
+                Image.fromarray(contact_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
 
         def mean(values):
             values = [v for v in values if v is not None]
