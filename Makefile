@@ -45,7 +45,7 @@ compile: install
 
 # CPU figures (written to benchmarks/results/); bench-gpu needs a CUDA machine.
 bench: install
-	for b in bench_faces bench_pose bench_train_tiny; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in bench_faces bench_pose bench_pose_scale bench_train_tiny; do $(PY) benchmarks/$$b.py || exit 1; done
 
 bench-gpu: install $(REAL_TEST_WEIGHTS)
 	$(PY) benchmarks/bench_infer_gpu.py --weights $(dir $(REAL_TEST_WEIGHTS))

@@ -93,8 +93,11 @@ def main() -> None:
         "for large datasets. Decoding is skipped entirely for clips already done.",
         "",
     ]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(lines))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.read_text() if out.is_file() else ""
+    scale = old[old.index("\n## Scale\n"):] if "\n## Scale\n" in old else ""  # bench_pose_scale.py's section stays
+    out.write_text("\n".join(lines).rstrip("\n") + "\n" + scale)
     print("\n".join(lines))
 
 
