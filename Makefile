@@ -8,7 +8,7 @@ FACEID := $(VENV)/bin/faceid
 STAMP := $(VENV)/.faceid-installed
 REAL_TEST_WEIGHTS := .cache/test-weights/real/model_index.json
 
-.PHONY: install demo test repro infer compile bench bench-gpu smoke-real clean
+.PHONY: install demo test test-extended repro infer compile bench bench-gpu smoke-real clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ demo: install
 
 # pytest exit code 5 (no tests collected) fails too.
 test: install
-	$(VENV)/bin/pytest -q --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(VENV)/bin/pytest -q -m "not extended" --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Checks left out of `make test` to keep CI under ~20 min (pytest -m extended; ~3 min on 2 cores):
+# SIGKILL of a training driver leaves no Ray process, the GPU benchmark scripts run on CPU.
+test-extended: install
+	$(VENV)/bin/pytest -q -m extended --durations=10; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # dvc runs each stage's `faceid ...` cmd through the shell: put the venv on PATH.
 repro: install

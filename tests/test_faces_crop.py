@@ -579,18 +579,27 @@ def test_photo_max_side_is_validated(repo):
 
 
 def test_write_png_round_trips_exactly(tmp_path):
-    """crop-faces' PNG writer (photos, crops, contact sheet): Pillow and libpng read back the same pixels."""
-    import cv2
+    """crop-faces' PNG writer (photos, crops, contact sheet): Pillow and libpng (OpenCV) read back the
+    same pixels. libpng reads in a fresh process: once decord is imported (earlier tests do), its
+    bundled zlib makes OpenCV's libpng fail on every PNG ("bad parameters to zlib"), even its own."""
+    import subprocess
+    import sys
 
     from faceid.io import write_png
 
     rng = np.random.default_rng(0)
-    for shape in ((1, 1, 3), (1, 7, 3), (5, 1, 3), (31, 17, 3)):
+    shapes = ((1, 1, 3), (1, 7, 3), (5, 1, 3), (31, 17, 3))
+    for i, shape in enumerate(shapes):
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)
-        write_png(tmp_path / "x.png", pixels)
-        with Image.open(tmp_path / "x.png") as im:
+        write_png(tmp_path / f"{i}.png", pixels)
+        np.save(tmp_path / f"{i}.npy", pixels)
+        with Image.open(tmp_path / f"{i}.png") as im:
             assert im.format == "PNG" and im.mode == "RGB"
             np.testing.assert_array_equal(np.asarray(im), pixels)
-        np.testing.assert_array_equal(cv2.imread(str(tmp_path / "x.png"))[:, :, ::-1], pixels)
+    check = ("import sys, cv2, numpy as np\n"
+             f"for i in range({len(shapes)}):\n"
+             "    got = cv2.imread(f'{sys.argv[1]}/{i}.png')\n"
+             "    assert got is not None and (got[:, :, ::-1] == np.load(f'{sys.argv[1]}/{i}.npy')).all(), i\n")
+    subprocess.run([sys.executable, "-c", check, str(tmp_path)], check=True, timeout=120)
     with pytest.raises(ValueError, match=r"expected an RGB uint8 image"):
         write_png(tmp_path / "grey.png", np.zeros((4, 4), np.uint8))

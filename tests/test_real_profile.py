@@ -144,7 +144,7 @@ def test_memory_options(params):
     assert rows["vae"]["bytes"] >= 4 * rows["vae"]["parameters"]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_gpu_benchmarks_run_on_cpu_with_tiny_weights(repo, weights, tmp_path):
     """The GPU benchmarks' logic (--device cpu), so the one GPU session does not die on drift."""
     import subprocess

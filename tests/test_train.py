@@ -401,6 +401,7 @@ def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.extended
 def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, inputs, tmp_path, repo):
     """SIGKILL of `faceid train-lora` after its first checkpoint: 30 s later no process of its local
     Ray session is alive (faceid.ray_local's watchdog; Ray alone leaves its agents running), and
