@@ -1,6 +1,7 @@
 """prepare-pose at dataset scale on Ray Data, on a generated folder of short real-person videos
 (``faceid sample-data`` with more videos): a 2-worker run killed midway (SIGKILL of the driver)
-resumes to the manifest one process makes, with every clip exactly once; a rerun redoes nothing."""
+leaves no Ray process behind and resumes to the manifest one process makes, with every clip
+exactly once; a rerun redoes nothing."""
 
 from __future__ import annotations
 
@@ -32,6 +33,31 @@ def dataset(tmp_path_factory, params):
     return out / "videos"
 
 
+def _descendants(pid: int) -> list:
+    import psutil
+
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            out.append((child, child.create_time()))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _alive(procs: list) -> list[str]:
+    import psutil
+
+    alive = []
+    for proc, created in procs:
+        try:
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.pid} {proc.name()}")
+        except psutil.Error:
+            pass
+    return alive
+
+
 def _finished(staging):
     return [p for p in staging.iterdir() if not p.name.startswith(".")] if staging.is_dir() else []
 
@@ -60,11 +86,17 @@ def test_two_workers_killed_midway_resume_to_the_single_process_manifest(params,
             while time.monotonic() < deadline and proc.poll() is None and len(_finished(staging)) < 2:
                 time.sleep(0.05)
             assert proc.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            session = _descendants(proc.pid)  # its local Ray: raylet, workers, agents
             proc.kill()
             proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
+    # no worker of the killed run may still write clips when we count them and rerun (faceid.ray_local's watchdog)
+    deadline = time.monotonic() + 30
+    while _alive(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(session), f"processes of the killed run still alive after 30 s: {_alive(session)}"
     done_at_kill = len(_finished(staging))
     assert f"{NUM_VIDEOS} clips on 2 Ray worker(s) (local Ray)" in (tmp_path / "killed.log").read_text()
     assert 2 <= done_at_kill < NUM_VIDEOS and not (out / "manifest.parquet").exists()
