@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from group_photos import HEAD_BOXES, head, side_by_side
 from PIL import Image
 
 from faceid.config import load_params
@@ -333,33 +334,10 @@ def test_blank_image_is_called_blank_not_faceless(tmp_path, detector, cfg):
     assert result.reason == "no_face"  # a real picture without a face is not "blank"
 
 
-# mediapipe's face box (x0, y0, x1, y1) on the original photos, to cut heads out for group photos
-HEAD_BOXES = {"biden.jpg": (422, 226, 759, 562), "obama2.jpg": (141, 271, 491, 621), "obama.jpg": (355, 134, 642, 421)}
-
-
-def _head(image: Image.Image, box: tuple, scale: float) -> Image.Image:
-    x0, y0, x1, y1 = box
-    grow = x1 - x0
-    head = image.crop((max(0, int(x0 - grow)), max(0, int(y0 - grow)), min(image.width, int(x1 + grow)),
-                       min(image.height, int(y1 + 1.6 * grow))))
-    return head.resize((round(head.width * scale), round(head.height * scale)), Image.Resampling.LANCZOS)
-
-
-def _side_by_side(*heads: Image.Image, gap: int = 30) -> np.ndarray:
-    """A group photo: real heads pasted side by side on a grey backdrop, bottoms aligned."""
-    h = max(i.height for i in heads)
-    canvas = Image.new("RGB", (sum(i.width for i in heads) + gap * (len(heads) + 1), h + 2 * gap), (180, 180, 180))
-    x = gap
-    for head in heads:
-        canvas.paste(head, (x, gap + h - head.height))
-        x += head.width + gap
-    return np.asarray(canvas)
-
-
 def test_group_photo_keeps_the_other_faces_as_candidates(photos, detector, cfg):
     # a stranger (biden, face ~200 px) beside the person (obama, ~145 px): the largest face is the stranger's
-    group = _side_by_side(_head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.6),
-                          _head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.42))
+    group = np.asarray(side_by_side(head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.6),
+                                    head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.42)))
     result = crop.crop_face(group, detector, Aligner(), cfg)
     assert isinstance(result, crop.FaceCrop) and result.num_faces == 2 and len(result.others) == 1
     main, other = result, result.others[0]
@@ -373,13 +351,13 @@ def test_at_most_max_faces_candidates(photos, detector, cfg):
 
     extra = package_photos()
     heads = [
-        _head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.45),
-        _head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.43),
-        _head(_rgb(photos["obama.jpg"]), HEAD_BOXES["obama.jpg"], 0.5),
-        _head(Image.fromarray(extra["astronaut"]), (174, 68, 278, 172), 1.4),
-        _head(Image.fromarray(extra["grace_hopper"]), (166, 128, 366, 329), 0.75),
+        head(_rgb(photos["biden.jpg"]), HEAD_BOXES["biden.jpg"], 0.45),
+        head(_rgb(photos["obama2.jpg"]), HEAD_BOXES["obama2.jpg"], 0.43),
+        head(_rgb(photos["obama.jpg"]), HEAD_BOXES["obama.jpg"], 0.5),
+        head(Image.fromarray(extra["astronaut"]), (174, 68, 278, 172), 1.4),
+        head(Image.fromarray(extra["grace_hopper"]), (166, 128, 366, 329), 0.75),
     ]
-    result = crop.crop_face(_side_by_side(*heads), detector, Aligner(), cfg)
+    result = crop.crop_face(np.asarray(side_by_side(*heads)), detector, Aligner(), cfg)
     assert result.num_faces == 5 and len(result.others) == crop.MAX_FACES - 1
     indices = [result.face_index] + [o.face_index for o in result.others]
     assert len(set(indices)) == crop.MAX_FACES

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from group_photos import HEAD_BOXES, head, side_by_side
 from PIL import Image
 
 from faceid.errors import InputError
@@ -319,29 +320,6 @@ def test_clip_embedder_from_a_local_folder(tmp_path, planted, params):
 
 # --------------------------------------------------------------------------- mixed sets and group photos (real photos)
 
-# mediapipe's face box (x0, y0, x1, y1) on the original photos, to cut heads out for group photos
-HEAD_BOXES = {"biden.jpg": (422, 226, 759, 562), "obama2.jpg": (141, 271, 491, 621), "obama.jpg": (355, 134, 642, 421)}
-
-
-def _head(image: Image.Image, box: tuple, scale: float) -> Image.Image:
-    x0, y0, x1, y1 = box
-    grow = x1 - x0
-    head = image.crop((max(0, int(x0 - grow)), max(0, int(y0 - grow)), min(image.width, int(x1 + grow)),
-                       min(image.height, int(y1 + 1.6 * grow))))
-    return head.resize((round(head.width * scale), round(head.height * scale)), Image.Resampling.LANCZOS)
-
-
-def _side_by_side(*heads: Image.Image, gap: int = 30) -> Image.Image:
-    """A group photo: real heads pasted side by side on a grey backdrop, bottoms aligned."""
-    h = max(i.height for i in heads)
-    canvas = Image.new("RGB", (sum(i.width for i in heads) + gap * (len(heads) + 1), h + 2 * gap), (180, 180, 180))
-    x = gap
-    for head in heads:
-        canvas.paste(head, (x, gap + h - head.height))
-        x += head.width + gap
-    return canvas
-
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, params):
     """One crop-faces run over photos of the person (3 obama), of another man (biden and a mirrored
@@ -355,11 +333,11 @@ def mixed(tmp_path_factory, params):
     for name in ("obama.jpg", "obama_partial_face.jpg", "obama_partial_face2.jpg", "biden.jpg"):
         (src / name).write_bytes(photos[name])
     ImageOps.mirror(rgb["biden.jpg"]).save(src / "biden_mirrored.png")
-    biden, obama2 = _head(rgb["biden.jpg"], HEAD_BOXES["biden.jpg"], 0.6), _head(rgb["obama2.jpg"], HEAD_BOXES["obama2.jpg"], 0.42)
-    _side_by_side(biden, obama2).save(src / "group.png")
-    _side_by_side(obama2, ImageOps.mirror(_head(rgb["obama.jpg"], HEAD_BOXES["obama.jpg"], 0.5))).save(src / "twins.png")
+    biden, obama2 = head(rgb["biden.jpg"], HEAD_BOXES["biden.jpg"], 0.6), head(rgb["obama2.jpg"], HEAD_BOXES["obama2.jpg"], 0.42)
+    side_by_side(biden, obama2).save(src / "group.png")
+    side_by_side(obama2, ImageOps.mirror(head(rgb["obama.jpg"], HEAD_BOXES["obama.jpg"], 0.5))).save(src / "twins.png")
     hopper = Image.fromarray(package_photos()["grace_hopper"])
-    _side_by_side(ImageOps.mirror(biden), _head(hopper, (166, 128, 366, 329), 0.75)).save(src / "strangers.png")
+    side_by_side(ImageOps.mirror(biden), head(hopper, (166, 128, 366, 329), 0.75)).save(src / "strangers.png")
     out = tmp_path_factory.mktemp("mixed_crops") / "crops"
     crop.run(params.crop_faces, src, out)
     return out

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from process_tree import alive, descendants
 
 from faceid.io import read_parquet
 from faceid.pose import prepare
@@ -31,31 +32,6 @@ def dataset(tmp_path_factory, params):
     out = tmp_path_factory.mktemp("many") / "sample"
     sample_data.run(cfg, out)
     return out / "videos"
-
-
-def _descendants(pid: int) -> list:
-    import psutil
-
-    out = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            out.append((child, child.create_time()))
-        except psutil.Error:
-            pass
-    return out
-
-
-def _alive(procs: list) -> list[str]:
-    import psutil
-
-    alive = []
-    for proc, created in procs:
-        try:
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{proc.pid} {proc.name()}")
-        except psutil.Error:
-            pass
-    return alive
 
 
 def _finished(staging):
@@ -86,7 +62,7 @@ def test_two_workers_killed_midway_resume_to_the_single_process_manifest(params,
             while time.monotonic() < deadline and proc.poll() is None and len(_finished(staging)) < 2:
                 time.sleep(0.05)
             assert proc.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
-            session = _descendants(proc.pid)  # its local Ray: raylet, workers, agents
+            session = descendants(proc.pid)  # its local Ray: raylet, workers, agents
             proc.kill()
             proc.wait(timeout=30)
         finally:
@@ -94,9 +70,9 @@ def test_two_workers_killed_midway_resume_to_the_single_process_manifest(params,
                 proc.kill()
     # no worker of the killed run may still write clips when we count them and rerun (faceid.ray_local's watchdog)
     deadline = time.monotonic() + 30
-    while _alive(session) and time.monotonic() < deadline:
+    while alive(session) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(session), f"processes of the killed run still alive after 30 s: {_alive(session)}"
+    assert not alive(session), f"processes of the killed run still alive after 30 s: {alive(session)}"
     done_at_kill = len(_finished(staging))
     assert f"{NUM_VIDEOS} clips on 2 Ray worker(s) (local Ray)" in (tmp_path / "killed.log").read_text()
     assert 2 <= done_at_kill < NUM_VIDEOS and not (out / "manifest.parquet").exists()

@@ -411,7 +411,7 @@ def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, input
     import sys
     import time
 
-    import psutil
+    from process_tree import alive, descendants
 
     from faceid.train import launch
 
@@ -438,31 +438,16 @@ def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, input
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
-        session = []
-        for proc in psutil.Process(driver.pid).children(recursive=True):
-            try:
-                session.append((proc, proc.create_time()))
-            except psutil.Error:
-                pass
+        session = descendants(driver.pid)
         assert any("raylet" in " ".join(p.cmdline()) for p, _ in session)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
 
-    def alive():
-        out = []
-        for proc, created in session:
-            try:
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(f"{proc.pid} {proc.name()}")
-            except psutil.Error:
-                pass
-        return out
-
     deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
+    while alive(session) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not alive(), f"processes of the killed driver's Ray session still running after 30 s: {alive()}"
+    assert not alive(session), f"processes of the killed driver's Ray session still running after 30 s: {alive(session)}"
     log = (tmp_path / "driver.log").read_text()
     assert "Traceback" not in log and "Failed to query Ray Train Controller" not in log  # Ray's own logs: ERROR only
 
