@@ -265,7 +265,6 @@ def generate_video(
     uint8 RGB) goes to VACE as its reference image; without it, an identity trained with its
     reference passes that one (see the module docstring)."""
     import torch
-    from PIL import Image
 
     from faceid.model.memory import text_encoder_on_device
 
@@ -283,9 +282,7 @@ def generate_video(
         reference_image = identity_reference(blend, face_scale)
     else:
         check_reference_image(reference_image)
-    num_frames, height, width, _ = pose_frames.shape
     device = pipe._execution_device
-    dtype = pipe.transformer.dtype
     do_cfg = guidance_scale > 1.0
 
     # 2. Text + face tokens -> prompt embeddings (cond) and negative embeddings (uncond); both prompts
@@ -303,12 +300,24 @@ def generate_video(
     activate_loras(pipe, blend, face_scale * lora_scale)
 
     # 4. Denoise with the pose video as VACE control (and the reference image, if any)
-    video = [Image.fromarray(frame) for frame in pose_frames]
+    return denoise(pipe, pose_frames, cond, uncond, num_inference_steps, guidance_scale, seed, reference_image)
+
+
+def denoise(pipe, pose_frames: np.ndarray, cond, uncond, num_inference_steps: int, guidance_scale: float, seed: int,
+            reference_image: np.ndarray | None = None) -> np.ndarray:
+    """``[F, H, W, 3]`` uint8 frames from prompt embeddings ``cond`` (and ``uncond`` for CFG, else
+    None) with ``pose_frames`` as VACE control: noise drawn on the CPU from ``seed``. Values as
+    checked by :func:`generate_video` (which calls it; so does training's validation renderer)."""
+    import torch
+    from PIL import Image
+
+    num_frames, height, width, _ = pose_frames.shape
+    dtype = pipe.transformer.dtype
     out = pipe(
-        video=video,
+        video=[Image.fromarray(frame) for frame in pose_frames],
         reference_images=None if reference_image is None else [Image.fromarray(reference_image)],
         prompt_embeds=cond.to(dtype),
-        negative_prompt_embeds=uncond.to(dtype) if do_cfg else None,
+        negative_prompt_embeds=None if uncond is None else uncond.to(dtype),
         height=height,
         width=width,
         num_frames=num_frames,
@@ -334,5 +343,5 @@ __all__: list[Any] = [
     "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "check_guidance", "check_steps",
     "check_seed", "dominant", "identity_reference",
     "face_tokens", "slerp", "adapter_name", "activate_loras", "check_reference_image", "check_pose_frames",
-    "generate_video", "describe",
+    "generate_video", "denoise", "describe",
 ]

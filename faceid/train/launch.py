@@ -280,9 +280,10 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
         rows = read_loss_table(identity_dir)
         step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
         step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
+        points = read_validation_table(identity_dir)
         for key, name in VALIDATION_METRICS.items():  # the points rank 0 has not logged live
             done = {m.step for m in client.get_metric_history(run.info.run_id, name)}
-            step_metrics += [Metric(name, r[key], now, r["step"]) for r in read_validation_table(identity_dir)
+            step_metrics += [Metric(name, r[key], now, r["step"]) for r in points
                              if r[key] is not None and r["step"] not in done]
         for i in range(0, len(step_metrics), 1000):
             client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])

@@ -167,7 +167,7 @@ class Renderer:
         self.base: dict[str, tuple[np.ndarray, dict]] = {}  # clip -> (frames, FaceSim): the base does not train
 
     def _generate(self, model, clip: dict, identity: bool) -> np.ndarray:
-        from PIL import Image
+        from faceid.model.generate import denoise
 
         transformer = self.pipe.transformer
         cond, uncond = clip["text"], clip["negative"]
@@ -179,17 +179,10 @@ class Renderer:
         else:
             transformer.disable_adapters()
         try:
-            frames = self.pipe(
-                video=[Image.fromarray(f) for f in clip["pose"]], prompt_embeds=cond.to(transformer.dtype),
-                negative_prompt_embeds=None if uncond is None else uncond.to(transformer.dtype),
-                height=clip["pose"].shape[1], width=clip["pose"].shape[2], num_frames=len(clip["pose"]),
-                num_inference_steps=self.steps, guidance_scale=self.guidance,
-                generator=torch.Generator("cpu").manual_seed(self.seed), output_type="np",
-            ).frames[0]
+            return denoise(self.pipe, clip["pose"], cond, uncond, self.steps, self.guidance, self.seed)
         finally:
             if not identity:
                 transformer.enable_adapters()
-        return np.clip(np.round(np.asarray(frames, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
     def render(self, model, folder: Path) -> dict:
         """Render every clip (identity; the base once), write ``<clip>.mp4``, ``<clip>_base.mp4`` and
