@@ -143,7 +143,7 @@ def stock_pipeline(weights: Path, device: torch.device, dtype: torch.dtype):
 
 def make_identity(pipe, params, folder: Path, rank: int, dim: int) -> Path:
     """An identity folder as train-lora writes it: random FaceMapper, LoRA with non-zero B."""
-    from faceid.model.components import base_model_id, text_dim
+    from faceid.model.base_model import base_model_id, text_dim
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora
     from faceid.model.mapper import FaceMapper
@@ -240,7 +240,7 @@ def main() -> None:
 
 
 def run_all(args, device: torch.device, out: str | None) -> None:
-    from faceid.model.components import resolve_dtype
+    from faceid.model.base_model import resolve_dtype
     from faceid.model.generate import build_pipeline, generate_video, text_len
     from faceid.model.identity import load_identity
     from faceid.model.memory import format_holdings, holdings
@@ -285,7 +285,7 @@ def run_all(args, device: torch.device, out: str | None) -> None:
         ident = load_identity(make_identity(pipe, params, Path(tmp) / "bench", args.lora_rank, dim), model_cfg=mcfg)
 
         def faceid_run(n, num_frames=args.frames):
-            generate_video(pipe, ident, pose[:num_frames], PROMPT, face_scale=1.0, guidance_scale=args.guidance,
+            generate_video(pipe, ident, pose[:num_frames], PROMPT, face_scale=1.0, lora_scale=1.0, guidance_scale=args.guidance,
                            num_inference_steps=n, seed=0, negative_prompt=NEGATIVE)
 
         if "faceid" not in args.skip:

@@ -48,7 +48,7 @@ def example(transformer, text_tokens: int, dim: int, frames: int, height: int, w
 
 
 def bench(transformer, params, device, amp_dtype, ex: dict, steps: int, checkpointing: bool, dim: int) -> dict:
-    from faceid.model.components import text_dim
+    from faceid.model.base_model import text_dim
     from faceid.model.lora import lora_parameters
     from faceid.model.mapper import FaceMapper
     from faceid.train import recipe
@@ -123,7 +123,7 @@ def main() -> None:
     device = check_device(args.device)
     out = args.out or (str(REPO / "benchmarks" / "results" / "train_gpu.md") if device.type == "cuda" else None)
 
-    from faceid.model.components import load_real_components, resolve_dtype
+    from faceid.model.base_model import load_real_components, resolve_dtype
     from faceid.model.lora import add_lora, lora_parameters
 
     params = bench_params(args.weights, device)
@@ -160,7 +160,7 @@ def fmt(value, spec: str) -> str:
 
 
 def report(args, device, params, rows, dim) -> str:
-    from faceid.model.components import text_dim
+    from faceid.model.base_model import text_dim
 
     lora = params.train_lora.lora
     lines = [

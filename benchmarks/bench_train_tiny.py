@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from faceid.config import load_params
-from faceid.model.components import build_components
+from faceid.model.base_model import build_components
 from faceid.model.lora import add_lora, lora_parameters
 from faceid.model.mapper import FaceMapper
 from faceid.train import recipe

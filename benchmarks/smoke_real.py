@@ -114,7 +114,7 @@ def run_step(name: str, argv: list[str], sets: list[str], log: Path, timings: li
 
 
 def check_card(identity_dir: Path, params) -> str:
-    from faceid.model.components import base_model_id
+    from faceid.model.base_model import base_model_id
 
     card = json.loads((identity_dir / "identity.json").read_text())
     expected = base_model_id(params.model)
@@ -182,7 +182,8 @@ def check_face_tokens(params, identity_dir: Path, pose_frames) -> dict:
     blocks = pipe.transformer.blocks
     handles = [b.attn2.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     try:
-        generate_video(pipe, ident, pose_frames, "a person dancing", guidance_scale=1.0, num_inference_steps=1)
+        generate_video(pipe, ident, pose_frames, "a person dancing", face_scale=1.0, lora_scale=1.0, guidance_scale=1.0,
+                       num_inference_steps=1, seed=0)
     finally:
         for h in handles:
             h.remove()

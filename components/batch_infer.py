@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components import GPU_IMAGE
+from faceid_components import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -21,8 +21,13 @@ def batch_infer(
 ):
     """Identity ``models:/faceid-<identity>@<alias>`` ("" = tracking.validated_alias). ``videos``: *.mp4 + manifest.parquet.
     ``face_scale`` / ``lora_scale``: a negative value = batch_infer.face_scale / lora_scale (0 is a real face_scale: the base model)."""
-    from faceid.orchestrate import registry_uri, run_stage
+    from faceid import stages
+    from faceid.render import settings_from
+    from faceid.tracking import registry_uri
+    from faceid_components import mlflow_uri as tracking_uri, ray_address as address, stage_params
 
-    run_stage(params_path, "batch-infer", "--identity", registry_uri(params_path, identity, alias),
-              "--pose-videos", clips.path, "--output", videos.path, "--ray-address", ray_address,
-              "--mlflow-uri", mlflow_uri, profile=profile, face_scale=face_scale, lora_scale=lora_scale)
+    params = stage_params(params_path, profile, {"batch_infer.face_scale": face_scale,
+                                                 "batch_infer.lora_scale": lora_scale})
+    stages.batch_infer(params, clips.path, videos.path, settings_from(params.batch_infer),
+                       identity=registry_uri(params.tracking, identity, alias), ray_address=address(ray_address, params),
+                       mlflow_uri=tracking_uri(mlflow_uri, params))

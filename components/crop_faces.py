@@ -3,12 +3,13 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components import IMAGE
+from faceid_components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def crop_faces(photos: Input[Dataset], crops: Output[Dataset], params_path: str = ""):
     """``photos``: a folder of photos of one person. ``crops``: manifest.parquet + crops/<size>/."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import stage_params
 
-    run_stage(params_path, "crop-faces", "--input", photos.path, "--output", crops.path)
+    stages.crop_faces(stage_params(params_path), photos.path, crops.path)

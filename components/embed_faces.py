@@ -3,12 +3,13 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components import IMAGE
+from faceid_components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def embed_faces(crops: Input[Dataset], embeddings: Output[Dataset], params_path: str = ""):
     """``embeddings``: embeddings.safetensors, embeddings.parquet, report.json."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import stage_params
 
-    run_stage(params_path, "embed-faces", "--crops", crops.path, "--output", embeddings.path)
+    stages.embed_faces(stage_params(params_path), crops.path, embeddings.path)

@@ -8,14 +8,15 @@ The clips are made on Ray Data (``ray_address``: the cluster train_lora and batc
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components import IMAGE
+from faceid_components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_pose(videos: Input[Dataset], clips: Output[Dataset], params_path: str = "", profile: str = "",
                  ray_address: str = ""):
     """``videos``: a folder of dance videos (optionally captions.csv). ``clips``: manifest.parquet + clips/<id>/."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import ray_address as address, stage_params
 
-    run_stage(params_path, "prepare-pose", "--videos", videos.path, "--output", clips.path,
-              "--ray-address", ray_address, profile=profile)
+    params = stage_params(params_path, profile)
+    stages.prepare_pose(params, videos.path, clips.path, ray_address=address(ray_address, params))

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import GPU_IMAGE
+from faceid_components import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -18,8 +18,10 @@ def render_validation(
     mlflow_uri: str = "",
 ):
     """``validation``: metrics.json, videos/, sheets/, side_by_side/; ``metrics``: the numbers for the KFP UI."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import log_metrics, mlflow_uri as tracking_uri, stage_params
 
-    run_stage(params_path, "render-validation", "--identity", identity_dir.path, "--clips", clips.path,
-              "--reference", embeddings.path, "--output", validation.path, "--mlflow-uri", mlflow_uri,
-              profile=profile, metrics=metrics, metrics_file=validation.path + "/metrics.json")
+    params = stage_params(params_path, profile)
+    result = stages.render_validation(params, identity_dir.path, clips.path, embeddings.path, validation.path,
+                                      mlflow_uri=tracking_uri(mlflow_uri, params))
+    log_metrics(metrics, result)

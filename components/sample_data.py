@@ -3,12 +3,13 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components import IMAGE
+from faceid_components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def sample_data(sample: Output[Dataset], params_path: str = ""):
     """Writes ``identities/<name>/``, ``others/`` and ``videos/`` (+ ``captions.csv``)."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import stage_params
 
-    run_stage(params_path, "sample-data", "--output", sample.path)
+    stages.sample_data(stage_params(params_path), sample.path)

@@ -6,7 +6,7 @@ Logs to MLflow and registers ``faceid-<identity>`` with ``tracking.register_alia
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components import GPU_IMAGE
+from faceid_components import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -24,8 +24,10 @@ def train_lora(
     mlflow_uri: str = "",
 ):
     """``identity_dir``: LoRA + face mapper + identity card. "" / -1 = the value in params.yaml."""
-    from faceid.orchestrate import run_stage
+    from faceid import stages
+    from faceid_components import mlflow_uri as tracking_uri, ray_address as address, stage_params
 
-    run_stage(params_path, "train-lora", "--identity", identity, "--crops", crops.path, "--embeddings", embeddings.path,
-              "--clips", clips.path, "--output", identity_dir.path, "--ray-address", ray_address,
-              "--mlflow-uri", mlflow_uri, profile=profile, stage1_steps=stage1_steps, stage2_steps=stage2_steps)
+    params = stage_params(params_path, profile, {"train_lora.stage1.steps": stage1_steps,
+                                                 "train_lora.stage2.steps": stage2_steps})
+    stages.train_lora(params, identity, crops.path, embeddings.path, clips.path, identity_dir.path,
+                      ray_address=address(ray_address, params), mlflow_uri=tracking_uri(mlflow_uri, params))

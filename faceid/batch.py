@@ -1,11 +1,11 @@
-"""``faceid batch-infer`` (DVC stage / KFP component ``batch_infer``): many pose videos, Ray Data.
+"""``faceid batch-infer`` (KFP component ``batch_infer``; not a DVC stage): many pose videos, Ray Data.
 
 Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manifest.parquet`` ->
 ``pose_path`` and ``caption`` of the ``ok`` clips) or such a manifest file. One job per pose video
 (``--interpolate A,B``: ``batch_infer.interpolation_steps`` jobs per pose video, ``<name>__tKK.mp4``).
 
 - Ray Data: ``from_items(jobs).map(Worker, concurrency=batch_infer.num_workers)``; each worker
-  builds the pipeline once (``faceid.infer.Generator``). Local Ray unless an address is given.
+  builds the pipeline once (``faceid.render.Generator``). Local Ray unless an address is given.
 - Resumable: an output that exists is not redone (status ``skipped``); videos are written atomically.
 - A failing video is recorded (status ``failed`` + error, one line on the terminal) and the others
   continue. When no video is generated and none existed, the stage fails and ``<out>`` is left as
@@ -15,7 +15,7 @@ Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manif
   steps, seed), whether a VACE reference image was passed, frames of the pose video and how many
   were trimmed to 4n+1 (``source_frames``, ``trimmed_frames``; also printed), timings and FaceSim
   to the (main) identity's own embedding.
-- One writer: ``<out>`` is locked for the run (:func:`faceid.io.output_lock`). Ray: ``faceid.ray_local``.
+- One writer: ``<out>`` is locked for the run (:func:`faceid.io.output_lock`). Ray: ``faceid.ray_session``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Worker:
     """A Ray Data callable class: builds the pipeline once per worker, renders one job per call."""
 
     def __init__(self, params, settings, mlflow_uri: str | None):
-        from faceid.infer import Generator
+        from faceid.render import Generator
 
         self.params, self.settings = params, settings
         self.generator = Generator(params, mlflow_uri=mlflow_uri)
@@ -121,7 +121,7 @@ class Worker:
         return {"facesim": res["mean"], "facesim_std": res["std"], "face_detection_rate": res["detection_rate"]}
 
     def __call__(self, job: dict) -> dict:
-        from faceid.infer import render_one
+        from faceid.render import render_one
 
         t0 = time.perf_counter()
         row = {"key": job["key"], "pose_video": job["pose_video"], "output": job["output"], "worker": f"{os.uname().nodename}:{os.getpid()}"}
@@ -143,13 +143,11 @@ class Worker:
 
 def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None) -> list[dict]:
     import ray
-    from ray.data import DataContext
 
-    from faceid import ray_local
+    from faceid import ray_session
     from faceid.io import progress
 
-    with ray_local.session(ray_address, params.ray.num_cpus, log_to_driver=False):
-        DataContext.get_current().enable_progress_bars = False
+    with ray_session.session(ray_address, params.ray.num_cpus, log_to_driver=False):
         cfg = params.batch_infer
         ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map(
             Worker,
@@ -178,30 +176,37 @@ def run(
     interpolate: str | None = None,
     ray_address: str = "",
     mlflow_uri: str | None = None,
-    face_scale: float | None = None,
-    lora_scale: float | None = None,
+    settings=None,
     lock_wait: float = 0.0,
 ) -> dict:
     """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``.
-    ``face_scale`` / ``lora_scale``: None = ``batch_infer.face_scale`` / ``batch_infer.lora_scale``.
+    ``settings``: :class:`faceid.render.Settings` built at the door (None: ``batch_infer`` as it is).
+    Registry identities are pinned to the version their alias names now: every worker renders the
+    same version, downloaded once per machine (``tracking.download_dir``).
     Fails, leaving ``output_dir`` as it was, when no video is generated and none exists already.
     ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
-    from faceid.infer import load_identities, parse_blend, parse_interpolate, settings_from
+    from faceid import tracking
     from faceid.io import output_lock
+    from faceid.render import load_identities, parse_blend, parse_interpolate, settings_from
 
     # 1. Check inputs before any model or Ray starts: settings, pose videos, identities (compatibility
     #    with the base model); one writer per output folder
     output_dir = Path(output_dir)
-    settings = settings_from(params, face_scale=face_scale, lora_scale=lora_scale)
+    settings = settings or settings_from(params.batch_infer)
     items = list_pose_videos(Path(pose_videos))
+
+    def pinned(ref) -> str:
+        ref = str(ref)
+        return tracking.pin_version(ref, mlflow_uri) if ref.startswith(tracking.MODELS_PREFIX) and mlflow_uri else ref
+
     if interpolate:
-        a, b = parse_interpolate(interpolate, identity)
+        a, b = (pinned(r) for r in parse_interpolate(interpolate, identity))
         spec, refs = {"interpolate": [a, b]}, [a, b]
     elif blend:
-        pairs = parse_blend(blend)
+        pairs = [(pinned(r), w) for r, w in parse_blend(blend)]
         spec, refs = {"blend": [[r, w] for r, w in pairs]}, [r for r, _ in pairs]
     elif identity:
-        spec, refs = {"identity": str(identity)}, [str(identity)]
+        spec, refs = {"identity": pinned(identity)}, [pinned(identity)]
     else:
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
     load_identities(refs, params, mlflow_uri)

@@ -12,163 +12,126 @@ import os
 import sys
 from pathlib import Path
 
-from faceid.errors import ConfigError, FaceidError
+from faceid.errors import FaceidError, InputError
 
 # --------------------------------------------------------------------------- handlers
-# Each handler: (params, args) -> None. Library functions do the work and print summaries.
+# Each handler: (params, args) -> None: the flags become one typed call of faceid.stages (the
+# stage's name), with the environment read here (MLflow URI, Ray address). Stages print summaries.
 
 
 def _cmd_sample_data(params, args) -> None:
-    from faceid import sample_data
+    from faceid import stages
 
-    sample_data.run(params.sample_data, Path(args.output), lock_wait=args.lock_wait)
+    stages.sample_data(params, Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_crop_faces(params, args) -> None:
-    from faceid.faces import crop
+    from faceid import stages
 
-    run = crop.run_many if crop.holds_identities(Path(args.input)) else crop.run
-    run(params.crop_faces, Path(args.input), Path(args.output), lock_wait=args.lock_wait)
+    stages.crop_faces(params, Path(args.input), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_embed_faces(params, args) -> None:
-    from faceid.faces import embed
+    from faceid import stages
 
-    run = embed.run_many if embed.holds_identities(Path(args.crops)) else embed.run
-    run(params.embed_faces, Path(args.crops), Path(args.output), lock_wait=args.lock_wait)
+    stages.embed_faces(params, Path(args.crops), Path(args.output), lock_wait=args.lock_wait)
 
 
 def _cmd_similarity(params, args) -> None:
-    from faceid.faces import similarity
+    from faceid import stages
 
-    similarity.run(params, Path(args.reference), Path(args.video), Path(args.output) if args.output else None)
+    stages.similarity(params, Path(args.reference), Path(args.video), Path(args.output) if args.output else None)
 
 
 def _cmd_prepare_pose(params, args) -> None:
-    import dataclasses
+    from faceid import stages
+    from faceid.config import with_values
 
-    from faceid.pose import prepare
-
-    cfg = params.prepare_pose
     if args.workers is not None:
-        if args.workers < 0:
-            raise ConfigError(f"--workers: expected >= 0 (0 = one per CPU, 1 = in this process), got {args.workers}")
-        cfg = dataclasses.replace(cfg, workers=args.workers)
-    prepare.run(
-        cfg,
-        Path(args.videos),
-        Path(args.pose_videos) if args.pose_videos else None,
-        Path(args.output),
-        captions=Path(args.captions) if args.captions else None,
-        lock_wait=args.lock_wait,
-        ray_address=_ray_address(params, args),
-        num_cpus=params.ray.num_cpus,
-    )
+        params = with_values(params, {"prepare_pose.workers": args.workers}, flags={"prepare_pose.workers": "--workers"})
+    stages.prepare_pose(params, Path(args.videos), Path(args.output),
+                        pose_videos=Path(args.pose_videos) if args.pose_videos else None,
+                        captions=Path(args.captions) if args.captions else None,
+                        ray_address=_ray_address(params, args), lock_wait=args.lock_wait)
 
 
 def _cmd_train_lora(params, args) -> None:
-    from faceid.train import launch
+    from faceid import stages
 
-    launch.run(
-        params,
-        identity=args.identity,
-        crops_dir=Path(args.crops),
-        embeddings_dir=Path(args.embeddings),
-        clips_dir=Path(args.clips),
-        output_dir=Path(args.output),
-        ray_address=_ray_address(params, args),
-        mlflow_uri=_mlflow_uri(params, args),
-        lock_wait=args.lock_wait,
-    )
+    stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
+                      ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),
+                      lock_wait=args.lock_wait)
 
 
 def _cmd_render_validation(params, args) -> None:
-    from faceid import validate
+    from faceid import stages
 
-    validate.run(
-        params,
-        identity_dir=Path(args.identity),
-        clips_dir=Path(args.clips),
-        reference=Path(args.reference),
-        output_dir=Path(args.output),
-        mlflow_uri=_mlflow_uri(params, args),
-        lock_wait=args.lock_wait,
-    )
+    stages.render_validation(params, Path(args.identity), Path(args.clips), Path(args.reference), Path(args.output),
+                             mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
 
 
 def _cmd_infer(params, args) -> None:
-    from faceid import infer
+    from faceid import stages
+    from faceid.render import settings_from
 
-    infer.infer_one(
-        params,
-        identity=args.identity,
-        pose_video=Path(args.pose_video),
-        output=Path(args.output),
-        face_scale=args.face_scale,
-        lora_scale=args.lora_scale,
-        guidance_scale=args.cfg_scale,
-        num_inference_steps=args.steps,
-        seed=args.seed,
-        prompt=args.prompt,
-        blend=args.blend,
-        reference_only=args.reference_only,
-        reference_image=Path(args.reference_image) if args.reference_image else None,
-        mlflow_uri=_mlflow_uri(params, args),
-        lock_wait=args.lock_wait,
-    )
+    if args.reference_only:
+        given = [flag for flag, value in (("--face-scale", args.face_scale), ("--lora-scale", args.lora_scale))
+                 if value is not None]
+        if given:
+            raise InputError(f"--reference-only uses no identity adapter: {', '.join(given)} cannot be combined with it")
+    settings = settings_from(params.batch_infer, face_scale=args.face_scale, lora_scale=args.lora_scale,
+                             guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+                             prompt=args.prompt)
+    stages.infer(params, Path(args.pose_video), Path(args.output), settings, identity=args.identity, blend=args.blend,
+                 reference_only=args.reference_only,
+                 reference_image=Path(args.reference_image) if args.reference_image else None,
+                 mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
 
 
 def _cmd_batch_infer(params, args) -> None:
-    from faceid import batch
+    from faceid import stages
+    from faceid.render import settings_from
 
-    batch.run(
-        params,
-        identity=args.identity,
-        pose_videos=Path(args.pose_videos),
-        output_dir=Path(args.output),
-        blend=args.blend,
-        interpolate=args.interpolate,
-        face_scale=args.face_scale,
-        lora_scale=args.lora_scale,
-        ray_address=_ray_address(params, args),
-        mlflow_uri=_mlflow_uri(params, args),
-        lock_wait=args.lock_wait,
-    )
+    settings = settings_from(params.batch_infer, face_scale=args.face_scale, lora_scale=args.lora_scale)
+    stages.batch_infer(params, Path(args.pose_videos), Path(args.output), settings, identity=args.identity,
+                       blend=args.blend, interpolate=args.interpolate, ray_address=_ray_address(params, args),
+                       mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
 
 
 def _cmd_make_test_weights(params, args) -> None:
-    from faceid.model import test_weights
+    from faceid import stages
 
-    output = Path(args.output) if args.output else test_weights.default_output(args.size)
-    test_weights.write_test_weights(output, args.size, params.model.tiny, seed=args.seed)
+    stages.make_test_weights(params, Path(args.output) if args.output else None, args.size, seed=args.seed)
 
 
 def _cmd_pipeline(params, args) -> None:
-    from faceid import orchestrate
+    # a door to the other doors: the KFP pipelines and their runner live in pipelines/ (faceid_pipelines)
+    from faceid_pipelines import runner
 
     if args.pipeline_command == "compile":
-        orchestrate.compile_pipelines(Path(args.output_dir))
+        runner.compile_pipelines(Path(args.output_dir))
     elif args.pipeline_command == "run":
         if not args.local:
             raise FaceidError("faceid pipeline run: only --local is supported here; use `faceid pipeline submit --host URL` for a cluster")
-        orchestrate.run_local(params, args.name, args.arguments or [], params_path=Path(args.params), mlflow_uri=_mlflow_uri(params, args))
+        runner.run_local(params, args.name, args.arguments or [], params_path=Path(args.params),
+                         mlflow_uri=_mlflow_uri(params, args), verbose=args.verbose)
     elif args.pipeline_command == "submit":
-        orchestrate.submit(args.name, args.host, args.arguments or [], namespace=args.namespace, experiment=args.experiment)
+        runner.submit(args.name, args.host, args.arguments or [], namespace=args.namespace, experiment=args.experiment)
 
 
 # --------------------------------------------------------------------------- environment (entry point only)
 
 
 def _mlflow_uri(params, args) -> str:
-    """--mlflow-uri > $MLFLOW_TRACKING_URI > params.tracking.mlflow_uri > local sqlite store."""
-    from faceid.tracking import local_store_uri
+    from faceid.tracking import resolve_uri
 
-    uri = getattr(args, "mlflow_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.mlflow_uri
-    return uri or local_store_uri(Path(params.tracking.local_store))
+    return resolve_uri(getattr(args, "mlflow_uri", None), params.tracking, os.environ)
 
 
 def _ray_address(params, args) -> str:
-    return getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or params.ray.address
+    from faceid.ray_session import resolve_address
+
+    return resolve_address(getattr(args, "ray_address", None), params.ray, os.environ)
 
 
 # --------------------------------------------------------------------------- parser
@@ -179,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="faceid", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"faceid {__version__}")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", help="params file (default: $FACEID_PARAMS, else params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set train_lora.stage1.steps=5 (repeatable)")
     parser.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
@@ -253,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-free baseline: base VACE with a reference image, no adapter, no face tokens")
     p.add_argument("--reference-image", help="photo for --reference-only (an aligned face crop works best); "
                                              "default: the --identity folder's reference.png")
-    p.add_argument("--cfg-scale", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--prompt")
+    p.add_argument("--guidance-scale", "--cfg-scale", dest="guidance_scale", type=float,
+                   help="classifier-free guidance, >= 1 (default batch_infer.guidance_scale; --cfg-scale: old name)")
+    p.add_argument("--steps", type=int, help="denoising steps (default batch_infer.num_inference_steps)")
+    p.add_argument("--seed", type=int, help="noise seed (default batch_infer.seed)")
+    p.add_argument("--prompt", help="text prompt (default batch_infer.prompt, else the default caption)")
     p.add_argument("--blend", help="mix identities: a=0.7,b=0.3 (names are identity folders or models:/ URIs)")
     p.add_argument("--mlflow-uri", help=mlflow_help)
 
@@ -287,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--local", action="store_true", help="KFP SubprocessRunner: no cluster, no Docker")
     pr.add_argument("--arg", dest="arguments", action="append", metavar="NAME=VALUE", help="pipeline parameter")
     pr.add_argument("--mlflow-uri", help=mlflow_help)
+    pr.add_argument("-v", "--verbose", action="store_true", help="show every task's own output (KFP executor, Ray)")
     ps = psub.add_parser("submit", help="submit a pipeline run to a Kubeflow Pipelines endpoint")
     ps.add_argument("name", choices=["train", "infer"])
     ps.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
@@ -300,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from faceid.config import load_params
+        from faceid.config import default_params_path, load_params
 
+        args.params = args.params or str(default_params_path(os.environ))
         params = load_params(args.params, args.overrides)
         args.handler(params, args)
     except FaceidError as exc:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -236,6 +237,7 @@ class TrackingConfig:
     experiment: str
     register_alias: str
     validated_alias: str
+    download_dir: str  # models:/ identities, downloaded once per registry version
 
 
 @dataclass(frozen=True)
@@ -338,12 +340,14 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, CropFacesConfig) and obj.photo_max_side != 0 and obj.photo_max_side < 256:
         raise ConfigError(f"{prefix}.photo_max_side: expected 0 (full size) or >= 256 px, got {obj.photo_max_side}")
     if isinstance(obj, PreparePoseConfig):
-        if obj.num_frames < 5 or (obj.num_frames - 1) % 4:
+        from faceid.model.shapes import SIZE_MULTIPLE, valid_num_frames, valid_side
+
+        if not valid_num_frames(obj.num_frames):
             raise ConfigError(f"{prefix}.num_frames: expected 4n+1 (e.g. 17, 33, 49, 81), got {obj.num_frames}")
         for name in ("height", "width"):
             v = getattr(obj, name)
-            if v <= 0 or v % 16:
-                raise ConfigError(f"{prefix}.{name}: expected a positive multiple of 16, got {v}")
+            if not valid_side(v):
+                raise ConfigError(f"{prefix}.{name}: expected a positive multiple of {SIZE_MULTIPLE}, got {v}")
         if obj.face_samples < 0:
             raise ConfigError(f"{prefix}.face_samples: expected >= 0 (0 = no face regions), got {obj.face_samples}")
         if obj.workers < 0:
@@ -380,7 +384,7 @@ def _validate(obj: Any, prefix: str) -> None:
 
 def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
     from faceid.errors import InputError
-    from faceid.model.generate import check_guidance, check_steps
+    from faceid.model.checks import check_guidance, check_steps
 
     for name in ("validate_every", "holdout_photos", "render_every", "patience"):
         if getattr(obj, name) < 0:
@@ -404,9 +408,9 @@ def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
 
 def _validate_generation(obj: Any, prefix: str) -> None:
     """The values ``generate_video`` takes, finite and in range: the same checks as the command-line
-    flags and ``generate_video`` itself (``faceid.model.generate.check_*``), at config load."""
+    flags and ``generate_video`` itself (``faceid.model.checks``), at config load."""
     from faceid.errors import InputError
-    from faceid.model.generate import check_guidance, check_scale, check_seed, check_steps
+    from faceid.model.checks import check_guidance, check_scale, check_seed, check_steps
 
     checks = [("num_inference_steps", check_steps), ("guidance_scale", check_guidance), ("face_scale", check_scale),
               ("seed", check_seed)]
@@ -459,22 +463,74 @@ def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
             data = _merge(data, _read_yaml(Path(text[1:])))
             continue
         path, value = _parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-        node[path[-1]] = value
+        _set_key(data, path, value, f"override {text!r}")
     return _build(Params, data, "")
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read ``path``, apply overrides, validate. Errors name the file, the key and what was expected."""
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (), profile: str = "",
+                values: dict[str, Any] | None = None) -> Params:
+    """Read ``path``, apply the ``profile`` (:func:`profile_overlay`), then ``overrides`` (``--set``
+    text), then ``values`` (typed, ``{"train_lora.stage1.steps": 5}``), and validate. Errors name the
+    file, the key and what was expected."""
     path = Path(path)
+    overrides = ([profile_overlay(path, profile)] if profile else []) + list(overrides)
     try:
-        return params_from_dict(_read_yaml(path), overrides)
+        data = _read_yaml(path)
+        for key, value in (values or {}).items():
+            _set_key(data, key.split("."), value, key)
+        return params_from_dict(data, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from None
+
+
+def with_values(params: Params, values: dict[str, Any], flags: dict[str, str] | None = None) -> Params:
+    """``params`` with typed ``values`` (``{"prepare_pose.workers": 4}``) set and validated again.
+    ``flags``: key -> the command-line flag that gave it, named in the error instead of the key."""
+    data = to_dict(params)
+    for key, value in values.items():
+        _set_key(data, key.split("."), value, key)
+    try:
+        return params_from_dict(data)
+    except ConfigError as exc:
+        flag = next((f for k, f in (flags or {}).items() if str(exc).startswith(f"{k}:")), None)
+        if flag:
+            raise ConfigError(f"{flag} ({exc})") from None
+        raise
+
+
+# The one profile that is params.yaml itself (model.profile=tiny) rather than an overlay file.
+BASE_PROFILE = "tiny"
+PROFILES_DIR = "configs"  # profile overlays: <folder of the params file>/configs/<profile>.yaml
+PARAMS_ENV = "FACEID_PARAMS"  # the params file when none is named (set in the container image)
+
+
+def default_params_path(environ: Mapping[str, str]) -> Path:
+    """``$FACEID_PARAMS`` or ``params.yaml`` (in the working directory); the doors pass their environment."""
+    return Path(environ.get(PARAMS_ENV) or "params.yaml")
+
+
+def known_profiles(params_path: str | Path) -> list[str]:
+    return sorted({BASE_PROFILE} | {p.stem for p in (Path(params_path).parent / PROFILES_DIR).glob("*.yaml")})
+
+
+def profile_overlay(params_path: str | Path, profile: str) -> str:
+    """The override of a profile: ``tiny`` is ``model.profile=tiny``; any other name is the overlay
+    ``configs/<profile>.yaml`` beside the params file (e.g. ``wan2.1-vace-1.3b``)."""
+    if profile == BASE_PROFILE:
+        return f"model.profile={profile}"
+    overlay = Path(params_path).parent / PROFILES_DIR / f"{profile}.yaml"
+    if not overlay.is_file():
+        raise ConfigError(f"profile {profile!r}: no overlay {overlay} (known profiles: {', '.join(known_profiles(params_path))})")
+    return f"@{overlay}"
+
+
+def _set_key(data: dict, path: list[str], value: Any, key: str) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[path[-1]] = value
 
 
 def to_dict(obj: Any) -> dict:

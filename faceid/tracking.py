@@ -1,8 +1,20 @@
-"""MLflow helpers. Called only from entry points (and only on rank 0)."""
+"""MLflow: where runs and models go, registry names and URIs. Called only from the stages (and
+only on rank 0)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+
+MODELS_PREFIX = "models:/"
+
+
+def resolve_uri(explicit: str | None, cfg, environ: Mapping[str, str]) -> str:
+    """The tracking URI of a run: ``explicit`` (``--mlflow-uri``, a pipeline parameter) >
+    ``$MLFLOW_TRACKING_URI`` > ``tracking.mlflow_uri`` (``cfg``) > the local sqlite store
+    ``tracking.local_store``. The doors pass their environment."""
+    uri = explicit or environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow_uri
+    return uri or local_store_uri(Path(cfg.local_store))
 
 
 def local_store_uri(store: Path) -> str:
@@ -37,3 +49,163 @@ def setup(tracking_uri: str, experiment: str) -> str:
 
 def registered_model_name(identity: str) -> str:
     return f"faceid-{identity}"
+
+
+def registry_uri(cfg, identity: str, alias: str = "") -> str:
+    """``models:/faceid-<identity>@<alias>``; ``alias=""`` = ``tracking.validated_alias`` (``cfg``)."""
+    return f"{MODELS_PREFIX}{registered_model_name(identity)}@{alias or cfg.validated_alias}"
+
+
+def client(tracking_uri: str):
+    """An ``MlflowClient`` whose tracking AND registry are ``tracking_uri`` (no process-wide state)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str], resume_tag: str) -> str:
+    """The unfinished run tagged ``resume_tag`` (``key=value``) that a killed command left (its rerun
+    goes on in it), else a new run named ``run_name``. Returns its id."""
+    key, value = resume_tag.split("=", 1)
+    mlflow_client = client(tracking_uri)
+    experiment_id = setup(tracking_uri, experiment)
+    found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.{key} = '{value}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id
+    return mlflow_client.create_run(experiment_id, run_name=run_name, tags={**tags, key: value}).info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, stage: str) -> None:
+    """Mark a run ``status`` (FINISHED / FAILED / KILLED); an MLflow error is said, not raised (the
+    stage's own error matters more)."""
+    try:
+        client(tracking_uri).set_terminated(run_id, status)
+    except Exception as exc:
+        print(f"{stage}: could not mark MLflow run {run_id} {status} ({type(exc).__name__}: {exc})")
+
+
+def validation_logger(mlflow_uri: str, run_id: str, metric_names: dict[str, str]):
+    """``on_validation`` for rank 0 (``faceid.train.recipe.train``): each validation point into the
+    run as it happens -- ``metric_names`` (point key -> MLflow metric): held-out losses and FaceSim as metrics at their step (steps already logged,
+    e.g. before a resume, are skipped), the renders and contact sheets as artifacts under
+    ``validation/step_NNNNNN/``, an early stop as tag ``early_stop.<stage>``. MLflow unreachable from
+    the worker does not stop training: it says so (the driver logs the numbers at the end)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mlflow_client = client(mlflow_uri)
+    logged: dict[str, set[int]] = {}  # metric -> steps in the run (read at the first point)
+
+    def log(point: dict, folder: Path | None) -> None:
+        step = point["step"]
+        try:
+            if not logged:
+                logged.update({name: {m.step for m in mlflow_client.get_metric_history(run_id, name)}
+                               for name in metric_names.values()})
+            now = int(time.time() * 1000)
+            metrics = [Metric(name, float(point[key]), now, step) for key, name in metric_names.items()
+                       if point.get(key) is not None and step not in logged[name]]
+            if metrics:
+                mlflow_client.log_batch(run_id, metrics=metrics)
+            for m in metrics:
+                logged[m.key].add(step)
+            if folder is not None:
+                mlflow_client.log_artifacts(run_id, str(folder), artifact_path=f"validation/step_{step:06d}")
+            if point.get("stop"):
+                mlflow_client.set_tag(run_id, f"early_stop.{point['stage']}", point["stop"])
+        except Exception as exc:
+            print(f"train-lora: MLflow logging of validation step {step} failed ({type(exc).__name__}: {exc}); "
+                  "training goes on (the driver logs the numbers at the end)")
+
+    return log
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def find_registered_version(tracking_uri: str, identity: str, card: dict, alias: str) -> str | None:
+    """The registry version of an identity folder: ``faceid-<identity>@<alias>`` when the card
+    logged with that version equals ``card``; None when not registered (or another training run)."""
+    import json
+
+    import mlflow
+
+    try:
+        version = client(tracking_uri).get_model_version_by_alias(registered_model_name(identity), alias)
+    except Exception:  # not registered, or no such alias
+        return None
+    try:
+        card_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="identity.json",
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        logged = json.loads(Path(card_path).read_text())
+    except Exception:
+        return None
+    return str(version.version) if logged == card else None
+
+
+def parse_models_uri(uri: str) -> tuple[str, str, str]:
+    """``models:/<name>@<alias>`` -> ``(name, "alias", alias)``; ``models:/<name>/<version>`` ->
+    ``(name, "version", version)``."""
+    from faceid.errors import InputError
+
+    rest = uri[len(MODELS_PREFIX):] if uri.startswith(MODELS_PREFIX) else ""
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return name, "alias", alias
+    elif rest.count("/") == 1:
+        name, version = rest.split("/")
+        if name and version.isdigit():
+            return name, "version", version
+    raise InputError(f"{uri}: expected models:/faceid-<name>@<alias> or models:/faceid-<name>/<version>")
+
+
+def pin_version(uri: str, tracking_uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` (the version the alias names now),
+    so that every worker of a run loads the same version even if the alias moves meanwhile."""
+    from faceid.errors import InputError
+
+    name, kind, ref = parse_models_uri(uri)
+    if kind == "version":
+        return uri
+    try:
+        version = client(tracking_uri).get_model_version_by_alias(name, ref).version
+    except Exception as exc:  # MlflowException / RestException: unknown model or alias
+        raise InputError(f"{uri}: cannot load from the MLflow registry at {tracking_uri} "
+                         f"({str(exc).splitlines()[0][:200]}); check the name faceid-<identity> and the alias "
+                         "(candidate/validated)") from None
+    return f"{MODELS_PREFIX}{name}/{version}"
+
+
+def download_identity(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
+    """The identity folder of a registered model version, downloaded once per version into
+    ``cache_dir/<store hash>/<name>/<version>/`` (atomically, one downloader at a time; a version's
+    files do not change) and reused by later calls, other processes and Ray workers on this machine."""
+    import hashlib
+
+    import mlflow
+
+    from faceid.errors import InputError
+    from faceid.io import atomic_dir, output_lock
+
+    name, _, version = parse_models_uri(pin_version(uri, tracking_uri))
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / store / name / version
+    with output_lock("download", folder, wait=-1):
+        if not folder.is_dir():
+            with atomic_dir(folder) as tmp:
+                try:
+                    mlflow.artifacts.download_artifacts(artifact_uri=f"{MODELS_PREFIX}{name}/{version}", dst_path=str(tmp),
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                except Exception as exc:
+                    raise InputError(f"{uri}: cannot download version {version} from the MLflow registry at "
+                                     f"{tracking_uri} ({str(exc).splitlines()[0][:200]})") from None
+    cards = sorted(folder.rglob("identity.json"))
+    if len(cards) != 1:
+        raise InputError(f"{uri}: expected one identity folder (with identity.json) in the registered model, found {len(cards)}")
+    return cards[0].parent

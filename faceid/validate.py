@@ -142,27 +142,6 @@ def select_clips(rows: list[dict], trained: set[str], num_clips: int) -> tuple[l
     return rows[-num_clips:], False
 
 
-# --------------------------------------------------------------------------- pure images
-
-
-def contact_sheet(videos: list[np.ndarray], num_frames: int = SHEET_FRAMES, gap: int = 2) -> np.ndarray:
-    """One row per video (e.g. pose / base / reference-only / identity) of ``num_frames`` evenly spaced frames."""
-    length = min(len(v) for v in videos)
-    idx = np.linspace(0, length - 1, min(num_frames, length)).round().astype(int)
-    h, w = videos[0].shape[1:3]
-    sheet = np.full((len(videos) * (h + gap) - gap, len(idx) * (w + gap) - gap, 3), 255, np.uint8)
-    for r, video in enumerate(videos):
-        for c, i in enumerate(idx):
-            sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = video[i]
-    return sheet
-
-
-def side_by_side(*videos: np.ndarray) -> np.ndarray:
-    """``[F, H, sum(W), 3]``: the videos next to each other, cut to the shortest."""
-    length = min(len(v) for v in videos)
-    return np.concatenate([v[:length] for v in videos], axis=2)
-
-
 # --------------------------------------------------------------------------- I/O shell
 
 
@@ -192,6 +171,7 @@ def _render_clip(generator, arms: dict[str, tuple], scorer, estimator, clip: dic
     the videos, the side-by-side video and the contact sheet."""
     from faceid.pose.metrics import pose_fidelity
     from faceid.pose.video import read_video, write_video
+    from faceid.render import frames_sheet, side_by_side
 
     pose_frames, fps = read_video(clip["pose_path"])
     ref_kps = np.load(clip["keypoints_path"])["keypoints"]
@@ -206,7 +186,7 @@ def _render_clip(generator, arms: dict[str, tuple], scorer, estimator, clip: dic
         pose = pose_fidelity(estimator.estimate(frames), ref_kps, threshold=PCK_THRESHOLD)
         metrics[arm] = {**video_metrics(face, pose), "per_frame_facesim": face["per_frame"]}
     panels = [pose_frames] + [videos[arm] for arm in ARMS if arm in videos]
-    _write_png(out / "sheets" / f"{name}.png", contact_sheet(panels))
+    _write_png(out / "sheets" / f"{name}.png", frames_sheet(panels, SHEET_FRAMES))
     write_video(out / "side_by_side" / f"{name}.mp4", side_by_side(*panels), fps)
     return metrics
 
@@ -225,10 +205,10 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
     from faceid.faces.embed import load_identity_embedding
     from faceid.faces.similarity import FaceSimScorer
-    from faceid.infer import Generator, settings_from
     from faceid.io import atomic_dir, output_lock, write_json
     from faceid.model.identity import REFERENCE_FILE, load_identity
     from faceid.pose.estimate import build_estimator
+    from faceid.render import Generator, Settings
 
     cfg = params.render_validation
 
@@ -241,9 +221,8 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     identity = load_identity(identity_dir, model_cfg=params.model, embedder=ref_meta["embedder"], embed_dim=int(ref_meta["dim"]))
     trained = set((identity.card.get("data") or {}).get("clips") or {})
     clips, held_out = select_clips(_clip_rows(Path(clips_dir)), trained, cfg.num_clips)
-    settings = settings_from(params, face_scale=cfg.face_scale, lora_scale=VALIDATION_LORA_SCALE,
-                             guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                             seed=cfg.seed, prompt="")
+    settings = Settings(face_scale=cfg.face_scale, lora_scale=VALIDATION_LORA_SCALE, guidance_scale=cfg.guidance_scale,
+                        num_inference_steps=cfg.num_inference_steps, seed=cfg.seed, prompt="")
 
     # 2. The arms: arm -> (conditioning, VACE reference image); reference_only needs the identity's reference.png
     arms = {"base": (None, None), "reference_only": (None, identity.reference), "identity": (identity, None)}
@@ -327,37 +306,15 @@ def flat_metrics(result: dict) -> dict[str, float]:
     return out
 
 
-def find_registered_version(client, identity, register_alias: str) -> str | None:
-    """The registry version of this identity folder: ``faceid-<name>@<register_alias>`` when the
-    card logged with that version equals ours; None when not registered (or another training run)."""
-    import json
-
-    import mlflow
-
-    from faceid.tracking import registered_model_name
-
-    try:
-        version = client.get_model_version_by_alias(registered_model_name(identity.name), register_alias)
-    except Exception:  # not registered, or no such alias
-        return None
-    try:
-        card_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="identity.json")
-        card = json.loads(Path(card_path).read_text())
-    except Exception:
-        return None
-    return str(version.version) if card == identity.card else None
-
-
 def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: str) -> dict:
     """One MLflow run tagged with the identity; the alias ``validated`` only when the gate passes."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     from faceid import tracking
     from faceid.config import flatten
 
     tracking.setup(mlflow_uri, params.tracking.experiment)
-    client = MlflowClient()
+    client = tracking.client(mlflow_uri)
     passed = result["gate"]["passed"]
     with mlflow.start_run(run_name=f"render-validation-{identity.name}") as run:
         mlflow.set_tags({"stage": "render_validation", "identity": identity.name, "base_model": identity.card["base_model"],
@@ -367,7 +324,7 @@ def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: 
         mlflow.log_metrics(flat_metrics(result))
         mlflow.log_artifacts(str(output_dir))  # metrics.json, videos/, sheets/ (PNGs show in the UI), side_by_side/
     name = tracking.registered_model_name(identity.name)
-    version = find_registered_version(client, identity, params.tracking.register_alias)
+    version = tracking.find_registered_version(mlflow_uri, identity.name, identity.card, params.tracking.register_alias)
     out = {"run_id": run.info.run_id, "model_name": name, "model_version": version, "alias": None}
     if version is None:
         print(f"render-validation {identity.name}: no registered version {name}@{params.tracking.register_alias} "

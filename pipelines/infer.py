@@ -10,13 +10,13 @@ values in params.yaml (``batch_infer``); ``face_scale=0`` renders the base model
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from components.batch_infer import batch_infer
-from components.prepare_pose import prepare_pose
-from pipelines import on_cpu, on_gpu
+from faceid_components.batch_infer import batch_infer
+from faceid_components.prepare_pose import prepare_pose
+from faceid_pipelines import on_cpu, on_gpu
 
 
 @dsl.pipeline(name="faceid-infer", description="Generate videos of a registered identity dancing like the given videos")
-def infer(
+def infer_pipeline(
     identity: str,
     dance_videos: str,
     alias: str = "",

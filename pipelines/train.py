@@ -14,16 +14,16 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from components.crop_faces import crop_faces
-from components.embed_faces import embed_faces
-from components.prepare_pose import prepare_pose
-from components.render_validation import render_validation
-from components.train_lora import train_lora
-from pipelines import on_cpu, on_gpu
+from faceid_components.crop_faces import crop_faces
+from faceid_components.embed_faces import embed_faces
+from faceid_components.prepare_pose import prepare_pose
+from faceid_components.render_validation import render_validation
+from faceid_components.train_lora import train_lora
+from faceid_pipelines import on_cpu, on_gpu
 
 
 @dsl.pipeline(name="faceid-train", description="Train a face-identity adapter for Wan2.1-VACE and validate it")
-def train(
+def train_pipeline(
     identity: str,
     identity_photos: str,
     dance_videos: str,

@@ -11,10 +11,34 @@ STAGES = ["sample-data", "crop-faces", "embed-faces", "similarity", "prepare-pos
           "render-validation", "infer", "batch-infer", "pipeline"]
 
 
-def test_help_lists_every_stage():
+def _listed_commands(help_text: str) -> list[str]:
+    """The whole command names of ``faceid --help`` (the STAGE group: one indented name per line)."""
+    lines = help_text.split("STAGE\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [line.split()[0] for line in lines if line.startswith("    ") and not line.startswith("      ")]
+
+
+def test_help_lists_every_stage_by_its_whole_name():
     out = subprocess.run([sys.executable, "-m", "faceid.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for stage in STAGES:
-        assert stage in out
+    listed = _listed_commands(out)
+    assert sorted(listed) == sorted(STAGES + ["train", "make-test-weights"]), listed
+
+
+def test_a_stage_has_one_name_at_every_layer(repo):
+    """CLI ``crop-faces`` = ``faceid.stages.crop_faces`` = DVC stage ``crop_faces`` (whose cmd is
+    ``faceid crop-faces``) = KFP component ``crop_faces``."""
+    import inspect
+
+    import yaml
+
+    from faceid import stages
+
+    functions = {name for name, fn in inspect.getmembers(stages, inspect.isfunction) if fn.__module__ == stages.__name__}
+    assert functions == {s.replace("-", "_") for s in STAGES + ["make-test-weights"] if s != "pipeline"}
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name, stage in dvc.items():
+        assert name in functions and stage["cmd"].split()[:2] == ["faceid", name.replace("_", "-")], name
+    components = {p.stem for p in (repo / "components").glob("*.py") if p.stem != "__init__"}
+    assert components <= functions, components - functions
 
 
 def test_bad_params_file_is_a_clear_error(tmp_path, capsys):

@@ -197,7 +197,7 @@ def world(params, tmp_path_factory, one_thread):
 def gen(world, who, pose, face_scale=1.0, guidance=1.0, seed=0, caption=CAPTION):
     from faceid.model.generate import generate_video
 
-    return generate_video(world["pipe"], who, pose, caption, face_scale=face_scale, guidance_scale=guidance,
+    return generate_video(world["pipe"], who, pose, caption, face_scale=face_scale, lora_scale=1.0, guidance_scale=guidance,
                           num_inference_steps=10, seed=seed)
 
 

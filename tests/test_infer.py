@@ -28,7 +28,7 @@ def make_identity(folder: Path, params, name: str, seed: int, reference: np.ndar
     its reference.png (card key ``reference_image``)."""
     import torch
 
-    from faceid.model.components import base_model_id, build_components
+    from faceid.model.base_model import base_model_id, build_components
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora
     from faceid.model.mapper import FaceMapper
@@ -98,9 +98,22 @@ def world(tmp_path_factory, params):
     return {"root": root, "params": p, "a": a, "b": b, "pose": pose}
 
 
+SETTINGS = ("face_scale", "lora_scale", "guidance_scale", "num_inference_steps", "seed", "prompt")
+
+
+def infer_one(params, identity=None, pose_video=None, output=None, **kwargs):
+    """The infer stage as the CLI calls it: the render settings built once from the flags given."""
+    from faceid import stages
+    from faceid.render import settings_from
+
+    settings = settings_from(params.batch_infer, **{k: kwargs.pop(k) for k in SETTINGS if k in kwargs})
+    return stages.infer(params, pose_video, output, settings, identity=identity, **kwargs)
+
+
+
 @pytest.fixture(scope="module")
 def generator(world):
-    from faceid.infer import Generator
+    from faceid.render import Generator
 
     return Generator(world["params"])
 
@@ -109,7 +122,7 @@ def generator(world):
 
 
 def test_parse_blend_and_interpolate():
-    from faceid.infer import parse_blend, parse_interpolate
+    from faceid.render import parse_blend, parse_interpolate
 
     assert parse_blend("a=0.7, models:/faceid-b@validated=0.3") == [("a", 0.7), ("models:/faceid-b@validated", 0.3)]
     for bad, msg in [("a=0.7,b=0.2", "sum to 1"), ("a", "NAME=WEIGHT"), ("a=x", "not a number"), ("a=-1,b=2", ">= 0")]:
@@ -122,7 +135,7 @@ def test_parse_blend_and_interpolate():
 
 
 def test_frame_count_policy():
-    from faceid.infer import frames_to_keep
+    from faceid.model.shapes import frames_to_keep
 
     assert frames_to_keep(17, "reject") == 17
     assert frames_to_keep(20, "fix") == 17
@@ -136,7 +149,6 @@ def test_frame_count_policy():
 
 
 def test_infer_one_writes_the_pose_videos_frames_size_and_fps(world, capsys):
-    from faceid.infer import infer_one
     from faceid.pose.video import probe
 
     out = world["root"] / "out" / "a.mp4"
@@ -153,13 +165,17 @@ def test_infer_one_writes_the_pose_videos_frames_size_and_fps(world, capsys):
 
 def test_identity_from_the_mlflow_registry(world, tmp_path):
     from faceid import tracking
-    from faceid.infer import infer_one, resolve_identity
+    from faceid.render import resolve_identity
     from faceid.train.launch import log_to_mlflow
 
     uri = tracking.local_store_uri(tmp_path / "mlruns")
     log_to_mlflow(world["params"], "a", world["a"], {}, uri)
-    folder = resolve_identity("models:/faceid-a@candidate", uri)
+    downloads = tmp_path / "downloads"
+    folder = resolve_identity("models:/faceid-a@candidate", uri, downloads)
     assert json.loads((folder / "identity.json").read_text()) == json.loads((world["a"] / "identity.json").read_text())
+    # downloaded once per registry version, no temporary folders left behind
+    assert resolve_identity("models:/faceid-a/1", uri, downloads) == folder
+    assert [p.name for p in downloads.glob("*/faceid-a/*") if p.is_dir()] == ["1"]
 
     out_reg, out_dir = tmp_path / "reg.mp4", tmp_path / "dir.mp4"
     reg = infer_one(world["params"], "models:/faceid-a@candidate", world["pose"], out_reg, mlflow_uri=uri)
@@ -167,13 +183,13 @@ def test_identity_from_the_mlflow_registry(world, tmp_path):
     assert reg["frames_sha256"] == direct["frames_sha256"]
 
     with pytest.raises(InputError, match="faceid-a@nope.*MLflow registry"):
-        resolve_identity("models:/faceid-a@nope", uri)
+        resolve_identity("models:/faceid-a@nope", uri, downloads)
 
 
 def test_blend_and_interpolation_endpoints_equal_the_pure_identities(world, generator):
-    from faceid.infer import load_pose_video, settings_from
+    from faceid.render import load_pose_video, settings_from
 
-    g, s = generator, settings_from(world["params"])
+    g, s = generator, settings_from(world["params"].batch_infer)
     pose, _, _ = load_pose_video(world["pose"], "fix")
     a, b = str(world["a"]), str(world["b"])
 
@@ -217,7 +233,7 @@ def pipe_calls(generator, monkeypatch):
 def test_face_scale_and_lora_scale_travel_in_settings(world, generator):
     """--face-scale / --lora-scale reach generate_video; face_scale 0 is the base model exactly,
     for one identity and for a blend (a trained, non-zero LoRA and mapper)."""
-    from faceid.infer import load_pose_video, settings_from
+    from faceid.render import load_pose_video, settings_from
 
     g, p = generator, world["params"]
     pose, _, _ = load_pose_video(world["pose"], "fix")
@@ -225,7 +241,7 @@ def test_face_scale_and_lora_scale_travel_in_settings(world, generator):
     blend = g.conditioning(blend=f"{world['a']}=0.5,{world['b']}=0.5")
 
     def render(cond, **flags):
-        return g.generate(cond, pose, "a person dancing", settings_from(p, **flags))
+        return g.generate(cond, pose, "a person dancing", settings_from(p.batch_infer, **flags))
 
     base = render(None)
     assert not np.array_equal(render(a), base)
@@ -234,10 +250,32 @@ def test_face_scale_and_lora_scale_travel_in_settings(world, generator):
     assert sha(render(a, lora_scale=0.0)) not in {sha(render(a)), sha(base)}  # LoRA off, face tokens still on
 
 
+def test_face_scale_flag_reaches_generate_video_through_the_cli(world, tmp_path, repo, monkeypatch):
+    """``faceid infer --face-scale`` travels in the one Settings down to ``generate_video``; without
+    the flag, batch_infer.face_scale does (no other default on the way)."""
+    import faceid.model.generate as gen
+    from faceid.cli import main
+
+    seen = []
+    original = gen.generate_video
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["face_scale"], kwargs["lora_scale"], kwargs["guidance_scale"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_video", spy)
+    base = ["--params", str(repo / "params.yaml"), "--set", "batch_infer.num_inference_steps=1",
+            "--set", "batch_infer.face_scale=0.75", "infer", "--identity", str(world["a"]), "--pose-video", str(world["pose"])]
+    assert main(base + ["--output", str(tmp_path / "a.mp4"), "--face-scale", "0.25", "--lora-scale", "2",
+                        "--guidance-scale", "1.5"]) == 0
+    assert main(base + ["--output", str(tmp_path / "b.mp4")]) == 0
+    defaults = world["params"].batch_infer
+    assert seen == [(0.25, 2.0, 1.5), (0.75, defaults.lora_scale, defaults.guidance_scale)]
+
+
 def test_bad_face_scale_or_lora_scale_names_the_flag_or_key(world, tmp_path, capsys, repo):
     from faceid.cli import main
     from faceid.config import ConfigError
-    from faceid.infer import infer_one
 
     with pytest.raises(InputError, match="--face-scale: expected a finite number >= 0, got nan"):
         infer_one(world["params"], str(world["a"]), world["pose"], tmp_path / "o.mp4", face_scale=float("nan"))
@@ -261,12 +299,12 @@ def test_reference_only_is_base_vace_with_the_reference_photo(world, generator, 
     from PIL import Image
 
     from faceid.cli import main
-    from faceid.infer import infer_one, load_pose_video, settings_from
+    from faceid.render import load_pose_video, settings_from
 
     p, a = world["params"], str(world["a"])
     pose, _, _ = load_pose_video(world["pose"], "fix")
-    base = generator.generate(None, pose, "a person dancing", settings_from(p))
-    with_identity = generator.generate(generator.conditioning(a), pose, "a person dancing", settings_from(p))
+    base = generator.generate(None, pose, "a person dancing", settings_from(p.batch_infer))
+    with_identity = generator.generate(generator.conditioning(a), pose, "a person dancing", settings_from(p.batch_infer))
 
     row = infer_one(p, a, world["pose"], tmp_path / "ref.mp4", prompt="a person dancing", reference_only=True)
     assert row["identity"] == "reference-only" and row["reference_source"] == str(world["a"] / "reference.png")
@@ -290,7 +328,6 @@ def test_reference_only_is_base_vace_with_the_reference_photo(world, generator, 
     for kwargs, msg in [
         (dict(identity=str(world["b"])), "has no reference.png.*--reference-image PATH"),
         (dict(identity=None), "expected --reference-image PATH.*or --identity"),
-        (dict(identity=a, face_scale=0.5), "--reference-only uses no identity adapter: --face-scale"),
         (dict(identity=None, blend=f"{a}=1", reference_image=photo), "--blend"),
         (dict(identity=None, reference_image=tmp_path / "missing.png"), "missing.png: image not found"),
     ]:
@@ -298,13 +335,17 @@ def test_reference_only_is_base_vace_with_the_reference_photo(world, generator, 
             infer_one(p, pose_video=world["pose"], output=tmp_path / "x.mp4", reference_only=True, **kwargs)
     with pytest.raises(InputError, match="--reference-image is the photo of --reference-only"):
         infer_one(p, a, world["pose"], tmp_path / "x.mp4", reference_image=photo)
+    for flags in (["--identity", a, "--face-scale", "0.5"], ["--identity", a, "--lora-scale", "0"]):
+        rc = main(["--params", str(repo / "params.yaml"), "infer", "--reference-only", *flags, "--pose-video",
+                   str(world["pose"]), "--output", str(tmp_path / "x.mp4")])
+        assert rc == 2 and f"--reference-only uses no identity adapter: {flags[2]}" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 
 def test_identity_trained_with_its_reference_passes_it(world, generator, pipe_calls, tmp_path):
     """Card reference_image.in_training: the identity's reference.png goes to VACE (for a blend:
     the dominant identity's, first on ties); never at face_scale 0."""
-    from faceid.infer import load_pose_video, settings_from
+    from faceid.render import load_pose_video, settings_from
 
     g, p = generator, world["params"]
     pose, _, _ = load_pose_video(world["pose"], "fix")
@@ -313,7 +354,7 @@ def test_identity_trained_with_its_reference_passes_it(world, generator, pipe_ca
     a_plain, b = str(world["a"]), str(world["b"])
 
     def render(cond, **flags):
-        return g.generate(cond, pose, "a person dancing", settings_from(p, **flags))
+        return g.generate(cond, pose, "a person dancing", settings_from(p.batch_infer, **flags))
 
     with_ref, plain, base = render(g.conditioning(a_ref)), render(g.conditioning(a_plain)), render(None)
     passed = pipe_calls[0]
@@ -332,7 +373,7 @@ def test_identity_trained_with_its_reference_passes_it(world, generator, pipe_ca
 
 
 def test_bad_pose_videos_are_clear_errors(world, tmp_path):
-    from faceid.infer import infer_one, load_pose_video
+    from faceid.render import load_pose_video
 
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 255, 3000, dtype=np.uint8).tobytes())
@@ -366,7 +407,7 @@ def test_gpu_out_of_memory_is_a_clear_error(world, generator, monkeypatch):
     import torch
 
     import faceid.model.generate as gen
-    from faceid.infer import load_pose_video, settings_from
+    from faceid.render import load_pose_video, settings_from
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -374,7 +415,7 @@ def test_gpu_out_of_memory_is_a_clear_error(world, generator, monkeypatch):
     monkeypatch.setattr(gen, "generate_video", oom)
     pose, _, _ = load_pose_video(world["pose"], "fix")
     with pytest.raises(FaceidError, match="GPU out of memory generating 9 frames at 32x32.*fewer frames.*smaller size.*offload"):
-        generator.generate(generator.conditioning(str(world["a"])), pose, "a person dancing", settings_from(world["params"]))
+        generator.generate(generator.conditioning(str(world["a"])), pose, "a person dancing", settings_from(world["params"].batch_infer))
 
 
 # --------------------------------------------------------------------------- at the door
@@ -385,14 +426,14 @@ def test_guidance_steps_seed_and_blend_weights_are_checked_at_the_door(world, tm
     the flag or the key; nothing is written."""
     from faceid.cli import main
     from faceid.config import ConfigError
-    from faceid.infer import parse_blend
+    from faceid.render import parse_blend
 
     base = ["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
             str(world["pose"]), "--output", str(tmp_path / "x.mp4")]
     for flag, value, message in [
-        ("--cfg-scale", "nan", "--cfg-scale: expected a finite number >= 1 (1 = no classifier-free guidance), got nan"),
-        ("--cfg-scale", "inf", "--cfg-scale: expected a finite number >= 1"),
-        ("--cfg-scale", "0.5", "--cfg-scale: expected a finite number >= 1"),
+        ("--guidance-scale", "nan", "--guidance-scale: expected a finite number >= 1 (1 = no classifier-free guidance), got nan"),
+        ("--guidance-scale", "inf", "--guidance-scale: expected a finite number >= 1"),
+        ("--cfg-scale", "0.5", "--guidance-scale: expected a finite number >= 1"),  # the old name of the flag
         ("--steps", "0", "--steps: expected an integer from 1 to 1000, got 0"),
         ("--steps", "100000", "--steps: expected an integer from 1 to 1000, got 100000"),
         ("--seed", "-1", "--seed: expected an integer from 0 to 2^63-1, got -1"),
@@ -417,7 +458,7 @@ def test_guidance_steps_seed_and_blend_weights_are_checked_at_the_door(world, tm
 
 
 def test_generate_video_checks_guidance_steps_and_seed(world, generator):
-    from faceid.infer import load_pose_video
+    from faceid.render import load_pose_video
     from faceid.model.generate import generate_video
 
     pose, _, _ = load_pose_video(world["pose"], "fix")
@@ -425,11 +466,11 @@ def test_generate_video_checks_guidance_steps_and_seed(world, generator):
                             (dict(num_inference_steps=0), "num_inference_steps: expected an integer from 1 to 1000"),
                             (dict(seed=-1), "seed: expected an integer from 0")]:
         with pytest.raises(InputError, match=re.escape(message)):
-            generate_video(generator.pipe, None, pose, "a person dancing", **kwargs)
+            generate_video(generator.pipe, None, pose, "a person dancing",
+                           **{"face_scale": 1.0, "lora_scale": 1.0, "guidance_scale": 1.0, "num_inference_steps": 1, "seed": 0, **kwargs})
 
 
 def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
-    from faceid.infer import infer_one
 
     p, a, pose = world["params"], str(world["a"]), world["pose"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -449,7 +490,6 @@ def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model)
 
 
 def test_a_second_writer_of_the_same_video_fails_at_once(world, tmp_path, no_model):
-    from faceid.infer import infer_one
     from faceid.io import LockedError
 
     out = tmp_path / "o.mp4"

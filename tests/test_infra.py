@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 import yaml
 
-import components
-import pipelines
+import faceid_components as components
+import faceid_pipelines as pipelines
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "infra" / "k8s"

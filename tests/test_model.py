@@ -24,12 +24,12 @@ def pipe(params):
 @pytest.fixture(scope="module")
 def identity_dir(params, pipe, tmp_path_factory):
     """An identity folder with a non-trivial LoRA (B randomised) and mapper."""
-    from faceid.model.components import base_model_id
+    from faceid.model.base_model import base_model_id
     from faceid.model.identity import save_identity
     from faceid.model.lora import add_lora
     from faceid.model.mapper import FaceMapper
 
-    from faceid.model.components import build_components
+    from faceid.model.base_model import build_components
 
     transformer = build_components(params.model)["transformer"]
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def pose_frames(n=9, size=32):
 
 
 def test_tiny_components_are_deterministic(params):
-    from faceid.model.components import build_components
+    from faceid.model.base_model import build_components
 
     a, b = build_components(params.model), build_components(params.model)
     for name in ("transformer", "vae", "text_encoder"):
@@ -66,7 +66,7 @@ def test_tiny_components_are_deterministic(params):
 
 def test_real_profile_without_weights_names_the_fix(params):
     from faceid.config import params_from_dict, to_dict
-    from faceid.model.components import build_components
+    from faceid.model.base_model import build_components
 
     p = params_from_dict(to_dict(params), ["model.profile=wan2.1-vace-1.3b", "model.weights_dir=/nonexistent"])
     with pytest.raises(InputError, match=r"transformer, vae, text_encoder, tokenizer, scheduler.*huggingface-cli download Wan-AI/Wan2.1-VACE-1.3B-diffusers"):
@@ -101,7 +101,7 @@ def test_lora_targets():
 def test_identity_folder_roundtrip_reproduces_outputs(params, pipe, identity_dir):
     """LoRA + mapper reloaded into a fresh pipeline give exactly the outputs of the saved weights,
     and they differ from the base model (so something was really loaded)."""
-    from faceid.model.components import build_components
+    from faceid.model.base_model import build_components
     from faceid.model.generate import generate_video
     from faceid.model.identity import load_identity
     from faceid.model.lora import LORA_FILE, add_lora
@@ -110,11 +110,11 @@ def test_identity_folder_roundtrip_reproduces_outputs(params, pipe, identity_dir
     ident = load_identity(identity_dir, model_cfg=params.model, embedder="dlib", embed_dim=128)
     assert ident.card["num_face_tokens"] == 4 and ident.card["embedder"] == "dlib"
     pose = pose_frames()
-    out = generate_video(pipe, ident, pose, "a person dancing", face_scale=1.0, guidance_scale=3.0,
+    out = generate_video(pipe, ident, pose, "a person dancing", face_scale=1.0, lora_scale=1.0, guidance_scale=3.0,
                          num_inference_steps=2, seed=0)
     assert out.shape == (9, 32, 32, 3) and out.dtype == np.uint8
-    again = generate_video(pipe, ident, pose, "a person dancing", 1.0, 3.0, 2, 0)
-    base = generate_video(pipe, None, pose, "a person dancing", 1.0, 3.0, 2, 0)
+    again = generate_video(pipe, ident, pose, "a person dancing", face_scale=1.0, lora_scale=1.0, guidance_scale=3.0, num_inference_steps=2, seed=0)
+    base = generate_video(pipe, None, pose, "a person dancing", face_scale=1.0, lora_scale=1.0, guidance_scale=3.0, num_inference_steps=2, seed=0)
     assert np.array_equal(out, again) and not np.array_equal(out, base)
 
     # reference: the same weights applied by hand (peft on a fresh transformer), no diffusers loader
@@ -190,9 +190,9 @@ def test_generate_checks_inputs_and_blends(params, pipe, identity_dir):
 
     ident = load_identity(identity_dir)
     with pytest.raises(InputError, match="4n\\+1"):
-        generate_video(pipe, ident, pose_frames(n=8), "x", 1.0, 1.0, 1, 0)
+        generate_video(pipe, ident, pose_frames(n=8), "x", face_scale=1.0, lora_scale=1.0, guidance_scale=1.0, num_inference_steps=1, seed=0)
     with pytest.raises(InputError, match="multiples of 16"):
-        generate_video(pipe, ident, np.zeros((9, 30, 32, 3), np.uint8), "x", 1.0, 1.0, 1, 0)
+        generate_video(pipe, ident, np.zeros((9, 30, 32, 3), np.uint8), "x", face_scale=1.0, lora_scale=1.0, guidance_scale=1.0, num_inference_steps=1, seed=0)
     assert [w for _, w in as_blend([(ident, 3.0), (ident, 1.0)])] == [0.75, 0.25]
     cond, null = face_tokens([(ident, 1.0)], 0.0)
     assert torch.equal(cond, null)
@@ -216,7 +216,8 @@ def test_face_scale_scales_tokens_and_lora_and_zero_is_the_base_model(params, pi
     pose = pose_frames()
 
     def render(who, on=pipe, **kw):
-        return generate_video(on, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0, **kw)
+        return generate_video(on, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0,
+                              **{"face_scale": 1.0, "lora_scale": 1.0, **kw})
 
     full = render(ident)
     name = adapter_name(ident)
@@ -257,7 +258,8 @@ def test_reference_image_goes_to_vace(params, pipe, identity_dir):
     photo = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
 
     def render(who, **kw):
-        return generate_video(pipe, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0, **kw)
+        return generate_video(pipe, who, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2, seed=0,
+                              **{"face_scale": 1.0, "lora_scale": 1.0, **kw})
 
     base, r2v = render(None), render(None, reference_image=photo)
     assert r2v.shape == base.shape and not np.array_equal(r2v, base)
@@ -276,12 +278,12 @@ def test_tiny_tokenizer_gives_the_same_ids_in_every_process(params, repo):
     import subprocess
     import sys
 
-    from faceid.model.components import build_tiny_tokenizer
+    from faceid.model.base_model import build_tiny_tokenizer
 
     text = "xylophone Zebra 42! a person dancing"
     code = (
         "import json, sys; from faceid.config import load_params; "
-        "from faceid.model.components import build_tiny_tokenizer; "
+        "from faceid.model.base_model import build_tiny_tokenizer; "
         f"print(json.dumps(build_tiny_tokenizer(load_params(sys.argv[1]).model.tiny)({text!r}).input_ids))"
     )
     here = build_tiny_tokenizer(params.model.tiny)(text).input_ids

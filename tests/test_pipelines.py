@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import components
+import faceid_components as components
 from faceid.errors import FaceidError
-from faceid.orchestrate import compile_pipelines, parse_arguments, registry_uri, stage_argv, submit
+from faceid_pipelines.runner import compile_pipelines, parse_arguments, submit
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENT_FILES = ["sample_data", "crop_faces", "embed_faces", "prepare_pose", "train_lora", "render_validation", "batch_infer"]
@@ -115,52 +115,66 @@ def test_images_pinned_once(repo):
 
 
 @pytest.mark.parametrize("module", COMPONENT_FILES)
-def test_component_body_is_one_call(module):
-    """Interface + image + one call: the body is a docstring, one import from faceid, one call."""
+def test_component_body_calls_its_stage(module):
+    """Interface + image + a call of the stage of the same name: the body imports only from faceid
+    and faceid_components, and calls ``stages.<component name>`` exactly once."""
     import importlib
 
-    comp = getattr(importlib.import_module(f"components.{module}"), module)
+    comp = getattr(importlib.import_module(f"faceid_components.{module}"), module)
     fn = ast.parse(inspect.getsource(comp.python_func)).body[0]
-    body = [n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-    assert len(body) == 2, ast.dump(fn)
-    assert isinstance(body[0], ast.ImportFrom) and body[0].module == "faceid.orchestrate"
-    assert isinstance(body[1], ast.Expr) and isinstance(body[1].value, ast.Call)
-    assert body[1].value.func.id == "run_stage"
+    imports = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert imports and all(isinstance(n, ast.ImportFrom) and n.module.split(".")[0] in ("faceid", "faceid_components")
+                           for n in imports), ast.dump(fn)
+    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "stages"]
+    assert [c.func.attr for c in calls] == [module]
 
 
-def test_stage_argv_sentinels_add_nothing():
-    assert stage_argv("", ["crop-faces", "--input", "a"]) == ["crop-faces", "--input", "a"]
-    assert stage_argv("p.yaml", ["train-lora"], profile="tiny", stage1_steps=0, stage2_steps=7) == [
-        "--params", "p.yaml", "--set", "model.profile=tiny", "--set", "train_lora.stage1.steps=0",
-        "--set", "train_lora.stage2.steps=7", "train-lora"]
-    # scales: negative = params.yaml; 0 is a real face_scale (the base model); nan goes through to be rejected
-    assert stage_argv("", ["batch-infer"], face_scale=-1.0, lora_scale=-1.0) == ["batch-infer"]
-    assert stage_argv("", ["batch-infer"], face_scale=0.0, lora_scale=0.5) == [
-        "--set", "batch_infer.face_scale=0.0", "--set", "batch_infer.lora_scale=0.5", "batch-infer"]
-    assert stage_argv("", ["batch-infer"], face_scale=float("nan"))[:2] == ["--set", "batch_infer.face_scale=nan"]
+def test_stage_params_sentinels_mean_params_yaml(repo):
+    from faceid_components import stage_params
+
+    params_path = str(repo / "params.yaml")
+    base = stage_params(params_path)
+    assert stage_params(params_path, values={"train_lora.stage1.steps": -1}) == base
+    tuned = stage_params(params_path, "tiny", {"train_lora.stage1.steps": 0, "train_lora.stage2.steps": 7})
+    assert (tuned.train_lora.stage1.steps, tuned.train_lora.stage2.steps, tuned.model.profile) == (0, 7, "tiny")
+    # scales: negative = params.yaml; 0 is a real face_scale (the base model); NaN is rejected by name
+    scaled = stage_params(params_path, values={"batch_infer.face_scale": 0.0, "batch_infer.lora_scale": 0.5})
+    assert (scaled.batch_infer.face_scale, scaled.batch_infer.lora_scale) == (0.0, 0.5)
+    with pytest.raises(FaceidError, match="batch_infer.face_scale: expected a finite number >= 0"):
+        stage_params(params_path, values={"batch_infer.face_scale": float("nan")})
 
 
-def test_profile_is_an_overlay_file(repo, monkeypatch):
-    monkeypatch.chdir(repo)
-    assert stage_argv("", ["x"], profile="wan2.1-vace-1.3b") == ["--set", "@configs/wan2.1-vace-1.3b.yaml", "x"]
+def test_params_default_to_the_image_file(repo, tmp_path, monkeypatch):
+    """"" = $FACEID_PARAMS (set in the image), else ./params.yaml; profiles beside that file."""
+    from faceid_components import stage_params
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FaceidError, match="params.yaml: params file not found"):
+        stage_params("")
+    monkeypatch.setenv("FACEID_PARAMS", str(repo / "params.yaml"))
+    assert stage_params("", "wan2.1-vace-1.3b").model.profile == "wan2.1-vace-1.3b"
+
+
+def test_profile_is_an_overlay_file_beside_the_params(repo, tmp_path):
+    from faceid.config import load_params
+
+    real = load_params(repo / "params.yaml", profile="wan2.1-vace-1.3b")
+    assert real.model.profile == "wan2.1-vace-1.3b"
     with pytest.raises(FaceidError, match="profile 'huge'.*known profiles: tiny, wan2.1-vace-1.3b"):
-        stage_argv("", ["x"], profile="huge")
-
-
-def test_stage_argv_is_accepted_by_the_cli(repo):
-    from faceid.cli import build_parser
-
-    argv = stage_argv(str(repo / "params.yaml"), ["train-lora", "--identity", "a", "--crops", "p", "--embeddings", "e", "--clips", "c",
-                                                  "--output", "o", "--ray-address", "", "--mlflow-uri", ""],
-                      profile="tiny", stage1_steps=1)
-    args = build_parser().parse_args(argv)
-    assert args.overrides == ["model.profile=tiny", "train_lora.stage1.steps=1"] and args.ray_address == ""
+        load_params(repo / "params.yaml", profile="huge")
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())  # no configs/ beside it
+    with pytest.raises(FaceidError, match="profile 'wan2.1-vace-1.3b'.*known profiles: tiny\)$"):
+        load_params(tmp_path / "params.yaml", profile="wan2.1-vace-1.3b")
 
 
 def test_registry_uri(repo):
-    params = str(repo / "params.yaml")
-    assert registry_uri(params, "obama", "") == "models:/faceid-obama@validated"
-    assert registry_uri(params, "obama", "candidate") == "models:/faceid-obama@candidate"
+    from faceid.config import load_params
+    from faceid.tracking import registry_uri
+
+    cfg = load_params(repo / "params.yaml").tracking
+    assert registry_uri(cfg, "obama", "") == "models:/faceid-obama@validated"
+    assert registry_uri(cfg, "obama", "candidate") == "models:/faceid-obama@candidate"
 
 
 def test_arguments_are_typed_and_checked():

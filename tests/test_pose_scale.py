@@ -68,7 +68,7 @@ def test_two_workers_killed_midway_resume_to_the_single_process_manifest(params,
         finally:
             if proc.poll() is None:
                 proc.kill()
-    # no worker of the killed run may still write clips when we count them and rerun (faceid.ray_local's watchdog)
+    # no worker of the killed run may still write clips when we count them and rerun (faceid.ray_session's watchdog)
     deadline = time.monotonic() + 30
     while alive(session) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,5 +1,5 @@
 """Processes and folders: one writer per output (faceid.io.output_lock, tested with real second
-processes) and no orphans (faceid.ray_local's watchdog stops a dead driver's processes). The
+processes) and no orphans (faceid.ray_session's watchdog stops a dead driver's processes). The
 stage-specific checks live with each stage's tests (they import :func:`held_lock` from here);
 the Ray kill test of train-lora is in tests/test_train.py."""
 
@@ -113,17 +113,17 @@ def test_lock_wait_must_be_a_number(tmp_path):
 
 FAKE_DRIVER = """
 import os, subprocess, sys, time
-from faceid import ray_local
+from faceid import ray_session
 
 token = "test-" + str(os.getpid())
-watchdog = ray_local.start_watchdog(token)
+watchdog = ray_session.start_watchdog(token)
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
-with ray_local._env(ray_local.TOKEN_ENV, token):
+with ray_session._env(ray_session.TOKEN_ENV, token):
     raylet = subprocess.Popen(sleep)  # like the raylet: a child with the token
     # like a worker that lost its parent: not a descendant any more, but it has the token
     subprocess.run(["sh", "-c", " ".join(sleep[:2]) + " 'import time; time.sleep(600)' & echo $! > " + sys.argv[1] + "/worker"])
 # like Ray's agents: no token, reparented away, but their raylet is ours
-agent_env = {k: v for k, v in os.environ.items() if k != ray_local.TOKEN_ENV}
+agent_env = {k: v for k, v in os.environ.items() if k != ray_session.TOKEN_ENV}
 agent_env["RAY_RAYLET_PID"] = str(raylet.pid)
 subprocess.run(["sh", "-c", " ".join(sleep[:2]) + " 'import time; time.sleep(600)' & echo $! > " + sys.argv[1] + "/agent"],
                env=agent_env)
@@ -169,18 +169,18 @@ def test_watchdog_stops_a_dead_drivers_processes_and_nothing_else(tmp_path):
 
 GOOD_DRIVER = """
 import os, subprocess, sys
-from faceid import ray_local
+from faceid import ray_session
 
 token = "test-" + str(os.getpid())
-watchdog = ray_local.start_watchdog(token)
+watchdog = ray_session.start_watchdog(token)
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
 quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 mine = subprocess.Popen(sleep, **quiet)  # the driver's own child, not of the Ray session
-with ray_local._env(ray_local.TOKEN_ENV, token):
+with ray_session._env(ray_session.TOKEN_ENV, token):
     straggler = subprocess.Popen(sleep, **quiet)  # a session process that outlived ray.shutdown()
 print(mine.pid, straggler.pid, flush=True)
 import time; time.sleep(1.0)
-ray_local.stop_watchdog(watchdog)  # the normal exit: goodbye, then the pipe closes
+ray_session.stop_watchdog(watchdog)  # the normal exit: goodbye, then the pipe closes
 print(watchdog.returncode, flush=True)
 """
 

@@ -36,7 +36,7 @@ def real_params(repo, weights):
 
 
 def test_layout_marker_and_readme(weights):
-    from faceid.model.components import SUBFOLDERS, TEST_WEIGHTS_MARKER
+    from faceid.model.base_model import SUBFOLDERS, TEST_WEIGHTS_MARKER
 
     assert all((weights / s).is_dir() for s in SUBFOLDERS)
     index = json.loads((weights / "model_index.json").read_text())
@@ -48,7 +48,7 @@ def test_layout_marker_and_readme(weights):
 
 
 def test_real_profile_loads_them_with_the_tiny_weights(params, real_params):
-    from faceid.model.components import base_model_id, build_components, text_dim
+    from faceid.model.base_model import base_model_id, build_components, text_dim
 
     components = build_components(real_params.model)  # profile wan2.1-vace-1.3b -> load_real_components
     assert type(components["scheduler"]).__name__ == "UniPCMultistepScheduler"
@@ -75,7 +75,7 @@ def test_stock_pipeline_loads_them(weights):
 def test_base_model_id_keeps_real_folders_and_rejects_a_bad_marker(real_params, weights, tmp_path):
     import dataclasses
 
-    from faceid.model.components import TEST_WEIGHTS_MARKER, base_model_id
+    from faceid.model.base_model import TEST_WEIGHTS_MARKER, base_model_id
 
     real = tmp_path / "real"
     shutil.copytree(weights, real, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -101,7 +101,7 @@ def test_seed_changes_the_weights_id(params):
 def test_generation_with_an_identity_and_the_card_check(params, real_params, tmp_path):
     import dataclasses
 
-    from faceid.model.components import base_model_id, build_components
+    from faceid.model.base_model import base_model_id, build_components
     from faceid.model.generate import build_pipeline, generate_video
     from faceid.model.identity import load_identity, save_identity
     from faceid.model.lora import add_lora
@@ -118,7 +118,8 @@ def test_generation_with_an_identity_and_the_card_check(params, real_params, tmp
     ident = load_identity(folder, model_cfg=real_params.model)
     pose = np.zeros((5, 32, 32, 3), np.uint8)
     pose[:, 8:24, 12:20] = 255
-    frames = generate_video(pipe, ident, pose, "a person dancing", guidance_scale=3.0, num_inference_steps=2)
+    frames = generate_video(pipe, ident, pose, "a person dancing", face_scale=1.0, lora_scale=1.0, guidance_scale=3.0,
+                            num_inference_steps=2, seed=0)
     assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
     # an identity made on test weights never loads as one made on the real weights (nor the reverse)
     with pytest.raises(InputError, match="test-weights"):

@@ -384,7 +384,7 @@ def test_optimizer_state_is_read_without_pickle(tmp_path):
 
 
 def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
-    import faceid.ray_local
+    import faceid.ray_session
     from faceid.io import LockedError
     from faceid.train import launch
     from test_processes import held_lock
@@ -392,7 +392,7 @@ def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("Ray started although another run holds the identity folder")
 
-    monkeypatch.setattr(faceid.ray_local, "session", started)
+    monkeypatch.setattr(faceid.ray_session, "session", started)
     crops, emb, clips = inputs
     out = tmp_path / "identity"
     with held_lock("train-lora", out) as holder:
@@ -404,7 +404,7 @@ def test_a_second_writer_fails_at_once(params, inputs, tmp_path, monkeypatch):
 @pytest.mark.extended
 def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, inputs, tmp_path, repo):
     """SIGKILL of `faceid train-lora` after its first checkpoint: 30 s later no process of its local
-    Ray session is alive (faceid.ray_local's watchdog; Ray alone leaves its agents running), and
+    Ray session is alive (faceid.ray_session's watchdog; Ray alone leaves its agents running), and
     the same command resumes from the checkpoint."""
     import signal
     import subprocess

@@ -416,7 +416,7 @@ def _thumb(result: FaceCrop | Rejection | None, image: np.ndarray | None, size: 
     return tile
 
 
-def contact_sheet(tiles: list[tuple[np.ndarray, str, str, bool]], columns: int = 6):
+def crops_sheet(tiles: list[tuple[np.ndarray, str, str, bool]], columns: int = 6):
     """PIL image: one 128 px tile per input, green frame accepted / red rejected, name and reason below."""
     from PIL import Image, ImageDraw
 
@@ -606,7 +606,7 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
         details += [f"  unused   {n}: caption sidecar without a photo named {Path(n).stem}.*" for n in unused]
         (tmp / "summary.txt").write_text("\n".join([line, *details]) + "\n")
         notes = [(t, r["name"], "accepted" if i in accepted else r["reason"], i in accepted) for i, (t, r) in enumerate(zip(tiles, rows))]
-        write_png(tmp / "contact_sheet.png", np.asarray(contact_sheet(notes)))
+        write_png(tmp / "contact_sheet.png", np.asarray(crops_sheet(notes)))
     print(line)
     return {
         "accepted": len(accepted), "rejected": len(rows) - len(accepted), "reasons": counts,

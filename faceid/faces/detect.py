@@ -13,7 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import re
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +77,58 @@ def _quiet_protobuf_noise():
         sys.stderr = saved
 
 
+# What mediapipe 0.10.21's C++ (absl logging, TF Lite) writes to fd 2 each time a graph loads its
+# models and first runs: harmless, and no switch turns it off (absl's log level is not reachable from
+# Python; GLOG_minloglevel and TF_CPP_MIN_LOG_LEVEL do not apply). ``NORM_RECT``: the Pose graph's
+# landmark ROI is square (mediapipe squares it), the one case the message says is supported.
+_MEDIAPIPE_NOISE = re.compile(
+    r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\n"
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n"
+    r"|[IW]\d{4} [\d:.]+ +\d+ inference_feedback_manager\.cc:\d+\] Feedback manager requires a model with a "
+    r"single signature inference\.[^\n]*\n"
+    r"|[IW]\d{4} [\d:.]+ +\d+ landmark_projection_calculator\.cc:\d+\] Using NORM_RECT without "
+    r"IMAGE_DIMENSIONS is only supported for the square ROI\.[^\n]*\n")
+_quiet_lock = threading.Lock()
+_quiet_state: list = []  # [(saved fd 2, capture file)] while a block holds it, [] otherwise
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def quiet_mediapipe_logs():
+    """For the block (a mediapipe graph built and run until its models have loaded: the face
+    detector's warm-up frame, a pose estimator's clip): fd 2 goes to a temporary file; after it,
+    everything but :data:`_MEDIAPIPE_NOISE` is written to fd 2, in order. Other threads' stderr in the meantime comes out at the end of the block, not lost; only
+    a crash of the process inside the block would lose it. Nested and concurrent blocks share one
+    capture, written out when the last one ends."""
+    global _quiet_depth
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            capture = tempfile.TemporaryFile()
+            saved = os.dup(2)
+            os.dup2(capture.fileno(), 2)
+            _quiet_state.append((saved, capture))
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                saved, capture = _quiet_state.pop()
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                text = capture.read().decode("utf-8", "surrogateescape")
+                capture.close()
+                kept = _MEDIAPIPE_NOISE.sub("", text).encode("utf-8", "surrogateescape")
+                while kept:
+                    kept = kept[os.write(2, kept):]
+
+
 def import_mediapipe():
     """``import mediapipe`` without its harmless protobuf noise (face detection and pose estimation)."""
     with _quiet_protobuf_noise():
@@ -104,7 +160,12 @@ class MediapipeDetector:
 
     def __init__(self, min_confidence: float):
         mp = import_mediapipe()
-        self._fd = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        # mediapipe starts the graph on its own threads and loads the model by the first process()
+        # (its log lines come meanwhile): one blank frame here, inside the quiet block, has it all
+        # done. Face detection keeps no state between frames, so the blank frame changes no result.
+        with quiet_mediapipe_logs():
+            self._fd = mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+            self._fd.process(np.zeros((64, 64, 3), np.uint8))
 
     def detect(self, image: np.ndarray, small: tuple[np.ndarray, float] | None = None) -> list[Face]:
         """The faces of ``image``, found on ``small`` = :func:`detection_copy` of it (made here if None)."""

@@ -1,5 +1,5 @@
 """The identity adapter on Wan2.1-VACE: base components, FaceMapper, LoRA, identity folders, inference.
 
-Modules: ``components`` (tiny / real base model), ``mapper`` (FaceMapper), ``lora`` (peft LoRA,
+Modules: ``base_model`` (tiny / real base model components), ``mapper`` (FaceMapper), ``lora`` (peft LoRA,
 diffusers file format), ``identity`` (identity folders + cards), ``generate`` (inference core).
 """

@@ -1,11 +1,11 @@
 """Inference core: an identity (or a blend of identities) + a pose video -> a video.
 
-Public API (used by ``faceid.infer``, ``faceid.validate``, ``faceid.batch``)::
+Public API (used by ``faceid.render``, and training's validation renders)::
 
     pipe = build_pipeline(params.model)                      # WanVACEPipeline on the configured device
     ident = load_identity("out/obama", model_cfg=params.model)
     frames = generate_video(pipe, ident, pose_frames, "a person dancing",
-                            face_scale=1.0, guidance_scale=3.0, num_inference_steps=4, seed=0)
+                            face_scale=1.0, lora_scale=1.0, guidance_scale=3.0, num_inference_steps=4, seed=0)
     frames = generate_video(pipe, [(a, 0.5), (b, 0.5)], pose_frames, ...)   # a blend
     frames = generate_video(pipe, None, pose_frames, ...)                   # base model, no identity
     frames = generate_video(pipe, None, pose_frames, ..., reference_image=crop)  # base VACE R2V (no adapter)
@@ -22,7 +22,7 @@ How conditioning is built (the same layout training uses, see ``faceid.train.rec
 - ``face_scale`` is the identity's strength: it scales the face tokens *and* the LoRA (1 = as
   trained, > 1 extrapolates). ``face_scale == 0`` is the base model exactly: no face tokens in
   either branch, LoRA disabled, no identity reference image, so the frames equal
-  ``generate_video(pipe, None, ...)`` with the same seed. ``lora_scale`` (default 1) scales the
+  ``generate_video(pipe, None, ...)`` with the same seed. ``lora_scale`` (1 = as trained) scales the
   LoRA alone. Both must be finite and >= 0 (:func:`check_scale`); guidance finite and >= 1
   (:func:`check_guidance`), steps 1..1000 (:func:`check_steps`), seed 0..2^63-1 (:func:`check_seed`):
   the same checks run on the params keys at config load and on the command-line flags.
@@ -47,9 +47,11 @@ from typing import Any, Union
 import numpy as np
 
 from faceid.errors import InputError
+from faceid.model.checks import check_guidance, check_scale, check_seed, check_steps
 from faceid.model.identity import Identity
+from faceid.model.shapes import check_video_shape
 
-Blend = list  # list[tuple[Identity, float]]
+Blend = list[tuple[Identity, float]]  # identities and their weights (summing to 1)
 IdentityOrBlend = Union[Identity, Blend, None]
 
 
@@ -58,7 +60,7 @@ def build_pipeline(model_cfg, device=None):
     transformer and text encoder in the configured dtype, the VAE in float32."""
     from diffusers import WanVACEPipeline
 
-    from faceid.model.components import build_components, resolve_device, resolve_dtype
+    from faceid.model.base_model import build_components, resolve_device, resolve_dtype
     from faceid.model.memory import apply_memory_options
 
     device = device or resolve_device(model_cfg)
@@ -100,50 +102,6 @@ def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]
     if len(dims) > 1:
         raise InputError(f"blend: identities have different face-token shapes {sorted(dims)}; they cannot be mixed")
     return [(ident, w / total) for ident, w in blend]
-
-
-def _number(value) -> float:
-    """``value`` as a float, NaN when it is not a number (so every check rejects it)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def check_scale(name: str, value) -> float:
-    """``value`` as a float; :class:`InputError` naming ``name`` (a flag or a params key) unless it
-    is a finite number >= 0."""
-    number = _number(value)
-    if not math.isfinite(number) or number < 0:
-        raise InputError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return number
-
-
-MAX_STEPS = 1000  # denoising steps: at most the schedulers' num_train_timesteps
-MAX_SEED = 2**63 - 1
-
-
-def check_guidance(name: str, value) -> float:
-    """Classifier-free guidance scale: a finite number >= 1 (1 = no guidance; the pipeline runs the
-    unconditional branch only above 1, so a value below 1 would silently mean 1)."""
-    number = _number(value)
-    if not math.isfinite(number) or number < 1:
-        raise InputError(f"{name}: expected a finite number >= 1 (1 = no classifier-free guidance), got {value!r}")
-    return number
-
-
-def check_steps(name: str, value) -> int:
-    """Denoising steps: an integer in [1, MAX_STEPS]."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_STEPS:
-        raise InputError(f"{name}: expected an integer from 1 to {MAX_STEPS}, got {value!r}")
-    return int(value)
-
-
-def check_seed(name: str, value) -> int:
-    """A seed for ``torch.Generator.manual_seed``: an integer in [0, 2^63)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
-        raise InputError(f"{name}: expected an integer from 0 to 2^63-1, got {value!r}")
-    return int(value)
 
 
 def dominant(blend: list[tuple[Identity, float]]) -> Identity:
@@ -235,11 +193,7 @@ def check_pose_frames(pose_frames: np.ndarray) -> None:
     if not isinstance(pose_frames, np.ndarray) or pose_frames.ndim != 4 or pose_frames.shape[-1] != 3 or pose_frames.dtype != np.uint8:
         got = getattr(pose_frames, "shape", type(pose_frames).__name__), getattr(pose_frames, "dtype", "")
         raise InputError(f"pose frames: expected a uint8 array [F, H, W, 3], got {got}")
-    f, h, w, _ = pose_frames.shape
-    if (f - 1) % 4:
-        raise InputError(f"pose frames: Wan needs 4n+1 frames (17, 33, 81...), got {f}")
-    if h % 16 or w % 16:
-        raise InputError(f"pose frames: height and width must be multiples of 16, got {h}x{w}")
+    check_video_shape(*pose_frames.shape[:3], where="pose frames")
 
 
 def generate_video(
@@ -247,13 +201,13 @@ def generate_video(
     identity_or_blend: IdentityOrBlend,
     pose_frames: np.ndarray,
     prompt: str,
-    face_scale: float = 1.0,
-    guidance_scale: float = 3.0,
-    num_inference_steps: int = 30,
-    seed: int = 0,
-    negative_prompt: str = "",
     *,
-    lora_scale: float = 1.0,
+    face_scale: float,
+    lora_scale: float,
+    guidance_scale: float,
+    num_inference_steps: int,
+    seed: int,
+    negative_prompt: str = "",
     reference_image: np.ndarray | None = None,
 ) -> np.ndarray:
     """Generate ``[F, H, W, 3]`` uint8 frames following ``pose_frames`` (``[F, H, W, 3]`` uint8,
@@ -261,7 +215,8 @@ def generate_video(
     model). Deterministic for a given ``seed`` (noise drawn on the CPU).
 
     ``face_scale`` scales face tokens and LoRA (0 = the base model exactly), ``lora_scale`` the
-    LoRA alone; the defaults (1) are the identity as trained. ``reference_image`` (``[H, W, 3]``
+    LoRA alone; 1 and 1 are the identity as trained. The settings have no defaults here: the
+    caller's one :class:`faceid.render.Settings` (or its own explicit values) decides. ``reference_image`` (``[H, W, 3]``
     uint8 RGB) goes to VACE as its reference image; without it, an identity trained with its
     reference passes that one (see the module docstring)."""
     import torch

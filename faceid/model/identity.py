@@ -185,7 +185,7 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
 
 def check_compatible(identity: Identity, model_cfg=None, embedder: str | None = None, embed_dim: int | None = None) -> None:
     """Raise ``InputError`` naming the mismatch (base model, text dim, embedder, embedding dim)."""
-    from faceid.model.components import base_model_id, text_dim
+    from faceid.model.base_model import base_model_id, text_dim
 
     card, where = identity.card, identity.path / CARD_FILE
     if model_cfg is not None:

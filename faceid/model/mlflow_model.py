@@ -8,6 +8,8 @@ needs the base model and a GPU, so it stays in ``faceid infer``); nothing pickle
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 from mlflow.pyfunc import PythonModel
 
@@ -20,7 +22,10 @@ class IdentityModel(PythonModel):
         self.folder = Path(context.artifacts["identity"])
         self.card = json.loads((self.folder / "identity.json").read_text())
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None):
+        """``[identity card + its local folder]``; ``model_input``'s values are not used. The input hint
+        (MLflow wants ``list[...]``) gives the logged model a signature and spares MLflow's "Add type
+        hints to the `predict` method" warning; no return hint: ``dict[str, Any]`` would warn too."""
         return [dict(self.card, folder=str(self.folder))]
 
 

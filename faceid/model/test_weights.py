@@ -1,6 +1,6 @@
 """TEST WEIGHTS: a diffusers folder with the layout of ``Wan-AI/Wan2.1-VACE-1.3B-diffusers`` and
 random weights (fixed seed), written offline. They draw noise; they exist so the real profile's
-code path (``faceid.model.components.load_real_components``) runs on a machine with no hub.
+code path (``faceid.model.base_model.load_real_components``) runs on a machine with no hub.
 
     faceid make-test-weights [--size real|tiny] [--seed 0] [--output .cache/test-weights/<size>]
     faceid --set @configs/wan2.1-vace-1.3b.yaml --set model.weights_dir=.cache/test-weights/real <stage> ...
@@ -35,7 +35,7 @@ from typing import Any
 
 from faceid.config import TinyModelConfig, to_dict
 from faceid.errors import InputError
-from faceid.model.components import TEST_WEIGHTS_MARKER, build_tiny_components, tiny_vocab
+from faceid.model.base_model import TEST_WEIGHTS_MARKER, build_tiny_components, tiny_vocab
 
 SIZES = ("real", "tiny")
 WARNING = "TEST WEIGHTS: random weights with the Wan2.1-VACE-1.3B layout. They draw noise. Not a model."

@@ -46,14 +46,15 @@ class MediapipePoseEstimator:
         self.min_tracking_confidence = min_tracking_confidence
 
     def estimate(self, frames: np.ndarray) -> np.ndarray:
-        from faceid.faces.detect import import_mediapipe
+        from faceid.faces.detect import import_mediapipe, quiet_mediapipe_logs
 
         mp = import_mediapipe()
         frames = np.asarray(frames)
         out = np.zeros((len(frames), 33, 3), np.float32)
         found = np.zeros(len(frames), bool)
-        # Complexity 0 and 2 download their models at run time; 1 is offline.
-        with mp.solutions.pose.Pose(
+        # Complexity 0 and 2 download their models at run time; 1 is offline. A graph per call: its
+        # models load, and its harmless C++ warnings come, on its first frames (quiet_mediapipe_logs).
+        with quiet_mediapipe_logs(), mp.solutions.pose.Pose(
             static_image_mode=False,
             model_complexity=1,
             min_detection_confidence=self.min_detection_confidence,

@@ -597,12 +597,10 @@ def make_clips(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_a
 def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str,
                  num_cpus: int) -> Iterator[dict]:
     import ray
-    from ray.data import DataContext
 
-    from faceid import ray_local
+    from faceid import ray_session
 
-    with ray_local.session(ray_address, num_cpus, log_to_driver=False):
-        DataContext.get_current().enable_progress_bars = False
+    with ray_session.session(ray_address, num_cpus, log_to_driver=False):
         workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers, len(jobs))
         # a few clips per call, so that a worker's decode / pose / encode overlap; ~2 calls per worker

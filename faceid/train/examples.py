@@ -37,12 +37,11 @@ from faceid.train.routing import IDENTITY, PRIOR
 
 EXCLUDED = "excluded"  # a photo embed-faces found to show another person
 HELD_OUT = "held_out"  # a photo or clip kept out of training for validation (row key "validates": its role)
-BATCH_KEYS = ("target", "control", "text", "embedding", "face", "weight")
 
 
 @dataclass
 class TrainingSet:
-    identity: list[dict]  # examples (dicts of CPU tensors, see BATCH_KEYS) with face tokens
+    identity: list[dict]  # examples (dicts of CPU tensors, see faceid.train.step.BATCH_KEYS) with face tokens
     prior: list[dict]  # examples trained with the null face
     rows: list[dict]  # one per photo and clip: kind, id, role, facesim, ...
     reference: dict | None = None  # {"name", "image" [H, W, 3] uint8, "in_training"}
@@ -56,11 +55,6 @@ class TrainingSet:
 
     def pools(self) -> dict[str, list[dict]]:
         return {IDENTITY: self.identity, PRIOR: self.prior}
-
-
-def shape_key(example: dict) -> tuple:
-    """Examples that can share a batch: same latent shapes and reference frames."""
-    return (tuple(example["target"].shape), tuple(example["control"].shape), example["ref_frames"])
 
 
 def _read_rgb(path: Path) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``faceid train-lora``: launch the recipe on Ray Train, then log the run to MLflow (driver only).
 
 - Ray: ``TorchTrainer(train_loop_per_worker, ScalingConfig(num_workers, use_gpu))`` (DDP), local
-  Ray by default or ``ray_address`` for a cluster (``faceid.ray_local``: a local Ray never outlives
+  Ray by default or ``ray_address`` for a cluster (``faceid.ray_session``: a local Ray never outlives
   this process; Ray's own log records reach the terminal only when they are errors). Checkpoints
   every ``checkpoint_every`` steps go
   to ``params.ray.storage_path/<run name>``; the run name hashes the identity, config and data, so
@@ -11,7 +11,7 @@
   (:func:`faceid.io.output_lock`); a second identical command fails at once instead of sharing them.
 - MLflow: the run is opened here before training (a rerun after a kill continues the unfinished
   run of the same Ray run name); rank 0 logs each validation point into it while it trains
-  (:func:`validation_logger`: held-out losses and FaceSim as metrics at their step, renders and
+  (:func:`faceid.tracking.validation_logger`: held-out losses and FaceSim as metrics at their step, renders and
   contact sheets under ``validation/step_NNNNNN/``). After training this process logs flattened
   params, per-step losses and learning rates of both stages, the validation series (steps not
   logged yet), throughput, peak memory, validation time, the identity card and loss tables as
@@ -27,11 +27,9 @@ import shutil
 from pathlib import Path
 
 from faceid.errors import InputError, TrainingError
+from faceid.train.validation import VALIDATION_METRICS
 
 MAX_FAILURES = 2
-# validation point key -> MLflow metric (beside stage1_loss / stage2_loss)
-VALIDATION_METRICS = {"identity_loss": "val_identity_loss", "prior_loss": "val_prior_loss", "facesim": "val_facesim",
-                      "facesim_base": "val_facesim_base"}
 
 
 def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips: list) -> str:
@@ -86,6 +84,7 @@ def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path
 def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
            name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None) -> dict:
     """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow (the run opened first)."""
+    from faceid import tracking
     from faceid.config import to_dict
 
     tcfg = params.train_lora
@@ -100,14 +99,15 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
     config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
-    run_id = open_mlflow_run(params, identity, name, mlflow_uri) if mlflow_uri else None
+    run_id = tracking.open_run(mlflow_uri, params.tracking.experiment, run_name=f"train-lora-{identity}",
+                               tags={"stage": "train_lora", "identity": identity}, resume_tag=f"ray_run={name}") if mlflow_uri else None
     if run_id:  # rank 0 logs validation points into this run while it trains
         config["mlflow"] = {"uri": mlflow_uri, "run_id": run_id}
     try:
         return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id)
     except BaseException:
         if run_id:
-            _end_mlflow_run(mlflow_uri, run_id, "FAILED")
+            tracking.end_run(mlflow_uri, run_id, "FAILED", "train-lora")
         raise
 
 
@@ -116,14 +116,14 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from faceid import ray_local
+    from faceid import ray_session
     from faceid.io import atomic_dir
     from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
 
     tcfg = params.train_lora
 
-    # 2. Ray (local unless an address is given; faceid.ray_local) and the trainer
-    with ray_local.session(ray_address, params.ray.num_cpus, log_to_driver=True):
+    # 2. Ray (local unless an address is given; faceid.ray_session) and the trainer
+    with ray_session.session(ray_address, params.ray.num_cpus, log_to_driver=True):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
@@ -132,11 +132,12 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
                 name=name, storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=MAX_FAILURES),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                logging_config=LoggingConfig(log_level=ray_local.RAY_LOG_LEVEL),
+                logging_config=LoggingConfig(log_level=ray_session.RAY_LOG_LEVEL),
             ),
         )
         try:
-            result = trainer.fit()
+            with ray_session.train_env(ray_address):  # Ray Train's output switches for a local Ray
+                result = trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
             raise TrainingError(f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})") from exc
 
@@ -154,71 +155,6 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
     if mlflow_uri:
         metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id))
     return metrics
-
-
-def open_mlflow_run(params, identity: str, name: str, mlflow_uri: str) -> str:
-    """The MLflow run of Ray run ``name``: the unfinished one a killed command left (its rerun resumes
-    the same training), else a new one. Returns its id."""
-    from mlflow.tracking import MlflowClient
-
-    from faceid import tracking
-
-    experiment_id = tracking.setup(mlflow_uri, params.tracking.experiment)
-    client = MlflowClient()
-    found = client.search_runs([experiment_id], filter_string=f"tags.ray_run = '{name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"train-lora-{identity}",
-                            tags={"ray_run": name, "stage": "train_lora", "identity": identity})
-    return run.info.run_id
-
-
-def _end_mlflow_run(mlflow_uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=mlflow_uri).set_terminated(run_id, status)
-    except Exception as exc:  # the training error matters more than MLflow's state
-        print(f"train-lora: could not mark MLflow run {run_id} {status} ({type(exc).__name__}: {exc})")
-
-
-def validation_logger(mlflow_uri: str, run_id: str):
-    """``on_validation`` for rank 0 (``faceid.train.recipe.train``): each validation point into the
-    run as it happens -- held-out losses and FaceSim as metrics at their step (steps already logged,
-    e.g. before a resume, are skipped), the renders and contact sheets as artifacts under
-    ``validation/step_NNNNNN/``, an early stop as tag ``early_stop.<stage>``. MLflow unreachable from
-    the worker does not stop training: it says so (the driver logs the numbers at the end)."""
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    logged: dict[str, set[int]] = {}  # metric -> steps in the run (read at the first point)
-
-    def log(point: dict, folder: Path | None) -> None:
-        step = point["step"]
-        try:
-            if not logged:
-                logged.update({name: {m.step for m in client.get_metric_history(run_id, name)}
-                               for name in VALIDATION_METRICS.values()})
-            now = int(time.time() * 1000)
-            metrics = [Metric(name, float(point[key]), now, step) for key, name in VALIDATION_METRICS.items()
-                       if point.get(key) is not None and step not in logged[name]]
-            if metrics:
-                client.log_batch(run_id, metrics=metrics)
-            for m in metrics:
-                logged[m.key].add(step)
-            if folder is not None:
-                client.log_artifacts(run_id, str(folder), artifact_path=f"validation/step_{step:06d}")
-            if point.get("stop"):
-                client.set_tag(run_id, f"early_stop.{point['stage']}", point["stop"])
-        except Exception as exc:
-            print(f"train-lora: MLflow logging of validation step {step} failed ({type(exc).__name__}: {exc}); "
-                  "training goes on (the driver logs the numbers at the end)")
-
-    return log
 
 
 def read_validation_table(identity_dir: Path) -> list[dict]:
@@ -247,15 +183,13 @@ def read_loss_table(identity_dir: Path) -> list[dict]:
 
 
 def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str, run_id: str | None = None) -> dict:
-    """One MLflow run (``run_id``: the one :func:`open_mlflow_run` opened, else a new one): params,
+    """One MLflow run (``run_id``: the one :func:`faceid.tracking.open_run` opened, else a new one): params,
     per-step metrics, validation series, summary, artifacts, registered model + alias."""
     import tempfile
     import time
 
     import mlflow
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
     from faceid import tracking
     from faceid.config import flatten
     from faceid.io import read_json
@@ -264,7 +198,7 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     tracking.setup(mlflow_uri, params.tracking.experiment)
     card = read_json(identity_dir / CARD_FILE)
     model_name = tracking.registered_model_name(identity)
-    client = MlflowClient()
+    client = tracking.client(mlflow_uri)
     with (mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"train-lora-{identity}")) as run:
         kept = card.get("kept") or {}
         mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],

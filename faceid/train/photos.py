@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceid.model.shapes import SIZE_MULTIPLE
+
 ASPECT_RANGE = (9 / 16, 16 / 9)  # width / height of a photo example
-SIDE_MULTIPLE = 16
 # OpenPose-18 left/right pairs (faceid.pose.estimate): swapped when an image is mirrored.
 MIRROR_PAIRS = ((2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17))
 HEAD_GROW = (0.4, 0.6, 0.4, 0.4)  # face box grown by these shares of its size: left, top, right, bottom
@@ -74,7 +75,7 @@ def views_for(photo_sha256: str, cfg) -> list[View]:
 def example_size(aspect: float, budget: int) -> tuple[int, int]:
     """``(H, W)``, multiples of 16, ``H * W <= budget``, ``W / H`` as close to ``aspect`` (clamped to
     :data:`ASPECT_RANGE`) as the grid allows."""
-    m = SIDE_MULTIPLE
+    m = SIZE_MULTIPLE
     if budget < m * m:
         raise ValueError(f"pixel budget {budget} is below one {m}x{m} tile")
     a = min(max(aspect, ASPECT_RANGE[0]), ASPECT_RANGE[1])

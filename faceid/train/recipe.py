@@ -50,6 +50,16 @@ import torch
 from torch import nn
 
 from faceid.errors import TrainingError
+from faceid.train.step import (  # the building blocks of one training step
+    FaceConditionedDiT,
+    flow_matching_loss,
+    load_trainable_state,
+    make_batch,
+    make_optimizer,
+    step_generator,
+    trainable_state,
+    training_scheduler,
+)
 
 CKPT_WEIGHTS = "trainable.safetensors"
 CKPT_OPTIM = "optimizer.pt"
@@ -58,148 +68,6 @@ CKPT_BEST = "best.safetensors"  # trainable tensors of the best validation step 
 IDENTITY_SUBDIR = "identity"
 
 Report = Callable[[dict, "Path | None"], None]  # (metrics, checkpoint folder or None)
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-class FaceConditionedDiT(nn.Module):
-    """The frozen Wan-VACE transformer (+ LoRA) and the FaceMapper as one module (one DDP wrapper)."""
-
-    def __init__(self, transformer: nn.Module, mapper: nn.Module):
-        super().__init__()
-        self.transformer, self.mapper = transformer, mapper
-        self.num_vace_layers = len(transformer.config.vace_layers)
-
-    def forward(self, noisy, timestep, text, control, embedding, drop_face):
-        face = self.mapper(embedding)
-        null = self.mapper.null_tokens(face.shape[0]).to(face.dtype)
-        face = torch.where(drop_face[:, None, None], null, face)  # both branches stay in the graph (DDP)
-        context = torch.cat([text, face.to(text.dtype)], dim=1)
-        scale = torch.ones(self.num_vace_layers, device=noisy.device, dtype=noisy.dtype)
-        return self.transformer(
-            hidden_states=noisy, timestep=timestep, encoder_hidden_states=context,
-            control_hidden_states=control, control_hidden_states_scale=scale, return_dict=False,
-        )[0]
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Everything random about global step ``step`` on ``rank`` (resume-safe)."""
-    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step * 101 + rank)
-
-
-def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int, batch_size: int, seed: int) -> dict:
-    """Samples of global ``step`` for ``rank``: the identity pool with probability ``share`` (always
-    when the prior pool is empty), an anchor example drawn from it, and the rest of the batch from
-    the examples of the anchor's shape (with replacement). Seeded by ``seed, step, rank`` only."""
-    from faceid.train.examples import BATCH_KEYS, IDENTITY, PRIOR, shape_key
-
-    gen = torch.Generator().manual_seed(seed * 7919 + step * 131 + rank * 7 + 3)
-    use_identity = not pools[PRIOR] or float(torch.rand(1, generator=gen)) < share
-    pool = pools[IDENTITY] if use_identity else pools[PRIOR]
-    anchor = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-    group = [e for e in pool if shape_key(e) == shape_key(anchor)]
-    items = [anchor] + [group[int(i)] for i in torch.randint(len(group), (batch_size - 1,), generator=gen)]
-    batch = {k: torch.stack([it[k] for it in items]) for k in BATCH_KEYS}
-    batch["ref_frames"] = anchor["ref_frames"]
-    return batch
-
-
-def timestep_weights(scheme: str, num_timesteps: int) -> torch.Tensor:
-    """Loss weight per timestep index: ones, or DiffSynth-Studio's ``mid_weighted`` bell
-    ``exp(-2 ((i - N/2) / N)^2)``, shifted to 0 at the ends and normalised to mean 1."""
-    if scheme != "mid_weighted":
-        return torch.ones(num_timesteps)
-    i = torch.arange(num_timesteps, dtype=torch.float64)
-    y = torch.exp(-2 * ((i - num_timesteps / 2) / num_timesteps) ** 2)
-    y = y - y.min()
-    return (y * num_timesteps / y.sum()).float()
-
-
-def sample_timestep_index(scheme: str, bsz: int, num_timesteps: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices into the training schedule: uniform (``uniform``, ``mid_weighted``) or logit-normal."""
-    u = torch.rand(bsz, generator=gen)
-    if scheme == "logit_normal":
-        u = torch.sigmoid(torch.randn(bsz, generator=gen))
-    return (u * num_timesteps).long().clamp_max(num_timesteps - 1)
-
-
-def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator, face_dropout: float,
-                       device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
-    """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here): noise, timesteps
-    and face dropout drawn from ``gen``."""
-    x0 = clean_latents(batch)
-    bsz = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=gen)
-    idx = sample_timestep_index(timestep_sampling, bsz, noise_scheduler.config.num_train_timesteps, gen)
-    drop_face = (torch.rand(bsz, generator=gen) < face_dropout) | ~batch["face"].bool()
-    return loss_at(model, batch, noise_scheduler, noise, idx, drop_face, device, amp_dtype, timestep_sampling)
-
-
-def clean_latents(batch: dict) -> torch.Tensor:
-    """x0: the target latents, with the reference latent in front (as the pipeline puts it in front of the noise)."""
-    x0 = batch["target"]
-    n_ref = int(batch.get("ref_frames", 0))
-    if n_ref:
-        x0 = torch.cat([batch["control"][:, : x0.shape[1], :n_ref], x0], dim=2)
-    return x0
-
-
-def loss_at(model: nn.Module, batch: dict, noise_scheduler, noise: torch.Tensor, idx: torch.Tensor, drop_face: torch.Tensor,
-            device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
-    """The flow-matching loss of ``batch`` for given ``noise``, timestep indices ``idx`` and null-face mask
-    (training draws them in :func:`flow_matching_loss`; validation fixes them, ``faceid.train.validation``)."""
-    x0 = clean_latents(batch)
-    n_ref = int(batch.get("ref_frames", 0))
-    n_train = noise_scheduler.config.num_train_timesteps
-    timesteps = noise_scheduler.timesteps[idx]
-    sigmas = noise_scheduler.sigmas[idx].view(-1, 1, 1, 1, 1)
-    noisy = (1.0 - sigmas) * x0 + sigmas * noise
-    target = noise - x0
-
-    def to(t):
-        return t.to(device)
-
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        pred = model(to(noisy), to(timesteps), to(batch["text"]), to(batch["control"]), to(batch["embedding"]), to(drop_face))
-    err = ((pred.float() - to(target)) ** 2)[:, :, n_ref:]
-    weight = to(batch["weight"]).unsqueeze(1)  # [B, 1, f, h, w]
-    per_sample = (err * weight).sum(dim=(1, 2, 3, 4)) / (weight.sum(dim=(1, 2, 3, 4)) * err.shape[1])
-    return (per_sample * to(timestep_weights(timestep_sampling, n_train)[idx])).mean()
-
-
-def training_scheduler(flow_shift: float):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
-
-
-def make_optimizer(params: list[nn.Parameter], stage_cfg, weight_decay: float):
-    """AdamW + linear warmup to a constant learning rate."""
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.learning_rate, weight_decay=weight_decay)
-    warmup = max(stage_cfg.warmup_steps, 0)
-    lr_lambda = (lambda s: min(1.0, (s + 1) / warmup)) if warmup else (lambda s: 1.0)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
-
-def trainable_state(model: FaceConditionedDiT) -> dict[str, torch.Tensor]:
-    """Mapper + LoRA tensors (what training changes), CPU float32, flat keys: copies, never views of
-    the parameters (a snapshot must not change with the next optimizer step)."""
-    from faceid.model.lora import lora_state_dict
-
-    state = {f"mapper.{k}": v for k, v in model.mapper.state_dict().items()}
-    if getattr(model.transformer, "peft_config", None):
-        state.update({f"lora.{k}": v for k, v in lora_state_dict(model.transformer).items()})
-    return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
-
-
-def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tensor]) -> None:
-    from faceid.model.lora import set_lora_state_dict
-
-    model.mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")})
-    lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-    if lora:
-        set_lora_state_dict(model.transformer, lora)
 
 
 def save_checkpoint(folder: Path, model: FaceConditionedDiT, optimizer, lr_sched, state: dict,
@@ -361,7 +229,7 @@ def train(
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
-    from faceid.model import components as comp
+    from faceid.model import base_model as comp
     from faceid.model.generate import build_pipeline
     from faceid.model.memory import text_encoder_on_device
     from faceid.model.lora import add_lora, lora_parameters
@@ -511,9 +379,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     on_validation = None  # rank 0 logs each validation point to MLflow as it happens
     if rank == 0 and config.get("mlflow"):
-        from faceid.train.launch import validation_logger
+        from faceid.tracking import validation_logger
+        from faceid.train.validation import VALIDATION_METRICS
 
-        on_validation = validation_logger(config["mlflow"]["uri"], config["mlflow"]["run_id"])
+        on_validation = validation_logger(config["mlflow"]["uri"], config["mlflow"]["run_id"], VALIDATION_METRICS)
 
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp, (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:

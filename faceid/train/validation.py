@@ -27,7 +27,7 @@ measures the adapter while it trains, on examples it never trains on, and keeps 
 
 Everything runs on rank 0; other workers wait at the next gradient all-reduce and learn about an
 early stop by broadcast. The driver logs the numbers (``metrics/validation.csv``) to MLflow; rank 0
-logs each point live through ``on_point`` (``faceid.train.launch.validation_logger``).
+logs each point live through ``on_point`` (``faceid.tracking.validation_logger``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ from faceid.errors import InputError
 
 MIN_TRAINING_PHOTOS = 2
 METRICS = ("identity_loss", "prior_loss", "facesim", "facesim_base")  # per point; None = not measured
+# validation point key -> MLflow metric (beside stage1_loss / stage2_loss)
+VALIDATION_METRICS = {"identity_loss": "val_identity_loss", "prior_loss": "val_prior_loss", "facesim": "val_facesim",
+                      "facesim_base": "val_facesim_base"}
 
 OnPoint = Callable[[dict, "Path | None"], None]  # (point, folder of renders or None)
 
@@ -105,8 +108,7 @@ def heldout_loss(model, examples: list[dict], noise_scheduler, *, seed: int, num
                  amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> float | None:
     """Mean flow-matching loss of ``examples`` at fixed timesteps with fixed noise (None without
     examples); face tokens for identity examples, the null face for prior ones; no face dropout."""
-    from faceid.train.examples import BATCH_KEYS
-    from faceid.train.recipe import clean_latents, loss_at
+    from faceid.train.step import BATCH_KEYS, clean_latents, loss_at
 
     if not examples:
         return None
@@ -191,7 +193,7 @@ class Renderer:
         from PIL import Image
 
         from faceid.pose.video import write_video
-        from faceid.validate import contact_sheet  # pose | base | identity rows, as render-validation lays them out
+        from faceid.render import frames_sheet  # pose | base | identity rows, as render-validation lays them out
 
         ident_scores, base_scores, rates = [], [], []
         with torch.no_grad():
@@ -207,7 +209,7 @@ class Renderer:
                 rates.append(face["detection_rate"])
                 write_video(folder / f"{clip['id']}.mp4", frames, clip["fps"])
                 write_video(folder / f"{clip['id']}_base.mp4", base, clip["fps"])
-                Image.fromarray(contact_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
+                Image.fromarray(frames_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
 
         def mean(values):
             values = [v for v in values if v is not None]
@@ -249,7 +251,7 @@ class Validation:
                  device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str, rank: int = 0,
                  world_size: int = 1, renderer: Renderer | None = None, on_point: OnPoint | None = None,
                  best_weights: dict | None = None):
-        from faceid.train.examples import IDENTITY, PRIOR
+        from faceid.train.routing import IDENTITY, PRIOR
 
         self.cfg, self.state, self.final_step = cfg, state, final_step
         self.examples = {IDENTITY: examples.get(IDENTITY, []), PRIOR: examples.get(PRIOR, [])}
@@ -279,7 +281,7 @@ class Validation:
     # -- measure
 
     def losses(self, model) -> dict:
-        from faceid.train.examples import IDENTITY, PRIOR
+        from faceid.train.routing import IDENTITY, PRIOR
 
         return {f"{role}_loss": heldout_loss(model, self.examples[role], self.noise_scheduler, **self.loss_args)
                 for role in (IDENTITY, PRIOR)}
@@ -311,7 +313,7 @@ class Validation:
         return self._broadcast(stop)
 
     def _update(self, point: dict, model, stage: str) -> bool:
-        from faceid.train.recipe import trainable_state
+        from faceid.train.step import trainable_state
 
         best = self.state["best"]
         key = rank_key(point, self.cfg.criterion, facesim_ranked=bool(best and best["key"][0] == 1))

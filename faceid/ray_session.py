@@ -9,7 +9,7 @@
   when it is killed (SIGKILL, the OOM killer). Ray alone leaves its DashboardAgent and
   RuntimeEnvAgent running when its driver dies (measured with Ray 2.60: still there 30 s later),
   and workers too when the driver dies during start-up. So before ``ray.init`` the driver starts a
-  watchdog, ``python -m faceid.ray_local <driver pid> <token>`` in its own session, that holds a pipe
+  watchdog, ``python -m faceid.ray_session <driver pid> <token>`` in its own session, that holds a pipe
   from the driver: when the driver exits for any reason the pipe closes and the watchdog stops every
   process of that Ray session (SIGTERM, then SIGKILL after :data:`GRACE_S`), then exits.
 
@@ -23,7 +23,9 @@ the token nor our raylet, and the driver's older children are not noted.
 Ray's own log records are kept at ERROR on the terminal (``ray.LoggingConfig`` for the job; Ray
 Train's ``RunConfig(logging_config=...)`` in ``faceid.train.launch``): on a loaded machine Ray
 Train's controller otherwise prints a traceback ("Failed to send resource request") on a run that
-succeeds. They stay in the session's log folder (``/tmp/ray/session_*/logs``).
+succeeds. They stay in the session's log folder (``/tmp/ray/session_*/logs``). On a local Ray, Ray
+Train runs with :data:`RAY_TRAIN_LOCAL_ENV` (:func:`train_env`): no warnings that only a cluster's
+features would explain (state API, preemption), and each worker ``print`` shown once.
 """
 
 from __future__ import annotations
@@ -34,13 +36,36 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 TOKEN_ENV = "FACEID_RAY_SESSION"
 POLL_S = 0.25  # how often the watchdog notes the driver's descendants
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RAY_LOG_LEVEL = "ERROR"  # Ray's own log records on the terminal
 GOODBYE = b"done\n"  # the driver's last words on the pipe: a normal exit (the watchdog stays quiet)
+
+# Ray Train's own switches (environment variables it passes from the driver to its controller and
+# workers), for a run on a local Ray; one already set in the environment is left as it is.
+RAY_TRAIN_LOCAL_ENV = {
+    # Its state actor asks Ray's state API every 30 s whether the run's controller is alive; a local
+    # Ray has no dashboard to answer, so each poll logged "State API unavailable when checking if
+    # actor is alive" with a traceback.
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    # Nothing preempts one machine; the watcher's actor made core_worker log an error line on every
+    # run ("Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train patches the workers' print to log each line too: the driver showed every line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Train's worker logging puts the workers' root logger at INFO ("Reporting training result 1:
+    # TrainingReport(...)" per report); without it they keep the job's RAY_LOG_LEVEL.
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+}
+
+
+def resolve_address(explicit: str | None, cfg, environ: Mapping[str, str]) -> str:
+    """The Ray address of a run: ``explicit`` (a flag, a pipeline parameter) > ``$RAY_ADDRESS`` >
+    ``ray.address`` (``cfg``, params.yaml) > "" (a local Ray). The doors pass their environment."""
+    return explicit or environ.get("RAY_ADDRESS") or cfg.address
 
 
 @contextlib.contextmanager
@@ -78,11 +103,24 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
         stop_watchdog(watchdog)
 
 
+@contextlib.contextmanager
+def train_env(address: str) -> Iterator[None]:
+    """For the block (around ``trainer.fit()``, when Ray Train reads them): :data:`RAY_TRAIN_LOCAL_ENV`
+    where ``address`` is "" (a local Ray), except the variables the environment already sets; a
+    cluster keeps Ray Train's defaults."""
+    with contextlib.ExitStack() as stack:
+        if not address:
+            for name, value in RAY_TRAIN_LOCAL_ENV.items():
+                if name not in os.environ:
+                    stack.enter_context(_env(name, value))
+        yield
+
+
 def start_watchdog(token: str) -> subprocess.Popen:
     """The watchdog of this driver's local Ray session (its own session: a Ctrl-C or a kill of the
     driver's process group does not reach it)."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    return subprocess.Popen([sys.executable, "-m", "faceid.ray_local", str(os.getpid()), token],
+    return subprocess.Popen([sys.executable, "-m", "faceid.ray_session", str(os.getpid()), token],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
@@ -129,17 +167,24 @@ def _driver_logging_kept() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ray_data_quiet() -> Iterator[None]:
-    """Ray Data's driver-side records (progress-bar notice, "execution finished") at
-    :data:`RAY_LOG_LEVEL` on the terminal for the block."""
+    """For the block: Ray Data's driver-side records (progress-bar notice, "execution finished")
+    at :data:`RAY_LOG_LEVEL` on the terminal, and its own progress bars off (faceid shows one bar
+    per stage); both restored after, so a caller's Ray Data settings are left as they were."""
     import logging
+
+    from ray.data import DataContext
 
     data = logging.getLogger("ray.data")
     level = data.level
+    context = DataContext.get_current()
+    bars = context.enable_progress_bars
     data.setLevel(RAY_LOG_LEVEL)
+    context.enable_progress_bars = False
     try:
         yield
     finally:
         data.setLevel(level)
+        context.enable_progress_bars = bars
 
 
 # --------------------------------------------------------------------------- the watchdog process

@@ -1,0 +1,334 @@
+"""Rendering: a pose video + an identity (or a blend, or none) -> a generated video file.
+
+What the rendering stages share (``faceid.infer``, ``faceid.batch``'s Ray Data workers,
+``faceid.validate``):
+
+- :func:`resolve_identity` — an identity folder or ``models:/faceid-<name>@<alias>`` -> a local folder.
+- :func:`load_identities` — resolve, load and check identities before any model is built.
+- :func:`parse_blend` / :func:`parse_interpolate` — ``a=0.7,b=0.3`` / ``a,b`` from the command line.
+- :func:`load_pose_video` — read, check size and apply the 4n+1 frame policy (``faceid.model.shapes``).
+- :func:`reference_image_for` — the photo of ``--reference-only`` (``--reference-image`` or the
+  identity folder's ``reference.png``).
+- :class:`Generator` — the pipeline built once, identities loaded (and compatibility-checked) once.
+- :func:`render_one` — pose video -> output file, with timings; catches GPU out-of-memory.
+
+Render settings (``face_scale``, ``lora_scale``, guidance, steps, seed, prompt) are one frozen
+:class:`Settings`, built once at the door (:func:`settings_from`: the flags given, else
+``batch_infer``) and passed down unchanged to ``generate_video``: no other default, no override on
+the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from faceid.errors import FaceidError, InputError
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    face_scale: float  # identity strength: face tokens and LoRA (0 = the base model exactly)
+    lora_scale: float  # the LoRA alone (adapter weight = blend weight x face_scale x lora_scale)
+    guidance_scale: float
+    num_inference_steps: int
+    seed: int
+    prompt: str  # "" = the clip caption / prepare_pose.default_caption
+
+
+def settings_from(cfg, *, face_scale=None, lora_scale=None, guidance_scale=None, num_inference_steps=None,
+                  seed=None, prompt=None) -> Settings:
+    """The render settings of a run, built once at the door: explicit values (the flags given) win;
+    ``None`` means the value in ``cfg`` (the ``batch_infer`` section). Every value is checked (finite,
+    in range; :mod:`faceid.model.checks`), the error naming the flag or the key: face_scale and
+    lora_scale >= 0, guidance >= 1, steps 1..1000, seed 0..2^63-1."""
+    from faceid.model.checks import check_guidance, check_scale, check_seed, check_steps
+
+    def pick(check, value, flag: str, key: str):
+        return check(f"batch_infer.{key}", getattr(cfg, key)) if value is None else check(flag, value)
+
+    return Settings(
+        face_scale=pick(check_scale, face_scale, "--face-scale", "face_scale"),
+        lora_scale=pick(check_scale, lora_scale, "--lora-scale", "lora_scale"),
+        guidance_scale=pick(check_guidance, guidance_scale, "--guidance-scale", "guidance_scale"),
+        num_inference_steps=pick(check_steps, num_inference_steps, "--steps", "num_inference_steps"),
+        seed=pick(check_seed, seed, "--seed", "seed"),
+        prompt=cfg.prompt if prompt is None else prompt,
+    )
+
+
+def choose_prompt(settings: Settings, caption: str | None, default_caption: str) -> str:
+    return settings.prompt or caption or default_caption
+
+
+# --------------------------------------------------------------------------- identity references
+
+
+def parse_blend(text: str) -> list[tuple[str, float]]:
+    """``"a=0.7,b=0.3"`` -> ``[("a", 0.7), ("b", 0.3)]``. Weights must be >= 0 and sum to 1."""
+    items = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        ref, sep, raw = part.rpartition("=")
+        if not sep or not ref.strip():
+            raise InputError(f"--blend {text!r}: expected NAME=WEIGHT pairs, e.g. a=0.7,b=0.3 (got {part!r})")
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise InputError(f"--blend {text!r}: weight of {ref.strip()!r} is not a number ({raw!r})") from None
+        if not np.isfinite(weight) or weight < 0:
+            raise InputError(f"--blend {text!r}: weight of {ref.strip()!r} must be a finite number >= 0, got {raw!r}")
+        items.append((ref.strip(), weight))
+    if not items:
+        raise InputError(f"--blend {text!r}: expected NAME=WEIGHT pairs, e.g. a=0.7,b=0.3")
+    total = sum(w for _, w in items)
+    if abs(total - 1.0) > 1e-3:
+        raise InputError(f"--blend {text!r}: weights must sum to 1, got {total:g}")
+    return items
+
+
+def parse_interpolate(text: str, identity: str | None = None) -> tuple[str, str]:
+    """``"a,b"`` -> ``("a", "b")``; a single name ``"b"`` interpolates from ``identity`` to it."""
+    parts = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if len(parts) == 1 and identity:
+        parts = [identity, parts[0]]
+    if len(parts) != 2:
+        raise InputError(f"--interpolate {text!r}: expected two identities A,B (folders or models:/ URIs)")
+    return parts[0], parts[1]
+
+
+def resolve_identity(ref: str | Path, mlflow_uri: str | None, download_dir: str | Path) -> Path:
+    """An identity folder, or ``models:/faceid-<name>@<alias>`` (or ``/<version>``) from the MLflow
+    registry at ``mlflow_uri``, downloaded once per version into ``download_dir``
+    (``tracking.download_dir``; :func:`faceid.tracking.download_identity`)."""
+    from faceid import tracking
+
+    ref = str(ref)
+    if ref.startswith(tracking.MODELS_PREFIX):
+        if not mlflow_uri:
+            raise InputError(f"{ref}: a registry identity needs an MLflow tracking URI (--mlflow-uri)")
+        return tracking.download_identity(ref, mlflow_uri, Path(download_dir))
+    path = Path(ref)
+    if not path.is_dir():
+        raise InputError(f"{path}: identity folder not found (expected a train-lora output folder or models:/faceid-<name>@<alias>)")
+    return path
+
+
+def load_identities(refs: list[str | Path], params, mlflow_uri: str | None = None) -> dict[str, Any]:
+    """``{ref: Identity}``: each identity folder or registry name resolved, loaded and checked against
+    the base model (``params.model``), before any model is built (a missing one fails in a moment)."""
+    from faceid.model.identity import load_identity
+
+    return {str(ref): load_identity(resolve_identity(ref, mlflow_uri, params.tracking.download_dir), model_cfg=params.model)
+            for ref in refs}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an image file; :class:`InputError` when missing or unreadable."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def reference_image_for(identity: str | Path | None, reference_image: str | Path | None,
+                        mlflow_uri: str | None, download_dir: str | Path) -> tuple[np.ndarray, str]:
+    """``(image, source path)`` for ``--reference-only``: ``reference_image`` when given (any photo;
+    an aligned face crop works best), else the identity folder's ``reference.png``."""
+    from faceid.model.identity import REFERENCE_FILE
+
+    if reference_image:
+        return read_image(reference_image), str(reference_image)
+    if not identity:
+        raise InputError("--reference-only: expected --reference-image PATH (a face photo) or --identity (its reference.png)")
+    path = resolve_identity(identity, mlflow_uri, download_dir) / REFERENCE_FILE
+    if not path.is_file():
+        raise InputError(f"{identity}: the identity folder has no {REFERENCE_FILE} (folders from before it existed); "
+                         "pass --reference-image PATH, e.g. an aligned crop from crop-faces")
+    return read_image(path), str(path)
+
+
+# --------------------------------------------------------------------------- pose videos
+
+
+def load_pose_video(path: str | Path, policy: str) -> tuple[np.ndarray, float, dict]:
+    """``(frames [F, H, W, 3] uint8, fps, info)`` with F = 4n+1 per ``policy``; sizes must be
+    multiples of 16 (no silent resize). ``info`` has ``source_frames`` and ``trimmed_frames``."""
+    from faceid.model.shapes import check_size, frames_to_keep
+    from faceid.pose.video import read_video
+
+    path = Path(path)
+    frames, fps = read_video(path)
+    num, height, width = frames.shape[:3]
+    check_size(height, width, f"{path} (pose video)")
+    keep = frames_to_keep(num, policy, where=str(path))
+    return frames[:keep], float(fps), {"source_frames": int(num), "trimmed_frames": int(num - keep)}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def out_of_memory_error(exc: BaseException, pose_frames: np.ndarray) -> FaceidError:
+    num, height, width = pose_frames.shape[:3]
+    return FaceidError(
+        f"GPU out of memory generating {num} frames at {height}x{width} ({str(exc).splitlines()[0][:160]}). "
+        "Try fewer frames (a shorter pose video or prepare_pose.num_frames=49/33), a smaller size "
+        "(prepare_pose.height/width, e.g. 480x832 -> 320x576), or model offload / a larger GPU."
+    )
+
+
+class Generator:
+    """The pipeline, built once (per process or Ray worker), and identities, loaded and checked once."""
+
+    def __init__(self, params, mlflow_uri: str | None = None, device=None, identities: dict | None = None):
+        """``identities``: ``{ref: Identity}`` already loaded and checked (:func:`load_identities`)."""
+        from faceid.model.generate import build_pipeline
+
+        self.params = params
+        self.mlflow_uri = mlflow_uri
+        self.pipe = build_pipeline(params.model, device=device)
+        self._identities: dict[str, Any] = dict(identities or {})
+
+    def identity(self, ref: str | Path):
+        """Load (once) and check against the base model: a mismatch is an :class:`InputError`."""
+        from faceid.model.identity import load_identity
+
+        key = str(ref)
+        if key not in self._identities:
+            folder = resolve_identity(ref, self.mlflow_uri, self.params.tracking.download_dir)
+            self._identities[key] = load_identity(folder, model_cfg=self.params.model)
+        return self._identities[key]
+
+    def conditioning(self, identity: str | Path | None = None, blend: str | list | None = None):
+        """What ``generate_video`` takes: one identity, or a blend ``[(Identity, weight), ...]``."""
+        if blend:
+            pairs = parse_blend(blend) if isinstance(blend, str) else blend
+            return [(self.identity(ref), float(w)) for ref, w in pairs]
+        if identity is None:
+            raise InputError("no identity given (expected --identity or --blend)")
+        return self.identity(identity)
+
+    def interpolation(self, a: str | Path, b: str | Path, steps: int) -> list[tuple[float, list]]:
+        """``steps`` conditionings from A (t=0) to B (t=1): the slerp of the two embeddings goes
+        through each identity's own mapper, tokens and LoRAs mixed with weights (1-t, t). The
+        endpoints are exactly the pure identities. ``steps`` >= 2 (``batch_infer.interpolation_steps``,
+        checked when params are loaded)."""
+        from faceid.model.generate import slerp
+
+        ia, ib = self.identity(a), self.identity(b)
+        if ia.card["embed_dim"] != ib.card["embed_dim"] or ia.card["embedder"] != ib.card["embedder"]:
+            raise InputError(
+                f"--interpolate: {ia.name} ({ia.card['embedder']}, {ia.card['embed_dim']}-D) and {ib.name} "
+                f"({ib.card['embedder']}, {ib.card['embed_dim']}-D) use different face embeddings"
+            )
+        out = []
+        for t in np.linspace(0.0, 1.0, steps):
+            t = float(t)
+            if t == 0.0:
+                out.append((t, ia))
+            elif t == 1.0:
+                out.append((t, ib))
+            else:
+                emb = slerp(ia.embedding, ib.embedding, t)
+                out.append((t, [(dataclasses.replace(ia, embedding=emb), 1.0 - t), (dataclasses.replace(ib, embedding=emb), t)]))
+        return out
+
+    def generate(self, conditioning, pose_frames: np.ndarray, prompt: str, settings: Settings,
+                 reference_image: np.ndarray | None = None) -> np.ndarray:
+        """``generate_video`` with ``settings``, and a clear message on GPU out-of-memory."""
+        import torch
+
+        from faceid.model.generate import generate_video
+
+        try:
+            return generate_video(
+                self.pipe, conditioning, pose_frames, prompt,
+                face_scale=settings.face_scale,
+                guidance_scale=settings.guidance_scale,
+                num_inference_steps=settings.num_inference_steps,
+                seed=settings.seed,
+                lora_scale=settings.lora_scale,
+                reference_image=reference_image,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise out_of_memory_error(exc, pose_frames) from None
+
+
+def render_one(generator: Generator, conditioning, pose_video: Path, output: Path, settings: Settings,
+               caption: str | None = None, pose: tuple[np.ndarray, float, dict] | None = None,
+               reference_image: np.ndarray | None = None) -> dict:
+    """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings,
+    whether a VACE reference image was passed. ``pose``: what :func:`load_pose_video` returned,
+    when the caller has already read the video."""
+    from faceid.model.generate import as_blend, describe, identity_reference
+    from faceid.pose.video import write_video
+
+    t0 = time.perf_counter()
+    pose_frames, fps, info = pose or load_pose_video(pose_video, generator.params.batch_infer.frame_count_policy)
+    prompt = choose_prompt(settings, caption, generator.params.prepare_pose.default_caption)
+    blend = as_blend(conditioning)
+    with_reference = reference_image is not None or identity_reference(blend, settings.face_scale) is not None
+    t1 = time.perf_counter()
+    frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
+    if frames.shape != pose_frames.shape:
+        raise FaceidError(f"{pose_video}: generated {frames.shape}, expected the pose video's shape {pose_frames.shape}")
+    t2 = time.perf_counter()
+    write_video(output, frames, fps)
+    t3 = time.perf_counter()
+    return {
+        "pose_video": str(pose_video),
+        "output": str(output),
+        "identity": describe(conditioning),
+        "prompt": prompt,
+        # face_scale and lora_scale do not apply without an identity (base model, --reference-only)
+        **{k: (None if k in ("face_scale", "lora_scale") and not blend else v)
+           for k, v in dataclasses.asdict(settings).items() if k != "prompt"},
+        "reference_image": with_reference,
+        "num_frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "fps": float(fps),
+        # of the raw frames: H.264 files of equal frames may differ across processes (encoder threads)
+        "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),
+        **info,
+        "load_s": round(t1 - t0, 4),
+        "generate_s": round(t2 - t1, 4),
+        "write_s": round(t3 - t2, 4),
+    }
+
+
+# --------------------------------------------------------------------------- sheets (pure images)
+
+
+def frames_sheet(videos: list[np.ndarray], num_frames: int = 8, gap: int = 2) -> np.ndarray:
+    """One row per video (e.g. pose / base / reference-only / identity) of ``num_frames`` evenly spaced frames."""
+    length = min(len(v) for v in videos)
+    idx = np.linspace(0, length - 1, min(num_frames, length)).round().astype(int)
+    h, w = videos[0].shape[1:3]
+    sheet = np.full((len(videos) * (h + gap) - gap, len(idx) * (w + gap) - gap, 3), 255, np.uint8)
+    for r, video in enumerate(videos):
+        for c, i in enumerate(idx):
+            sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = video[i]
+    return sheet
+
+
+def side_by_side(*videos: np.ndarray) -> np.ndarray:
+    """``[F, H, sum(W), 3]``: the videos next to each other, cut to the shortest."""
+    length = min(len(v) for v in videos)
+    return np.concatenate([v[:length] for v in videos], axis=2)
