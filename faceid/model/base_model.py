@@ -105,9 +105,10 @@ def build_components(cfg: ModelConfig, dtype=None) -> dict[str, Any]:
     dtype = dtype or torch.float32
     if cfg.profile != "tiny":
         return load_real_components(cfg, dtype)
-    components = build_tiny_components(cfg.tiny, cfg.flow_shift)
-    for name in ("transformer", "text_encoder"):
-        components[name].to(dtype=dtype)
+    components = build_tiny_components(cfg.tiny, cfg.flow_shift)  # built in float32
+    if dtype != torch.float32:  # (a cast to the same dtype would only draw diffusers' fp32-modules warning)
+        for name in ("transformer", "text_encoder"):
+            components[name].to(dtype=dtype)
     return components
 
 
