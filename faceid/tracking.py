@@ -199,9 +199,10 @@ def download_identity(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
     with output_lock("download", folder, wait=-1):
         if not folder.is_dir():
             with atomic_dir(folder) as tmp:
-                try:
-                    mlflow.artifacts.download_artifacts(artifact_uri=f"{MODELS_PREFIX}{name}/{version}", dst_path=str(tmp),
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                try:  # the version's storage location, from this store's registry (a models:/ URI would be
+                    #     resolved against MLflow's process-wide registry URI, whatever it is)
+                    location = client(tracking_uri).get_model_version_download_uri(name, version)
+                    mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp), tracking_uri=tracking_uri)
                 except Exception as exc:
                     raise InputError(f"{uri}: cannot download version {version} from the MLflow registry at "
                                      f"{tracking_uri} ({str(exc).splitlines()[0][:200]})") from None

@@ -163,13 +163,22 @@ def test_infer_one_writes_the_pose_videos_frames_size_and_fps(world, capsys):
     assert f"{world['pose']}: 11 frames trimmed to 9 (Wan needs 4n+1; batch_infer.frame_count_policy=fix" in printed
 
 
-def test_identity_from_the_mlflow_registry(world, tmp_path):
+def test_identity_from_the_mlflow_registry(world, tmp_path, monkeypatch):
+    import mlflow
+
     from faceid import tracking
     from faceid.render import resolve_identity
     from faceid.train.launch import log_to_mlflow
 
     uri = tracking.local_store_uri(tmp_path / "mlruns")
     log_to_mlflow(world["params"], "a", world["a"], {}, uri)
+    # the download names its store: MLflow's process-wide URIs pointing elsewhere (as in a fresh task
+    # process, where they are the defaults) must not matter
+    elsewhere = tracking.local_store_uri(tmp_path / "elsewhere")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, elsewhere)
+    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_registry_uri(elsewhere)
     downloads = tmp_path / "downloads"
     folder = resolve_identity("models:/faceid-a@candidate", uri, downloads)
     assert json.loads((folder / "identity.json").read_text()) == json.loads((world["a"] / "identity.json").read_text())
