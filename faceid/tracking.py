@@ -3,7 +3,8 @@ only on rank 0)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 MODELS_PREFIX = "models:/"
@@ -54,6 +55,29 @@ def registered_model_name(identity: str) -> str:
 def registry_uri(cfg, identity: str, alias: str = "") -> str:
     """``models:/faceid-<identity>@<alias>``; ``alias=""`` = ``tracking.validated_alias`` (``cfg``)."""
     return f"{MODELS_PREFIX}{registered_model_name(identity)}@{alias or cfg.validated_alias}"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """For the block: no "Downloading artifacts" bars (MLflow's own, for a model read back when
+    logged or an identity downloaded; faceid says what it fetched) and no "Registered model ... /
+    Created version ..." lines (the stage prints the version it registered). Both restored after;
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set by the user wins."""
+    import logging
+    import os
+
+    registry = logging.getLogger("mlflow.tracking._model_registry")
+    level = registry.level
+    registry.setLevel(logging.WARNING)
+    own = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    if own:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        registry.setLevel(level)
+        if own:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
 
 
 def client(tracking_uri: str):
@@ -140,8 +164,9 @@ def find_registered_version(tracking_uri: str, identity: str, card: dict, alias:
     except Exception:  # not registered, or no such alias
         return None
     try:
-        card_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="identity.json",
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with quiet():
+            card_path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="identity.json",
+                                                            tracking_uri=tracking_uri, registry_uri=tracking_uri)
         logged = json.loads(Path(card_path).read_text())
     except Exception:
         return None
@@ -202,7 +227,8 @@ def download_identity(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
                 try:  # the version's storage location, from this store's registry (a models:/ URI would be
                     #     resolved against MLflow's process-wide registry URI, whatever it is)
                     location = client(tracking_uri).get_model_version_download_uri(name, version)
-                    mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp), tracking_uri=tracking_uri)
+                    with quiet():
+                        mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp), tracking_uri=tracking_uri)
                 except Exception as exc:
                     raise InputError(f"{uri}: cannot download version {version} from the MLflow registry at "
                                      f"{tracking_uri} ({str(exc).splitlines()[0][:200]})") from None

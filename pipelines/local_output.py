@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import sys
 import time
@@ -40,12 +39,10 @@ _KFP_LOCAL_WARNINGS = (  # (message regex, category): what KFP warns about every
 
 @contextlib.contextmanager
 def quiet_output(log_path: Path):
-    """For the block: KFP's output quiet (see above) and whole in ``log_path``. MLflow's artifact
-    download bars (a model is downloaded back when logged) are off in the tasks unless the
-    environment sets ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``."""
+    """For the block: KFP's output quiet (see above) and whole in ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8", errors="replace", buffering=1) as log, \
-            warnings.catch_warnings(), _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            warnings.catch_warnings():
         for message, category in _KFP_LOCAL_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         out = _QuietStream(sys.stdout, log)
@@ -58,19 +55,6 @@ def quiet_output(log_path: Path):
         finally:
             root.removeFilter(records)
             out.end()
-
-
-@contextlib.contextmanager
-def _env_default(name: str, value: str):
-    """``os.environ[name] = value`` for the block (the tasks inherit it) unless it is set already."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
 
 
 class _KfpRecords(logging.Filter):

@@ -231,12 +231,13 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
             model_dir = Path(tmp) / "identity"
             top = Path(identity_dir)
             shutil.copytree(top, model_dir, ignore=lambda d, names: [LAST_SUBDIR] if Path(d) == top else [])
-            info = mlflow.pyfunc.log_model(
-                name="identity",
-                python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
-                artifacts={"identity": str(model_dir)},
-                registered_model_name=model_name,
-            )
+            with tracking.quiet():
+                info = mlflow.pyfunc.log_model(
+                    name="identity",
+                    python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
+                    artifacts={"identity": str(model_dir)},
+                    registered_model_name=model_name,
+                )
         version = str(info.registered_model_version)
         client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
     print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
