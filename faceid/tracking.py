@@ -25,27 +25,46 @@ def local_store_uri(store: Path) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-def setup(tracking_uri: str, experiment: str) -> str:
-    """Point MLflow's tracking AND registry at ``tracking_uri`` and make sure ``experiment`` exists;
-    return its id. (The registry must follow: a registry URI set earlier in the process, e.g. by a
-    ``models:/`` download from another store, would otherwise receive the model versions.)
-
-    For a sqlite store the experiment's artifacts go to ``<store>/artifacts`` (not the cwd).
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(experiment)
+def experiment_id(tracking_uri: str, experiment: str) -> str:
+    """The id of ``experiment`` in the store at ``tracking_uri``, created when missing (for a sqlite
+    store its artifacts go to ``<store>/artifacts``, not the working directory)."""
+    mlflow_client = client(tracking_uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
     if exp is not None:
-        mlflow.set_experiment(experiment)
         return exp.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         artifact_location = (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
-    exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment)
-    return exp_id
+    return mlflow_client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def using(tracking_uri: str, experiment: str) -> Iterator[str]:
+    """For the block, MLflow's fluent API (``mlflow.start_run``, ``log_*``, ``pyfunc.log_model``)
+    logs to ``tracking_uri``, tracking AND registry (a registry URI left from elsewhere would
+    otherwise receive the model versions); yields the id of ``experiment``. MLflow's process-wide
+    URIs, and the environment variables it sets for them, are restored after: nothing leaks into
+    the rest of the process (tests, notebooks, the next stage run in-process)."""
+    import os
+
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in URI_ENV}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield experiment_id(tracking_uri, experiment)
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def registered_model_name(identity: str) -> str:
@@ -95,12 +114,12 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, 
     goes on in it), else a new run named ``run_name``. Returns its id."""
     key, value = resume_tag.split("=", 1)
     mlflow_client = client(tracking_uri)
-    experiment_id = setup(tracking_uri, experiment)
-    found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.{key} = '{value}'",
+    exp_id = experiment_id(tracking_uri, experiment)
+    found = mlflow_client.search_runs([exp_id], filter_string=f"tags.{key} = '{value}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
-    return mlflow_client.create_run(experiment_id, run_name=run_name, tags={**tags, key: value}).info.run_id
+    return mlflow_client.create_run(exp_id, run_name=run_name, tags={**tags, key: value}).info.run_id
 
 
 def end_run(tracking_uri: str, run_id: str, status: str, stage: str) -> None:

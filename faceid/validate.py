@@ -313,10 +313,10 @@ def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: 
     from faceid import tracking
     from faceid.config import flatten
 
-    tracking.setup(mlflow_uri, params.tracking.experiment)
     client = tracking.client(mlflow_uri)
     passed = result["gate"]["passed"]
-    with mlflow.start_run(run_name=f"render-validation-{identity.name}") as run:
+    with tracking.using(mlflow_uri, params.tracking.experiment) as exp_id, \
+            mlflow.start_run(run_name=f"render-validation-{identity.name}", experiment_id=exp_id) as run:
         mlflow.set_tags({"stage": "render_validation", "identity": identity.name, "base_model": identity.card["base_model"],
                          "embedder": identity.card["embedder"], "gate": "passed" if passed else "failed",
                          "held_out": str(result["held_out"]).lower()})

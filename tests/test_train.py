@@ -156,7 +156,6 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     step kept); MLflow gets params, per-step losses, the validation time series and the renders of
     each render step (logged by rank 0 while it trained, once per step across the restart) and a
     registered model version with the alias."""
-    import mlflow
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
@@ -185,8 +184,7 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
             a, b = load_file(str(tmp_path / "identity" / sub / name)), load_file(str(tmp_path / "direct" / sub / name))
             assert all(torch.equal(a[k], b[k]) for k in a), (sub, name)
 
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("faceid-synth", p.tracking.register_alias)
     assert str(mv.version) == summary["model_version"]
     run = client.get_run(summary["mlflow_run_id"])
@@ -206,10 +204,11 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
         files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"validation/step_{step:06d}")}
         assert files == {"c2.mp4", "c2_base.mp4", "c2.png"}, step
     assert run.data.tags["kept_step"] == str(kept["step"]) and run.info.status == "FINISHED"
-    local = mlflow.artifacts.download_artifacts(f"models:/faceid-synth@{p.tracking.register_alias}",
-                                                dst_path=str(tmp_path / "dl"))
-    assert (Path(local) / "artifacts" / "identity" / "identity.json").is_file()
-    assert not (Path(local) / "artifacts" / "identity" / "last").exists()  # the registered model is the kept step
+    from faceid.tracking import download_identity
+
+    local = download_identity(f"models:/faceid-synth@{p.tracking.register_alias}", uri, tmp_path / "dl")
+    assert (local / "identity.json").is_file() and local.name == "identity"
+    assert not (local / "last").exists()  # the registered model is the kept step
 
 
 def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):

@@ -195,51 +195,52 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     from faceid.io import read_json
     from faceid.model.identity import CARD_FILE, LAST_SUBDIR, LOSS_FILE, VALIDATION_FILE
 
-    tracking.setup(mlflow_uri, params.tracking.experiment)
     card = read_json(identity_dir / CARD_FILE)
     model_name = tracking.registered_model_name(identity)
     client = tracking.client(mlflow_uri)
-    with (mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"train-lora-{identity}")) as run:
-        kept = card.get("kept") or {}
-        mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
-                         "embedder": card["embedder"], "kept_step": str(kept.get("step")),
-                         "kept_why": str(kept.get("why"))[:5000]})
-        # every photo and clip with its role (identity | prior | excluded) and FaceSim score
-        mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {})}, "examples.json")
-        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        keys = sorted(flat)
-        for i in range(0, len(keys), 100):
-            mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
-        now = int(time.time() * 1000)
-        rows = read_loss_table(identity_dir)
-        step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
-        step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
-        points = read_validation_table(identity_dir)
-        for key, name in VALIDATION_METRICS.items():  # the points rank 0 has not logged live
-            done = {m.step for m in client.get_metric_history(run.info.run_id, name)}
-            step_metrics += [Metric(name, r[key], now, r["step"]) for r in points
-                             if r[key] is not None and r["step"] not in done]
-        for i in range(0, len(step_metrics), 1000):
-            client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        mlflow.log_artifact(str(identity_dir / CARD_FILE))
-        mlflow.log_artifact(str(identity_dir / LOSS_FILE), artifact_path=str(Path(LOSS_FILE).parent))
-        if (identity_dir / VALIDATION_FILE).is_file():
-            mlflow.log_artifact(str(identity_dir / VALIDATION_FILE), artifact_path=str(Path(VALIDATION_FILE).parent))
-        with tempfile.TemporaryDirectory() as tmp:  # the registered model is the kept step only (no last/)
-            model_dir = Path(tmp) / "identity"
-            top = Path(identity_dir)
-            shutil.copytree(top, model_dir, ignore=lambda d, names: [LAST_SUBDIR] if Path(d) == top else [])
-            with tracking.quiet():
-                info = mlflow.pyfunc.log_model(
-                    name="identity",
-                    python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
-                    artifacts={"identity": str(model_dir)},
-                    registered_model_name=model_name,
-                )
-        version = str(info.registered_model_version)
-        client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
+    with tracking.using(mlflow_uri, params.tracking.experiment) as exp_id:
+        resume_or_new = {"run_id": run_id} if run_id else {"run_name": f"train-lora-{identity}", "experiment_id": exp_id}
+        with mlflow.start_run(**resume_or_new) as run:
+            kept = card.get("kept") or {}
+            mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
+                             "embedder": card["embedder"], "kept_step": str(kept.get("step")),
+                             "kept_why": str(kept.get("why"))[:5000]})
+            # every photo and clip with its role (identity | prior | excluded) and FaceSim score
+            mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {})}, "examples.json")
+            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            keys = sorted(flat)
+            for i in range(0, len(keys), 100):
+                mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
+            now = int(time.time() * 1000)
+            rows = read_loss_table(identity_dir)
+            step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
+            step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
+            points = read_validation_table(identity_dir)
+            for key, name in VALIDATION_METRICS.items():  # the points rank 0 has not logged live
+                done = {m.step for m in client.get_metric_history(run.info.run_id, name)}
+                step_metrics += [Metric(name, r[key], now, r["step"]) for r in points
+                                 if r[key] is not None and r["step"] not in done]
+            for i in range(0, len(step_metrics), 1000):
+                client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
+            mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            mlflow.log_artifact(str(identity_dir / CARD_FILE))
+            mlflow.log_artifact(str(identity_dir / LOSS_FILE), artifact_path=str(Path(LOSS_FILE).parent))
+            if (identity_dir / VALIDATION_FILE).is_file():
+                mlflow.log_artifact(str(identity_dir / VALIDATION_FILE), artifact_path=str(Path(VALIDATION_FILE).parent))
+            with tempfile.TemporaryDirectory() as tmp:  # the registered model is the kept step only (no last/)
+                model_dir = Path(tmp) / "identity"
+                top = Path(identity_dir)
+                shutil.copytree(top, model_dir, ignore=lambda d, names: [LAST_SUBDIR] if Path(d) == top else [])
+                with tracking.quiet():
+                    info = mlflow.pyfunc.log_model(
+                        name="identity",
+                        python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
+                        artifacts={"identity": str(model_dir)},
+                        registered_model_name=model_name,
+                    )
+            version = str(info.registered_model_version)
+            client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
     print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
           f"@{params.tracking.register_alias}")
     return {"mlflow_run_id": run.info.run_id, "model_name": model_name, "model_version": version}
