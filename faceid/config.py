@@ -455,8 +455,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Apply ``overrides`` (``KEY=VALUE`` or ``@overlay.yaml``) to ``data`` and validate it."""
+def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (),
+                     values: dict[str, Any] | None = None) -> Params:
+    """Apply ``overrides`` (``KEY=VALUE`` or ``@overlay.yaml``), then ``values`` (typed,
+    ``{"train_lora.stage1.steps": 5}``: they win over both) to ``data`` and validate it."""
     data = json.loads(json.dumps(data or {}))  # deep copy, plain types
     for text in overrides:
         if text.startswith("@"):
@@ -464,6 +466,8 @@ def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
             continue
         path, value = _parse_override(text)
         _set_key(data, path, value, f"override {text!r}")
+    for key, value in (values or {}).items():
+        _set_key(data, key.split("."), value, key)
     return _build(Params, data, "")
 
 
@@ -475,10 +479,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     path = Path(path)
     overrides = ([profile_overlay(path, profile)] if profile else []) + list(overrides)
     try:
-        data = _read_yaml(path)
-        for key, value in (values or {}).items():
-            _set_key(data, key.split("."), value, key)
-        return params_from_dict(data, overrides)
+        return params_from_dict(_read_yaml(path), overrides, values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from None
 
@@ -486,11 +487,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
 def with_values(params: Params, values: dict[str, Any], flags: dict[str, str] | None = None) -> Params:
     """``params`` with typed ``values`` (``{"prepare_pose.workers": 4}``) set and validated again.
     ``flags``: key -> the command-line flag that gave it, named in the error instead of the key."""
-    data = to_dict(params)
-    for key, value in values.items():
-        _set_key(data, key.split("."), value, key)
     try:
-        return params_from_dict(data)
+        return params_from_dict(to_dict(params), values=values)
     except ConfigError as exc:
         flag = next((f for k, f in (flags or {}).items() if str(exc).startswith(f"{k}:")), None)
         if flag:

@@ -138,6 +138,9 @@ def test_stage_params_sentinels_mean_params_yaml(repo):
     assert stage_params(params_path, values={"train_lora.stage1.steps": -1}) == base
     tuned = stage_params(params_path, "tiny", {"train_lora.stage1.steps": 0, "train_lora.stage2.steps": 7})
     assert (tuned.train_lora.stage1.steps, tuned.train_lora.stage2.steps, tuned.model.profile) == (0, 7, "tiny")
+    # a pipeline parameter wins over the profile's value (the overlay sets 1000 / 3000 steps)
+    real = stage_params(params_path, "wan2.1-vace-1.3b", {"train_lora.stage1.steps": 5})
+    assert (real.train_lora.stage1.steps, real.train_lora.stage2.steps) == (5, 3000)
     # scales: negative = params.yaml; 0 is a real face_scale (the base model); NaN is rejected by name
     scaled = stage_params(params_path, values={"batch_infer.face_scale": 0.0, "batch_infer.lora_scale": 0.5})
     assert (scaled.batch_infer.face_scale, scaled.batch_infer.lora_scale) == (0.0, 0.5)
