@@ -340,9 +340,9 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, CropFacesConfig) and obj.photo_max_side != 0 and obj.photo_max_side < 256:
         raise ConfigError(f"{prefix}.photo_max_side: expected 0 (full size) or >= 256 px, got {obj.photo_max_side}")
     if isinstance(obj, PreparePoseConfig):
-        from faceid.model.shapes import SIZE_MULTIPLE, valid_num_frames, valid_side
+        from faceid.model.shapes import MIN_FRAMES, SIZE_MULTIPLE, valid_num_frames, valid_side
 
-        if not valid_num_frames(obj.num_frames):
+        if not valid_num_frames(obj.num_frames, MIN_FRAMES):
             raise ConfigError(f"{prefix}.num_frames: expected 4n+1 (e.g. 17, 33, 49, 81), got {obj.num_frames}")
         for name in ("height", "width"):
             v = getattr(obj, name)

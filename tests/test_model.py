@@ -193,6 +193,9 @@ def test_generate_checks_inputs_and_blends(params, pipe, identity_dir):
         generate_video(pipe, ident, pose_frames(n=8), "x", face_scale=1.0, lora_scale=1.0, guidance_scale=1.0, num_inference_steps=1, seed=0)
     with pytest.raises(InputError, match="multiples of 16"):
         generate_video(pipe, ident, np.zeros((9, 30, 32, 3), np.uint8), "x", face_scale=1.0, lora_scale=1.0, guidance_scale=1.0, num_inference_steps=1, seed=0)
+    from faceid.model.generate import check_pose_frames
+
+    check_pose_frames(np.zeros((1, 32, 32, 3), np.uint8))  # F = 4 * 0 + 1, a single image: Wan's rule allows it
     assert [w for _, w in as_blend([(ident, 3.0), (ident, 1.0)])] == [0.75, 0.25]
     cond, null = face_tokens([(ident, 1.0)], 0.0)
     assert torch.equal(cond, null)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from faceid.errors import InputError
 
-FRAME_STEP = 4  # F = 4n + 1
-MIN_FRAMES = FRAME_STEP + 1
+FRAME_STEP = 4  # F = 4n + 1 (F = 1: a single image, which Wan takes too)
+MIN_FRAMES = FRAME_STEP + 1  # a clip or a pose video: some motion
 SIZE_MULTIPLE = 16
 
 
-def valid_num_frames(num_frames: int) -> bool:
-    return num_frames >= MIN_FRAMES and (num_frames - 1) % FRAME_STEP == 0
+def valid_num_frames(num_frames: int, minimum: int = 1) -> bool:
+    return num_frames >= minimum and (num_frames - 1) % FRAME_STEP == 0
 
 
 def valid_side(pixels: int) -> bool:
