@@ -206,7 +206,8 @@ def run(
         pairs = [(pinned(r), w) for r, w in parse_blend(blend)]
         spec, refs = {"blend": [[r, w] for r, w in pairs]}, [r for r, _ in pairs]
     elif identity:
-        spec, refs = {"identity": pinned(identity)}, [pinned(identity)]
+        ref = pinned(identity)
+        spec, refs = {"identity": ref}, [ref]
     else:
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
     load_identities(refs, params, mlflow_uri)
