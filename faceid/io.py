@@ -62,6 +62,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def environ_set(name: str, value: str, keep_existing: bool = False) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (the processes started in it inherit it), then as
+    it was. ``keep_existing``: a value the environment already has wins (a user's own setting)."""
+    old = os.environ.get(name)
+    if keep_existing and old is not None:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def lock_path(output: str | Path) -> Path:
     """The lock file of an output folder or file: ``.<name>.lock`` beside it, so it is never part of
     the output (``atomic_dir`` replaces the folder; DVC and KFP track the folder, not its siblings)."""

@@ -38,6 +38,8 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 
+from faceid.io import environ_set
+
 TOKEN_ENV = "FACEID_RAY_SESSION"
 POLL_S = 0.25  # how often the watchdog notes the driver's descendants
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
@@ -91,7 +93,7 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
     token = uuid.uuid4().hex
     watchdog = start_watchdog(token)
     try:
-        with _env(TOKEN_ENV, token), _driver_logging_kept():
+        with environ_set(TOKEN_ENV, token), _driver_logging_kept():
             ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
                      log_to_driver=log_to_driver, logging_config=logging_config)
         try:
@@ -111,8 +113,7 @@ def train_env(address: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if not address:
             for name, value in RAY_TRAIN_LOCAL_ENV.items():
-                if name not in os.environ:
-                    stack.enter_context(_env(name, value))
+                stack.enter_context(environ_set(name, value, keep_existing=True))
         yield
 
 
@@ -135,20 +136,6 @@ def stop_watchdog(watchdog: subprocess.Popen) -> None:
         watchdog.wait(timeout=GRACE_S + 10)
     except subprocess.TimeoutExpired:  # it goes on alone; it exits when done
         pass
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """``os.environ[name] = value`` for the block (the processes started in it inherit it)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 @contextlib.contextmanager

@@ -83,20 +83,17 @@ def quiet() -> Iterator[None]:
     Created version ..." lines (the stage prints the version it registered). Both restored after;
     ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set by the user wins."""
     import logging
-    import os
+
+    from faceid.io import environ_set
 
     registry = logging.getLogger("mlflow.tracking._model_registry")
     level = registry.level
     registry.setLevel(logging.WARNING)
-    own = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
-    if own:
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        yield
+        with environ_set("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false", keep_existing=True):
+            yield
     finally:
         registry.setLevel(level)
-        if own:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
 
 
 def client(tracking_uri: str):
@@ -133,8 +130,9 @@ def end_run(tracking_uri: str, run_id: str, status: str, stage: str) -> None:
 
 def validation_logger(mlflow_uri: str, run_id: str, metric_names: dict[str, str]):
     """``on_validation`` for rank 0 (``faceid.train.recipe.train``): each validation point into the
-    run as it happens -- ``metric_names`` (point key -> MLflow metric): held-out losses and FaceSim as metrics at their step (steps already logged,
-    e.g. before a resume, are skipped), the renders and contact sheets as artifacts under
+    run as it happens -- ``metric_names`` (point key -> MLflow metric): held-out losses and FaceSim
+    as metrics at their step (steps already logged, e.g. before a resume, are skipped), the renders
+    and contact sheets as artifacts under
     ``validation/step_NNNNNN/``, an early stop as tag ``early_stop.<stage>``. MLflow unreachable from
     the worker does not stop training: it says so (the driver logs the numbers at the end)."""
     import time

@@ -114,11 +114,12 @@ def test_lock_wait_must_be_a_number(tmp_path):
 FAKE_DRIVER = """
 import os, subprocess, sys, time
 from faceid import ray_session
+from faceid.io import environ_set
 
 token = "test-" + str(os.getpid())
 watchdog = ray_session.start_watchdog(token)
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
-with ray_session._env(ray_session.TOKEN_ENV, token):
+with environ_set(ray_session.TOKEN_ENV, token):
     raylet = subprocess.Popen(sleep)  # like the raylet: a child with the token
     # like a worker that lost its parent: not a descendant any more, but it has the token
     subprocess.run(["sh", "-c", " ".join(sleep[:2]) + " 'import time; time.sleep(600)' & echo $! > " + sys.argv[1] + "/worker"])
@@ -170,13 +171,14 @@ def test_watchdog_stops_a_dead_drivers_processes_and_nothing_else(tmp_path):
 GOOD_DRIVER = """
 import os, subprocess, sys
 from faceid import ray_session
+from faceid.io import environ_set
 
 token = "test-" + str(os.getpid())
 watchdog = ray_session.start_watchdog(token)
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
 quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 mine = subprocess.Popen(sleep, **quiet)  # the driver's own child, not of the Ray session
-with ray_session._env(ray_session.TOKEN_ENV, token):
+with environ_set(ray_session.TOKEN_ENV, token):
     straggler = subprocess.Popen(sleep, **quiet)  # a session process that outlived ray.shutdown()
 print(mine.pid, straggler.pid, flush=True)
 import time; time.sleep(1.0)
