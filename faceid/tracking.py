@@ -77,23 +77,26 @@ def registry_uri(cfg, identity: str, alias: str = "") -> str:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
+def quiet(events: bool = False) -> Iterator[None]:
     """For the block: no "Downloading artifacts" bars (MLflow's own, for a model read back when
-    logged or an identity downloaded; faceid says what it fetched) and no "Registered model ... /
-    Created version ..." lines (the stage prints the version it registered). Both restored after;
-    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set by the user wins."""
-    import logging
-
+    logged or an identity downloaded; faceid says what it fetched); a
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` the user set wins. ``events``: MLflow's event lines
+    too ("Successfully registered model ...", "Created version ..."), which are not log records but
+    prints to MLflow's event stream. MLflow's own counted switch for that stream is used (its
+    autologging's ``MlflowEventsAndWarningsBehaviorGlobally``): MLflow's inner blocks of the same
+    kind re-enable the stream on exit unless the count says otherwise, so a plain
+    ``disable_logging()`` does not hold through ``log_model``. MLflow's warnings are left as they
+    are. Restored after."""
     from faceid.io import environ_set
 
-    registry = logging.getLogger("mlflow.tracking._model_registry")
-    level = registry.level
-    registry.setLevel(logging.WARNING)
-    try:
-        with environ_set("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false", keep_existing=True):
-            yield
-    finally:
-        registry.setLevel(level)
+    with contextlib.ExitStack() as stack:
+        if events:
+            from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
+
+            stack.enter_context(MlflowEventsAndWarningsBehaviorGlobally(
+                disable_event_logs=True, disable_warnings=False, reroute_warnings=False))
+        stack.enter_context(environ_set("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false", keep_existing=True))
+        yield
 
 
 def client(tracking_uri: str):

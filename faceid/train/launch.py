@@ -232,7 +232,7 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
                 model_dir = Path(tmp) / "identity"
                 top = Path(identity_dir)
                 shutil.copytree(top, model_dir, ignore=lambda d, names: [LAST_SUBDIR] if Path(d) == top else [])
-                with tracking.quiet():
+                with tracking.quiet(events=True):  # this stage prints the version it registered
                     info = mlflow.pyfunc.log_model(
                         name="identity",
                         python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
