@@ -91,6 +91,8 @@ def main() -> None:
         "The 2 cores are shared with other jobs: consecutive runs differ by up to 2x. Pose estimation",
         "(mediapipe, CPU) bounds the stage; the ONNX estimator (DWPose/RTMPose on a GPU) is the option",
         "for large datasets. Decoding is skipped entirely for clips already done.",
+        "Videos are encoded with x264 `threads=1` (same frames, same bytes); what that costs:",
+        "benchmarks/results/encode.md (`benchmarks/bench_encode.py`).",
         "",
     ]
     out = Path(args.output)

@@ -197,10 +197,13 @@ def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     # a crash mid-clip leaves a temporary folder and no finished clip; the rerun redoes only that clip
     import shutil
 
+    before = {p.name: p.read_bytes() for p in clip.iterdir()}
     shutil.rmtree(clip)
     (out / "clips" / ".dancer-00000.abc.tmp").mkdir()
     summary = prepare.run(cfg, videos, None, out)
     assert summary["clips_written"] == 1 and summary["clips_skipped"] == 3
+    # the clip made again is the same bytes, videos included (issue 21 item 6: deterministic x264)
+    assert {p.name: p.read_bytes() for p in clip.iterdir()} == before and "video.mp4" in before
     assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(k for k, r in rows.items() if r["video_path"])
     new_rows = {r["clip_id"]: r for r in read_parquet(out / "manifest.parquet")}
     assert new_rows["dancer-00000"]["checksum"] == rows["dancer-00000"]["checksum"]

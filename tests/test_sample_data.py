@@ -46,3 +46,17 @@ def test_dance_frames_are_deterministic():
     b = dance_frames(photo, 5, 64, 48, seed=3)
     c = dance_frames(photo, 5, 64, 48, seed=4)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_same_inputs_give_the_same_bytes(sample_dir, params, tmp_path):
+    """Issue 21 item 6: sample-data run again into another folder writes byte-identical files, videos
+    included (x264 with one thread: faceid.pose.video.encoder_options)."""
+    from faceid import sample_data
+
+    again = tmp_path / "again"
+    sample_data.run(params.sample_data, again)
+    files = sorted(p.relative_to(sample_dir) for p in sample_dir.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) == files
+    assert any(p.suffix == ".mp4" for p in files)
+    different = [str(p) for p in files if (sample_dir / p).read_bytes() != (again / p).read_bytes()]
+    assert different == []

@@ -153,8 +153,24 @@ def read_video(
     return read_frames(path, indices, size), out_fps
 
 
+def encoder_options(crf: int, preset: str) -> dict[str, str]:
+    """x264's options for every video faceid writes: the same frames give the same bytes.
+
+    ``threads=1``: x264's frame/slice threads make the bitstream depend on scheduling (the same
+    frames encoded twice gave different files; ``codec_context.thread_count = 1`` does not reach
+    x264, its own ``threads`` option does). One thread costs encode speed (benchmarks/results/pose.md:
+    "Deterministic encoding"); prepare-pose's clips are encoded by several workers at once instead.
+    The container carries no creation time (the mp4 muxer writes one only when asked) and
+    ``fflags=+bitexact`` drops the muxer's version string, so the bytes do not vary by run or host."""
+    return {"crf": str(int(crf)), "preset": preset, "threads": "1"}
+
+
+CONTAINER_OPTIONS = {"fflags": "+bitexact"}  # no library version string in the file (see encoder_options)
+
+
 def write_video(path: str | Path, frames, fps: float, crf: int = 18, preset: str = "fast") -> None:
-    """Write RGB frames as H.264 (yuv420p) MP4 with PyAV, atomically (temp file, then rename)."""
+    """Write RGB frames as H.264 (yuv420p) MP4 with PyAV, atomically (temp file, then rename);
+    deterministic: the same frames, fps, crf and preset give byte-identical files (:func:`encoder_options`)."""
     import av
 
     frames = [np.asarray(f) for f in frames]
@@ -165,10 +181,10 @@ def write_video(path: str | Path, frames, fps: float, crf: int = 18, preset: str
         raise ValueError(f"{path}: H.264 yuv420p needs even height and width, got {height}x{width}")
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
+        with av.open(str(tmp), mode="w", format="mp4", options=CONTAINER_OPTIONS) as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
+            stream.options = encoder_options(crf, preset)
             for i, frame in enumerate(frames):
                 if frame.shape != (height, width, 3) or frame.dtype != np.uint8:
                     raise ValueError(f"{path}: frame {i} is {frame.shape} {frame.dtype}, expected ({height}, {width}, 3) uint8")
