@@ -113,7 +113,7 @@ class PreparePoseConfig:
     height: int  # multiple of 16: 480x832 / 832x480 for real runs
     width: int
     stride: int  # frames between clip starts; 0 = num_frames (no overlap)
-    max_clips_per_video: int
+    max_clips_per_video: int  # 0 = no limit
     min_pose_detection_rate: float
     default_caption: str
     person_aware_crop: bool
@@ -146,6 +146,21 @@ class PhotoExamplesConfig:
     flip: bool  # mirror some augmented views (pose redrawn with left/right swapped)
     scale_jitter: float  # relative zoom of the crop window, +-
     shift_jitter: float  # shift of the crop window, +- this share of its size
+    # Extra views per photo, zoomed out so the face is as small as in the clips (faceid.train.plan):
+    # view k's face height is the (k + 0.5) / n quantile of the clips' face heights; 0 = none.
+    small_face_views: int
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How many steps each stage trains (``train_lora.schedule``; ``faceid.train.plan.resolve_schedule``)."""
+
+    # fixed: stage1.steps and stage2.steps as written; per_photo: from the number of training photos,
+    # with stageN.steps as each stage's cap
+    mode: Literal["fixed", "per_photo"]
+    steps_per_photo: int  # per_photo: identity-example draws per training photo, both stages together
+    stage1_share: float  # per_photo: share of those draws in stage 1 (the mapper alone)
+    min_steps: int  # per_photo: the fewest steps a stage trains (below its cap)
 
 
 @dataclass(frozen=True)
@@ -175,7 +190,7 @@ class TrainLoraConfig:
     stage1: StageConfig
     stage2: StageConfig
     batch_size: int
-    grad_clip: float
+    grad_clip: float  # max gradient norm; 0 = no clipping
     weight_decay: float
     seed: int
     checkpoint_every: int
@@ -192,6 +207,7 @@ class TrainLoraConfig:
     # calibrated same-person threshold (faceid.faces.embed.DEFAULT_OUTLIER_THRESHOLDS).
     clip_identity_threshold: float
     photos: PhotoExamplesConfig
+    schedule: ScheduleConfig
     face_loss_weight: float  # loss weight of latent tokens inside the face box (identity examples); 1 = uniform
     timestep_sampling: Literal["uniform", "logit_normal", "mid_weighted"]
     reference_image: bool  # pass the identity's best aligned crop as VACE reference_images (train + inference)
@@ -376,10 +392,21 @@ def _validate(obj: Any, prefix: str) -> None:
         for name in ("scale_jitter", "shift_jitter"):
             if not 0.0 <= getattr(obj, name) < 0.5:
                 raise ConfigError(f"{prefix}.{name}: expected a value in [0, 0.5), got {getattr(obj, name)}")
+        if obj.small_face_views < 0:
+            raise ConfigError(f"{prefix}.small_face_views: expected >= 0 (0 = none), got {obj.small_face_views}")
+    if isinstance(obj, ScheduleConfig):
+        if obj.steps_per_photo < 1 or obj.min_steps < 0:
+            raise ConfigError(f"{prefix}: expected steps_per_photo >= 1 and min_steps >= 0, got "
+                              f"{obj.steps_per_photo} and {obj.min_steps}")
+        if not 0.0 <= obj.stage1_share < 1.0:
+            raise ConfigError(f"{prefix}.stage1_share: expected a share in [0, 1), got {obj.stage1_share}")
     if isinstance(obj, StageConfig) and obj.steps < 0:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
     if isinstance(obj, (BatchInferConfig, RenderValidationConfig)):
         _validate_generation(obj, prefix)
+    _validate_ranges(obj, prefix)
+    if isinstance(obj, (StageConfig, TrainLoraConfig)):
+        _validate_trains(obj, prefix)
 
 
 def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
@@ -425,13 +452,104 @@ def _validate_generation(obj: Any, prefix: str) -> None:
         raise ConfigError(f"{prefix}.interpolation_steps: expected >= 2 (A, ..., B), got {obj.interpolation_steps}")
 
 
+# Ranges of single keys: field -> (what is expected, test). Checked after the rules above, then every
+# float key must be finite (nan/inf in YAML: .nan, .inf, 1e999).
+_GE0, _GE1 = (">= 0", lambda v: v >= 0), (">= 1", lambda v: v >= 1)
+_GT0 = ("a number > 0", lambda v: v > 0)
+_UNIT = ("a value in [0, 1]", lambda v: 0 <= v <= 1)
+_SHARE = ("a probability in [0, 1)", lambda v: 0 <= v < 1)
+_EVEN = ("a positive even number of pixels (H.264 needs even sides)", lambda v: v > 0 and v % 2 == 0)
+_PATH = ("a non-empty path", lambda v: bool(v.strip()))
+_NAME = ("a non-empty name", lambda v: bool(v.strip()))
+_RANGES: dict[type, dict[str, tuple[str, Any]]] = {
+    SampleDataConfig: {"num_videos": _GE1, "video_seconds": _GT0, "video_fps": _GE1, "video_height": _EVEN,
+                       "video_width": _EVEN, "seed": _GE0},
+    TinyModelConfig: {**{k: _GE1 for k in ("num_attention_heads", "attention_head_dim", "text_dim", "freq_dim", "ffn_dim",
+                                          "num_layers", "vae_base_dim", "text_encoder_dim", "text_encoder_layers",
+                                          "vocab_size", "max_text_len")}, "seed": _GE0},
+    ModelConfig: {"max_text_len": _GE1, "flow_shift": _GT0},
+    CropFacesConfig: {"min_detection_confidence": _UNIT, "min_face_size": _GE1, "min_sharpness": _GE0,
+                      "max_yaw_degrees": ("degrees in (0, 180]", lambda v: 0 < v <= 180),
+                      "duplicate_max_distance": ("0..64 (bits of a 64-bit perceptual hash)", lambda v: 0 <= v <= 64),
+                      "crop_sizes": ("a non-empty list of sizes >= 16 px", lambda v: bool(v) and min(v) >= 16),
+                      "crop_padding": _GE0, "max_image_pixels": _GE1, "min_photos": _GE1},
+    EmbedFacesConfig: {"outlier_threshold": ("a cosine in [0, 1) (0 = the embedder's calibrated default)",
+                                             lambda v: 0 <= v < 1), "min_photos": _GE1},
+    PreparePoseConfig: {"fps": _GE1, "stride": (">= 0 (0 = num_frames)", lambda v: v >= 0),
+                        "max_clips_per_video": (">= 0 (0 = no limit)", lambda v: v >= 0),
+                        "min_pose_detection_rate": _UNIT},
+    StageConfig: {"learning_rate": ("a finite number >= 0", lambda v: v >= 0), "warmup_steps": _GE0},
+    LoraConfig: {"alpha": ("> 0 (the LoRA scale is alpha / rank)", lambda v: v > 0), "dropout": _SHARE},
+    TrainLoraConfig: {"num_face_tokens": _GE1, "mapper_hidden_dim": (">= 0 (0 = text_dim)", lambda v: v >= 0),
+                      "batch_size": _GE1, "grad_clip": (">= 0 (0 = no clipping)", lambda v: v >= 0),
+                      "weight_decay": _GE0, "seed": _GE0, "checkpoint_every": (">= 1 (steps between checkpoints)", lambda v: v >= 1),
+                      "num_workers": (">= 1 (Ray Train workers)", lambda v: v >= 1), "face_dropout": _SHARE, "cache_dir": _PATH},
+    GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0},
+    RenderValidationConfig: {"num_clips": _GE1},
+    BatchInferConfig: {"num_workers": (">= 1 (Ray Data workers)", lambda v: v >= 1)},
+    TrackingConfig: {"local_store": _PATH, "experiment": _NAME, "register_alias": _NAME, "validated_alias": _NAME,
+                     "download_dir": _PATH},
+    RayConfig: {"num_cpus": (">= 0 (0 = all cores)", lambda v: v >= 0), "storage_path": _PATH},
+    PipelineConfig: {"pipeline_root": _PATH},
+}
+
+
+def _validate_ranges(obj: Any, prefix: str) -> None:
+    """:data:`_RANGES` of ``obj``'s section, then: every float key finite, every int key within 64 bits."""
+    import math
+
+    where = f"{prefix}." if prefix else ""
+    for name, (expected, ok) in _RANGES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"{where}{name}: expected {expected}, got {value!r}")
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}{field.name}: expected a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{where}{field.name}: expected an integer within 64 bits, got {value}")
+    if isinstance(obj, TinyModelConfig) and not all(0 <= i < obj.num_layers for i in obj.vace_layers):
+        raise ConfigError(f"{where}vace_layers: expected block indices in 0..{obj.num_layers - 1} (num_layers), "
+                          f"got {list(obj.vace_layers)}")
+    if isinstance(obj, TrackingConfig) and obj.validated_alias == obj.register_alias:
+        raise ConfigError(f"{where}validated_alias: expected another alias than register_alias "
+                          f"({obj.register_alias!r}): the gate moves it only after render-validation passes")
+
+
+def _validate_trains(obj: Any, prefix: str) -> None:
+    """Nothing untrained is registered: a stage with steps needs a learning rate > 0, and the two
+    stages together need a step (issue 21). :func:`faceid.train.launch.check_trained` checks the result."""
+    if isinstance(obj, StageConfig) and obj.steps > 0 and not obj.learning_rate > 0:
+        raise ConfigError(f"{prefix}.learning_rate: expected a number > 0 for a stage with steps "
+                          f"({prefix}.steps={obj.steps}; set steps: 0 to skip the stage), got {obj.learning_rate}")
+    if isinstance(obj, TrainLoraConfig) and obj.stage1.steps + obj.stage2.steps < 1:
+        raise ConfigError(f"{prefix}.stage1.steps, {prefix}.stage2.steps: expected at least one training step in all, "
+                          f"got {obj.stage1.steps} and {obj.stage2.steps} (nothing would be trained, yet registered)")
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     import yaml
 
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train_lora.stage1.steps=5")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    if not raw.strip():
+        return key.split("."), ""
+    # a plain YAML value: no tags (!!python/object, !!binary, !!set, !custom: safe_load refuses some,
+    # turns others into bytes or sets) and nothing safe_load cannot read; errors name the key
+    try:
+        tags = [t.value for t in yaml.scan(raw) if isinstance(t, yaml.TagToken)]
+        if tags:
+            raise ConfigError(f"{key}: expected a plain value (a number, true/false, a string or a list), got a YAML "
+                              f"tag {''.join(tags[0])!r} in {raw!r}; quote a string that starts with '!'")
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: expected a YAML value, got {raw!r} ({problem}); quote a string, "
+                          f"e.g. --set {key}='\"...\"'") from None
+    return key.split("."), value
 
 
 def _merge(base: dict, overlay: dict) -> dict:
@@ -441,15 +559,17 @@ def _merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, what: str = "params file") -> dict:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (expected a YAML file with one section per stage)")
+        raise ConfigError(f"{path}: {what} not found (expected a YAML file with one section per stage)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {what} not readable as YAML text ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data
@@ -462,7 +582,7 @@ def params_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (),
     data = json.loads(json.dumps(data or {}))  # deep copy, plain types
     for text in overrides:
         if text.startswith("@"):
-            data = _merge(data, _read_yaml(Path(text[1:])))
+            data = _merge(data, _read_yaml(Path(text[1:]), f"overlay {text!r}"))
             continue
         path, value = _parse_override(text)
         _set_key(data, path, value, f"override {text!r}")

@@ -74,6 +74,102 @@ def test_bad_values_name_the_key_and_expectation(repo, override, message):
     assert "params.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # nothing untrained is registered (issue 21): a run that cannot train is refused at load
+        (["train_lora.stage1.steps=0", "train_lora.stage2.steps=0"],
+         "train_lora.stage1.steps, train_lora.stage2.steps: expected at least one training step in all, got 0 and 0"),
+        (["train_lora.stage1.learning_rate=0"], "train_lora.stage1.learning_rate: expected a number > 0 for a stage with "
+                                                "steps (train_lora.stage1.steps=20"),
+        (["train_lora.stage2.learning_rate=-0.001"], "train_lora.stage2.learning_rate: expected a finite number >= 0, got -0.001"),
+        (["train_lora.stage1.learning_rate=.nan"], "train_lora.stage1.learning_rate: expected a finite number >= 0, got nan"),
+        (["train_lora.stage2.learning_rate=.inf"], "train_lora.stage2.learning_rate: expected a finite number >= 0, got inf"),
+        (["train_lora.stage1.warmup_steps=-1"], "train_lora.stage1.warmup_steps: expected >= 0, got -1"),
+        (["train_lora.stage1.steps=0", "train_lora.stage1.learning_rate=0"], None),  # a skipped stage needs no rate
+        # values that cannot work (issue 21 item 4), one message style: "<key>: expected ..., got ..."
+        (["train_lora.batch_size=0"], "train_lora.batch_size: expected >= 1, got 0"),
+        (["train_lora.batch_size=-2"], "train_lora.batch_size: expected >= 1, got -2"),
+        (["train_lora.num_workers=0"], "train_lora.num_workers: expected >= 1 (Ray Train workers), got 0"),
+        (["train_lora.checkpoint_every=0"], "train_lora.checkpoint_every: expected >= 1"),
+        (["train_lora.grad_clip=-1"], "train_lora.grad_clip: expected >= 0 (0 = no clipping), got -1.0"),
+        (["train_lora.grad_clip=.nan"], "train_lora.grad_clip: expected >= 0 (0 = no clipping), got nan"),
+        (["train_lora.weight_decay=-0.1"], "train_lora.weight_decay: expected >= 0, got -0.1"),
+        (["train_lora.face_dropout=1"], "train_lora.face_dropout: expected a probability in [0, 1), got 1.0"),
+        (["train_lora.face_dropout=-0.1"], "train_lora.face_dropout: expected a probability in [0, 1)"),
+        (["train_lora.lora.alpha=0"], "train_lora.lora.alpha: expected > 0"),
+        (["train_lora.lora.dropout=1.5"], "train_lora.lora.dropout: expected a probability in [0, 1), got 1.5"),
+        (["train_lora.num_face_tokens=0"], "train_lora.num_face_tokens: expected >= 1, got 0"),
+        (["train_lora.mapper_hidden_dim=-1"], "train_lora.mapper_hidden_dim: expected >= 0 (0 = text_dim), got -1"),
+        (["train_lora.seed=-1"], "train_lora.seed: expected >= 0, got -1"),
+        (["train_lora.seed=99999999999999999999999"], "train_lora.seed: expected an integer within 64 bits"),
+        (["train_lora.cache_dir="], "train_lora.cache_dir: expected a non-empty path, got ''"),
+        (["train_lora.face_loss_weight=.inf"], "train_lora.face_loss_weight: expected a finite number, got inf"),
+        (["sample_data.num_videos=0"], "sample_data.num_videos: expected >= 1, got 0"),
+        (["sample_data.video_seconds=0"], "sample_data.video_seconds: expected a number > 0, got 0.0"),
+        (["sample_data.video_fps=0"], "sample_data.video_fps: expected >= 1, got 0"),
+        (["sample_data.video_height=481"], "sample_data.video_height: expected a positive even number of pixels"),
+        (["sample_data.video_width=-320"], "sample_data.video_width: expected a positive even number of pixels"),
+        (["crop_faces.min_photos=0"], "crop_faces.min_photos: expected >= 1, got 0"),
+        (["crop_faces.min_detection_confidence=1.5"], "crop_faces.min_detection_confidence: expected a value in [0, 1]"),
+        (["crop_faces.crop_sizes=[]"], "crop_faces.crop_sizes: expected a non-empty list of sizes >= 16 px, got ()"),
+        (["crop_faces.crop_padding=.nan"], "crop_faces.crop_padding: expected >= 0, got nan"),
+        (["crop_faces.duplicate_max_distance=65"], "crop_faces.duplicate_max_distance: expected 0..64"),
+        (["embed_faces.min_photos=0"], "embed_faces.min_photos: expected >= 1, got 0"),
+        (["embed_faces.outlier_threshold=1.2"], "embed_faces.outlier_threshold: expected a cosine in [0, 1)"),
+        (["prepare_pose.fps=0"], "prepare_pose.fps: expected >= 1, got 0"),
+        (["prepare_pose.max_clips_per_video=-1"], "prepare_pose.max_clips_per_video: expected >= 0 (0 = no limit)"),
+        (["prepare_pose.min_pose_detection_rate=2"], "prepare_pose.min_pose_detection_rate: expected a value in [0, 1]"),
+        (["model.flow_shift=0"], "model.flow_shift: expected a number > 0, got 0.0"),
+        (["model.tiny.vace_layers=[0, 9]"], "model.tiny.vace_layers: expected block indices in 0..3 (num_layers)"),
+        (["batch_infer.num_workers=0"], "batch_infer.num_workers: expected >= 1 (Ray Data workers), got 0"),
+        (["render_validation.num_clips=0"], "render_validation.num_clips: expected >= 1, got 0"),
+        (["render_validation.gate.min_pose_pck=1.5"], "render_validation.gate.min_pose_pck: expected a value in [0, 1]"),
+        (["render_validation.gate.min_facesim_gain=.nan"], "render_validation.gate.min_facesim_gain: expected a finite number, got nan"),
+        (["ray.num_cpus=-1"], "ray.num_cpus: expected >= 0 (0 = all cores), got -1"),
+        (["tracking.validated_alias=candidate"], "tracking.validated_alias: expected another alias than register_alias"),
+        (["tracking.experiment="], "tracking.experiment: expected a non-empty name, got ''"),
+        # --set values safe_load would refuse or turn into something else: ConfigError naming the key
+        (["train_lora.seed=!!python/object:os.system x"], "train_lora.seed: expected a plain value (a number, true/false, "
+                                                          "a string or a list), got a YAML tag '!!python/object:os.system'"),
+        (["train_lora.seed=!!binary aGVsbG8="], "train_lora.seed: expected a plain value"),
+        (["crop_faces.crop_sizes=!!set {1: null}"], "crop_faces.crop_sizes: expected a plain value"),
+        (["tracking.experiment=!x"], "tracking.experiment: expected a plain value"),
+        (["train_lora.seed=[1"], "train_lora.seed: expected a YAML value, got '[1'"),
+        (["train_lora.seed=*anchor"], "train_lora.seed: expected a YAML value, got '*anchor'"),
+        (["train_lora.seed={a: 1}"], "train_lora.seed: expected an integer, got {'a': 1}"),
+        (["tracking.experiment='!x'"], None),  # quoted: a string
+    ],
+)
+def test_values_that_cannot_work_name_the_key(repo, overrides, message):
+    if message is None:
+        load_params(repo / "params.yaml", overrides)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_params(repo / "params.yaml", overrides)
+    assert message in str(err.value)
+    assert str(err.value).startswith(f"{repo / 'params.yaml'}: ")
+
+
+def test_overlay_that_is_missing_not_yaml_or_not_a_mapping(repo, tmp_path):
+    def error(overlay) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_params(repo / "params.yaml", [f"@{overlay}"])
+        return str(err.value)
+
+    assert f"{tmp_path / 'none.yaml'}: overlay '@{tmp_path / 'none.yaml'}' not found" in error(tmp_path / "none.yaml")
+    assert "not found" in error(tmp_path)  # a folder
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert f"{binary}: overlay '@{binary}' not readable as YAML text" in error(binary)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("train_lora: !!python/object/apply:os.system [echo hi]\n")
+    assert f"{tagged}: not valid YAML" in error(tagged)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train_lora\n")
+    assert f"{listed}: expected a mapping of sections at the top level, got list" in error(listed)
+
+
 def test_validation_needs_what_it_measures(repo):
     with pytest.raises(ConfigError, match=r"train_lora.validation.num_clips: renders need held-out clips, but num_clips=2 > "
                                           r"train_lora.holdout_clips=1"):
