@@ -38,6 +38,8 @@ def identity_dir(params, pipe, tmp_path_factory):
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
     mapper = FaceMapper(128, params.model.tiny.text_dim, 4)
+    with torch.no_grad():
+        mapper.gate_param.fill_(1.0 / mapper.gate_multiplier)  # the gate open, as training opens it
     emb = torch.nn.functional.normalize(torch.randn(128), dim=0)
     out = tmp_path_factory.mktemp("ident") / "alice"
     save_identity(out, name="alice", card={"base_model": base_model_id(params.model), "embedder": "dlib"},
@@ -152,7 +154,7 @@ def test_load_identity_checks_compatibility(params, identity_dir, tmp_path):
         load_identity(identity_dir, embedder="clip")
     with pytest.raises(InputError, match="expects 128-D embeddings, got 512-D"):
         load_identity(identity_dir, embed_dim=512)
-    other = params_from_dict(to_dict(params), ["model.tiny.num_layers=2"])
+    other = params_from_dict(to_dict(params), ["model.tiny.num_layers=3"])
     with pytest.raises(InputError, match="trained on base model"):
         load_identity(identity_dir, model_cfg=other.model)
     broken = tmp_path / "broken"
@@ -164,6 +166,32 @@ def test_load_identity_checks_compatibility(params, identity_dir, tmp_path):
         load_identity(broken)
     with pytest.raises(InputError, match="identity folder not found"):
         load_identity(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name", ["face_mapper.safetensors", "identity_embedding.safetensors",
+                                  "pytorch_lora_weights.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "header", "empty"])
+def test_corrupt_weights_in_an_identity_folder_name_the_file_and_the_fix(params, identity_dir, tmp_path, name, damage):
+    """A truncated (copy cut in half), garbled-header or empty ``.safetensors`` is an InputError naming
+    the file and saying to re-run train-lora or download again, at load_identity and at load_lora:
+    never safetensors' own SafetensorError (a traceback at the CLI)."""
+    import shutil
+
+    from faceid.model.identity import load_identity
+    from faceid.model.lora import load_lora
+
+    bad = tmp_path / "alice"
+    shutil.copytree(identity_dir, bad)
+    data = (bad / name).read_bytes()
+    (bad / name).write_bytes({"truncated": data[: len(data) // 2], "header": b"\xff" * 64, "empty": b""}[damage])
+    with pytest.raises(InputError) as err:
+        load_identity(bad, model_cfg=params.model)
+    message = str(err.value)
+    assert message.startswith(f"{bad / name}: not a readable .safetensors file, truncated or corrupt")
+    assert "re-run train-lora" in message and "download it again" in message
+    if name == "pytorch_lora_weights.safetensors":
+        with pytest.raises(InputError, match=f"{bad / name}: not a readable .safetensors file"):
+            load_lora(object(), bad, "bad")  # refused before diffusers reads it (no pipeline needed)
 
 
 def test_lora_load_detects_a_file_that_loads_nothing(params, identity_dir, tmp_path):

@@ -167,3 +167,25 @@ def test_gpu_benchmarks_run_on_cpu_with_tiny_weights(repo, weights, tmp_path):
     assert "| 5 | 8 | yes |" in train and "| 5 | 8 | no |" in train  # 2 latent frames x 2 x 2 tokens
     no_cuda = subprocess.run(runs["train"][:2] + ["--weights", str(weights)], capture_output=True, text=True)
     assert no_cuda.returncode != 0 and "needs a CUDA GPU" in no_cuda.stderr
+
+
+@pytest.mark.parametrize("damaged", ["model_index.json", "transformer/config.json",
+                                     "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
+                                     "text_encoder/config.json"])
+def test_a_truncated_file_in_the_weights_folder_names_it_and_the_fix(real_params, weights, tmp_path, damaged):
+    """A weights folder with a truncated config or weights file (an interrupted download or copy) is an
+    InputError naming the file or subfolder and saying to download again, never a traceback."""
+    from faceid.config import params_from_dict, to_dict
+    from faceid.model.base_model import build_components
+
+    copy = tmp_path / "weights"
+    shutil.copytree(weights, copy)
+    data = (copy / damaged).read_bytes()
+    (copy / damaged).write_bytes(data[: len(data) // 2])
+    p = params_from_dict(to_dict(real_params), [f"model.weights_dir={copy}"])
+    with pytest.raises(InputError) as err:
+        build_components(p.model)
+    message = str(err.value)
+    named = copy / damaged if damaged == "model_index.json" else copy / damaged.split("/")[0]
+    assert message.startswith(f"{named}: "), message
+    assert "incomplete or corrupt: download it again" in message and "make-test-weights" in message

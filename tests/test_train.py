@@ -114,6 +114,10 @@ def test_recipe_trains_saves_and_resumes_exactly(params, inputs, tmp_path):
     assert [int(r.split(",")[0]) for r in val[1:]] == [0, 2, 4, 6, 8, 10, 12]
     assert card["kept"]["last_step"] == 12 and card["kept"]["criterion"] == "identity_loss"
 
+    from faceid.train.launch import check_trained
+
+    check_trained(tmp_path / "full", p.train_lora.seed, "synth")  # trained: may be registered
+
     # resume from the step-4 checkpoint (a run killed after step 4) -> identical result
     resumed = recipe.train(config_for(p, inputs, tmp_path / "resumed"), checkpoint_dir=tmp_path / "ckpt_4")
     assert resumed["resumed_from"] == 4
@@ -209,6 +213,56 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     local = download_identity(f"models:/faceid-synth@{p.tracking.register_alias}", uri, tmp_path / "dl")
     assert (local / "identity.json").is_file() and local.name == "identity"
     assert not (local / "last").exists()  # the registered model is the kept step
+
+
+def test_a_run_that_cannot_train_is_refused_at_load(repo, inputs, tmp_path, capsys):
+    """Nothing untrained is registered (issue 21): no steps, or a learning rate of 0 for a stage with
+    steps, stop the CLI at config load (exit 2, the key named): no identity folder, no MLflow store."""
+    from faceid.cli import main
+
+    crops, emb, clips = inputs
+    args = ["train-lora", "--identity", "synth", "--crops", str(crops), "--embeddings", str(emb), "--clips", str(clips),
+            "--output", str(tmp_path / "identity"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for sets, key in ((["train_lora.stage1.steps=0", "train_lora.stage2.steps=0"], "train_lora.stage1.steps, "
+                       "train_lora.stage2.steps: expected at least one training step in all, got 0 and 0"),
+                      (["train_lora.stage2.learning_rate=0"], "train_lora.stage2.learning_rate: expected a number > 0 "
+                                                              "for a stage with steps")):
+        argv = ["--params", str(repo / "params.yaml")] + [a for s in sets for a in ("--set", s)] + args
+        assert main(argv) == 2
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "identity").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_untrained_weights_are_never_written_or_registered(params, tmp_path):
+    """The outcome check before the identity folder is written and registered: weights equal to where
+    training starts (the seeded mapper, LoRA B at zero), or no step with a learning rate > 0, are a
+    TrainingError; one trained LoRA tensor is enough to pass."""
+    from safetensors.torch import load_file, save_file
+
+    from faceid.model.base_model import build_components
+    from faceid.model.identity import save_identity
+    from faceid.model.lora import LORA_FILE, add_lora
+    from faceid.model.mapper import initial_mapper
+    from faceid.train.launch import check_trained
+
+    tcfg = params.train_lora
+    transformer = build_components(params.model)["transformer"]
+    mapper = initial_mapper(128, params.model.tiny.text_dim, tcfg.num_face_tokens, tcfg.mapper_hidden_dim, tcfg.seed)
+    add_lora(transformer, tcfg.lora)
+    rows = [{"step": 1, "stage": "stage1", "loss": 1.0, "lr": 1e-3}]
+    untrained = save_identity(tmp_path / "untrained", name="synth", card={"base_model": "tiny", "embedder": "dlib"},
+                              mapper=mapper, embedding=torch.ones(128), transformer=transformer, loss_rows=rows)
+    with pytest.raises(TrainingError, match=r"train-lora synth: after 1 step\(s\) the weights equal their initial state "
+                                            r"\(face mapper as initialised, LoRA B at zero\): nothing was learned"):
+        check_trained(untrained, tcfg.seed, "synth")
+    lora = load_file(str(untrained / LORA_FILE))
+    key = next(k for k in sorted(lora) if "lora_B" in k)
+    lora[key][0, 0] = 1e-3
+    save_file(lora, str(untrained / LORA_FILE))
+    check_trained(untrained, tcfg.seed, "synth")  # a LoRA that moved: trained
+    (untrained / "metrics" / "train_loss.csv").write_text("step,stage,loss,lr\n1,stage1,1.0,0\n")
+    with pytest.raises(TrainingError, match="no optimizer step with a learning rate > 0 ran"):
+        check_trained(untrained, tcfg.seed, "synth")
 
 
 def test_holdout_keeps_the_last_clips_and_must_leave_some_to_train(inputs):

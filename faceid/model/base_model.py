@@ -20,6 +20,10 @@ from faceid.config import ModelConfig, TinyModelConfig, config_hash
 from faceid.errors import InputError
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# what to do about a weights folder that is incomplete or corrupt (a truncated config or weights file)
+REDOWNLOAD = ("the weights folder (model.weights_dir) is incomplete or corrupt: download it again "
+              "(`huggingface-cli download Wan-AI/Wan2.1-VACE-1.3B-diffusers --local-dir <dir>`), or for test "
+              "weights run `faceid make-test-weights` again")
 # model_index.json key of a folder written by `faceid make-test-weights` (random weights)
 TEST_WEIGHTS_MARKER = "_faceid_test_weights"
 
@@ -63,7 +67,11 @@ def text_dim(cfg: ModelConfig) -> int:
 
     config = Path(cfg.weights_dir) / "transformer" / "config.json"
     _check_weights_dir(cfg)
-    return int(json.loads(config.read_text())["text_dim"])
+    try:
+        return int(json.loads(config.read_text())["text_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{config}: expected the transformer's config.json with a 'text_dim' "
+                         f"({type(exc).__name__}: {exc}); {REDOWNLOAD}") from None
 
 
 def max_text_len(cfg: ModelConfig) -> int:
@@ -90,8 +98,8 @@ def read_test_weights_marker(weights_dir: str | Path) -> dict | None:
         return None
     try:
         marker = json.loads(index.read_text()).get(TEST_WEIGHTS_MARKER)
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise InputError(f"{index}: not a valid model_index.json ({exc})") from None
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{index}: not a valid model_index.json ({exc}); {REDOWNLOAD}") from None
     if marker is not None and not (isinstance(marker, dict) and marker.get("id")):
         raise InputError(f"{index}: key {TEST_WEIGHTS_MARKER} must be an object with an 'id', got {marker!r}")
     return marker
@@ -225,13 +233,29 @@ def load_real_components(cfg: ModelConfig, dtype) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACETransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from safetensors import SafetensorError
+
     root = _check_weights_dir(cfg)
-    transformer = WanVACETransformer3DModel.from_pretrained(root / "transformer", dtype=dtype, local_files_only=True)
-    vae = AutoencoderKLWan.from_pretrained(root / "vae", dtype=torch.float32, local_files_only=True)
-    text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    scheduler = UniPCMultistepScheduler.from_pretrained(root / "scheduler", local_files_only=True)
-    scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=cfg.flow_shift)
+    read_test_weights_marker(root)  # a truncated model_index.json is named here
+    loaders = {
+        "transformer": lambda d: WanVACETransformer3DModel.from_pretrained(d, dtype=dtype, local_files_only=True),
+        "vae": lambda d: AutoencoderKLWan.from_pretrained(d, dtype=torch.float32, local_files_only=True),
+        "text_encoder": lambda d: UMT5EncoderModel.from_pretrained(d, dtype=dtype, local_files_only=True),
+        "tokenizer": lambda d: AutoTokenizer.from_pretrained(d, local_files_only=True),
+        "scheduler": lambda d: UniPCMultistepScheduler.from_pretrained(d, local_files_only=True),
+    }
+    loaded = {}
+    for name, load in loaders.items():
+        # a truncated config.json or weights file: diffusers/transformers raise OSError, ValueError
+        # (JSON), safetensors its SafetensorError; the message names the subfolder and the fix
+        try:
+            loaded[name] = load(root / name)
+        except (OSError, ValueError, SafetensorError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(f"{root / name}: could not load the {name} ({type(exc).__name__}: {first}); "
+                             f"{REDOWNLOAD}") from None
+    transformer, vae, text_encoder, tokenizer = (loaded[k] for k in ("transformer", "vae", "text_encoder", "tokenizer"))
+    scheduler = UniPCMultistepScheduler.from_config(loaded["scheduler"].config, flow_shift=cfg.flow_shift)
     for module in (vae, transformer, text_encoder):
         module.eval().requires_grad_(False)
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer, "scheduler": scheduler}

@@ -139,10 +139,9 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
     """Read an identity folder (on CPU). With ``model_cfg`` / ``embedder`` / ``embed_dim`` given,
     raise ``InputError`` if the identity was trained for another base model, embedder or dim."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from faceid.io import read_json
+    from faceid.model.lora import LORA_FILE, RETRAIN, read_weights
     from faceid.model.mapper import FaceMapper
 
     path = Path(path)
@@ -156,14 +155,26 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
         if key not in card:
             raise InputError(f"{path / CARD_FILE}: key {key!r} missing from the identity card")
 
-    with safe_open(str(path / MAPPER_FILE), framework="pt") as f:
-        mcfg = json.loads((f.metadata() or {}).get("config", "{}"))
+    # every weights file is read (headers and data) before anything is built: a truncated one is named
+    mapper_state, mapper_meta = read_weights(path / MAPPER_FILE)
+    embedding = read_weights(path / EMBEDDING_FILE)[0].get("identity")
+    if (path / LORA_FILE).is_file():
+        read_weights(path / LORA_FILE)
+    try:
+        mcfg = json.loads(mapper_meta.get("config", "{}"))
+        if not isinstance(mcfg, dict):
+            raise ValueError(f"a {type(mcfg).__name__}, not an object")
+    except ValueError as exc:
+        raise InputError(f"{path / MAPPER_FILE}: metadata 'config' is not a JSON object ({exc}); {RETRAIN}") from None
     if mcfg.get("embed_dim") != card["embed_dim"] or mcfg.get("text_dim") != card["text_dim"]:
         raise InputError(f"{path}: {MAPPER_FILE} (config {mcfg}) does not match the card (embed_dim {card['embed_dim']}, text_dim {card['text_dim']})")
-    mapper = FaceMapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"])
-    mapper.load_state_dict(load_file(str(path / MAPPER_FILE)))
+    try:
+        mapper = FaceMapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"])
+        mapper.load_state_dict(mapper_state)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path / MAPPER_FILE}: the tensors do not fit the mapper its metadata describes "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); {RETRAIN}") from None
     mapper.eval().requires_grad_(False)
-    embedding = load_file(str(path / EMBEDDING_FILE)).get("identity")
     if embedding is None or embedding.shape != (card["embed_dim"],):
         raise InputError(f"{path / EMBEDDING_FILE}: expected tensor 'identity' of shape [{card['embed_dim']}]")
     reference = None

@@ -34,6 +34,25 @@ TARGET_REGEX = {
 }
 
 
+RETRAIN = "re-run train-lora for this identity (or download it again from the registry)"
+
+
+def read_weights(path: str | Path, fix: str = RETRAIN) -> tuple[dict, dict]:
+    """``(tensors on CPU, metadata)`` of a ``.safetensors`` file. A missing, truncated or corrupt file
+    (safetensors' "incomplete metadata", "header too large", ...) is an ``InputError`` naming the
+    file and ``fix``: what to do about it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: not a readable .safetensors file, truncated or corrupt ({exc}); {fix}") from None
+
+
 def peft_config(cfg: LoraConfig):
     """The peft ``LoraConfig`` (regex ``target_modules`` is full-matched against module names)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -85,13 +104,12 @@ def save_lora(folder: str | Path, transformer, adapter_name: str = "default") ->
 def load_lora(pipe, folder: str | Path, adapter_name: str) -> None:
     """``pipe.load_lora_weights(folder, adapter_name=...)``, then verify every tensor arrived."""
     import torch
-    from safetensors.torch import load_file
 
     path = Path(folder) / LORA_FILE
     if not path.is_file():
         raise InputError(f"{path}: file not found (expected the identity's LoRA, written by train-lora)")
+    expected = read_weights(path)[0]  # a truncated or corrupt file stops here, before diffusers reads it
     pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=adapter_name)
-    expected = load_file(str(path))
     has_adapter = adapter_name in (getattr(pipe.transformer, "peft_config", None) or {})
     loaded = lora_state_dict(pipe.transformer, adapter_name) if has_adapter else {}
     mismatched = [

@@ -47,6 +47,14 @@ class FaceMapper(nn.Module):
         return self.null_face.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+def initial_mapper(embed_dim: int, text_dim: int, num_tokens: int, hidden_dim: int, seed: int) -> FaceMapper:
+    """The mapper train-lora starts from: built right after ``torch.manual_seed(seed)`` (the global RNG,
+    so what the recipe draws next, the LoRA's A matrices, follows from the seed too). The check that a
+    run trained (``faceid.train.launch.check_trained``) compares the result with it."""
+    torch.manual_seed(seed)
+    return FaceMapper(embed_dim, text_dim, num_tokens, hidden_dim)
+
+
 def scale_face(tokens: torch.Tensor, null: torch.Tensor, face_scale: float) -> torch.Tensor:
     """``null + face_scale * (tokens - null)``; 0 = null face, 1 = the tokens."""
     return null + face_scale * (tokens - null)

@@ -147,14 +147,49 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
         raise TrainingError(metrics["error"])
     if result.checkpoint is None or not metrics.get("done"):
         raise TrainingError(f"train-lora {identity}: Ray finished without a final checkpoint (metrics: {metrics})")
-    with result.checkpoint.as_directory() as ckpt, atomic_dir(output_dir) as tmp:
-        shutil.copytree(Path(ckpt) / IDENTITY_SUBDIR, tmp, dirs_exist_ok=True)
+    with result.checkpoint.as_directory() as ckpt:
+        check_trained(Path(ckpt) / IDENTITY_SUBDIR, tcfg.seed, identity)  # nothing untrained is written or registered
+        with atomic_dir(output_dir) as tmp:
+            shutil.copytree(Path(ckpt) / IDENTITY_SUBDIR, tmp, dirs_exist_ok=True)
     metrics["ray_run"] = str(storage / name)
 
     # 4. MLflow (driver only)
     if mlflow_uri:
         metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id))
     return metrics
+
+
+def check_trained(identity_dir: Path, seed: int, identity: str) -> None:
+    """Nothing untrained is registered (issue 21): the loss table must show an optimizer step with a
+    learning rate > 0, and the weights must differ from where training starts: the face mapper from
+    :func:`faceid.model.mapper.initial_mapper` (``seed``), or a LoRA B matrix from zero (peft's
+    initialisation). Else ``TrainingError``: no identity folder is written and no alias moves.
+    (Config load already refuses a run without steps or learning rate: this checks the outcome.)"""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from faceid.model.identity import MAPPER_FILE
+    from faceid.model.lora import LORA_FILE
+    from faceid.model.mapper import initial_mapper
+
+    rows = read_loss_table(identity_dir)
+    fix = "check train_lora.stage1/stage2 steps and learning_rate; nothing was written or registered"
+    if not any(r["lr"] > 0 for r in rows):
+        raise TrainingError(f"train-lora {identity}: no optimizer step with a learning rate > 0 ran "
+                            f"({len(rows)} step(s) logged); {fix}")
+    with safe_open(str(identity_dir / MAPPER_FILE), framework="pt") as f:
+        mcfg = json.loads((f.metadata() or {})["config"])
+    with torch.random.fork_rng(devices=[]):
+        start = initial_mapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"], seed)
+    mapper = load_file(str(identity_dir / MAPPER_FILE))
+    lora = load_file(str(identity_dir / LORA_FILE))
+    moved = set(mapper) != set(start.state_dict()) or any(
+        not torch.equal(mapper[k], v) for k, v in start.state_dict().items())
+    moved = moved or any(bool(v.abs().sum()) for k, v in lora.items() if "lora_B" in k)
+    if not moved:
+        raise TrainingError(f"train-lora {identity}: after {len(rows)} step(s) the weights equal their initial state "
+                            f"(face mapper as initialised, LoRA B at zero): nothing was learned; {fix}")
 
 
 def read_validation_table(identity_dir: Path) -> list[dict]:

@@ -233,7 +233,7 @@ def train(
     from faceid.model.generate import build_pipeline
     from faceid.model.memory import text_encoder_on_device
     from faceid.model.lora import add_lora, lora_parameters
-    from faceid.model.mapper import FaceMapper
+    from faceid.model.mapper import initial_mapper
     from faceid.train.data import check_embedder, embeddings_sha256, load_embedding, split_clips
     from faceid.train.examples import IDENTITY, build_training_set, summary_text
     from faceid.train.validation import Renderer, Validation, enabled, kept_without_validation
@@ -270,8 +270,8 @@ def train(
     _free_memory()
 
     # 4. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT)
-    torch.manual_seed(tcfg.seed)
-    mapper = FaceMapper(emb.numel(), comp.text_dim(mcfg), tcfg.num_face_tokens, tcfg.mapper_hidden_dim).to(device)
+    mapper = initial_mapper(emb.numel(), comp.text_dim(mcfg), tcfg.num_face_tokens, tcfg.mapper_hidden_dim,
+                            tcfg.seed).to(device)
     add_lora(transformer, tcfg.lora)
     for p in lora_parameters(transformer):
         p.data = p.data.float()
