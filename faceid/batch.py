@@ -187,13 +187,18 @@ def run(
     ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
     from faceid import tracking
     from faceid.io import output_lock
+    from faceid.outputs import check_folder, in_place
     from faceid.render import load_identities, parse_blend, parse_interpolate, settings_from
 
-    # 1. Check inputs before any model or Ray starts: settings, pose videos, identities (compatibility
-    #    with the base model); one writer per output folder
-    output_dir = Path(output_dir)
+    # 1. Check inputs before any model or Ray starts: the output (new, empty or an earlier batch-infer
+    #    output, apart from every input: faceid.outputs), settings, pose videos, identities
+    #    (compatibility with the base model); one writer per output folder
+    pose_videos = Path(pose_videos)
+    named = [identity, *([r for r, _ in parse_blend(blend)] if blend else []), *(interpolate or "").split(",")]
+    output_dir = check_folder("batch_infer", output_dir, [pose_videos, pose_videos.parent if pose_videos.suffix == ".parquet"
+                                                          else None, *(r.strip() for r in named if r)])
     settings = settings or settings_from(params.batch_infer)
-    items = list_pose_videos(Path(pose_videos))
+    items = list_pose_videos(pose_videos)
 
     def pinned(ref) -> str:
         ref = str(ref)
@@ -211,14 +216,8 @@ def run(
     else:
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
     load_identities(refs, params, mlflow_uri)
-    with output_lock("batch-infer", output_dir, lock_wait):
-        created = not output_dir.exists()
-        try:
-            return _generate(params, items, spec, output_dir, settings, ray_address, mlflow_uri)
-        except BaseException:
-            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-                output_dir.rmdir()  # left as it was: not there
-            raise
+    with output_lock("batch-infer", output_dir, lock_wait), in_place("batch_infer", output_dir):
+        return _generate(params, items, spec, output_dir, settings, ray_address, mlflow_uri)  # failed: as it was
 
 
 def _generate(params, items: list[dict], spec: dict, output_dir: Path, settings, ray_address: str,

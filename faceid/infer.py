@@ -35,12 +35,17 @@ def run(
     model is built. ``lock_wait``: seconds to wait for another run writing ``output``
     (:func:`faceid.io.output_lock`)."""
     from faceid.io import output_lock
+    from faceid.outputs import check_file, is_mp4
 
     # 1. Check inputs before building the model: output, identities (folders or registry names,
     #    checked against the base model), the pose video (trimmed to 4n+1: said, not silent)
     output = Path(output)
     if output.suffix.lower() != ".mp4":
         raise InputError(f"{output}: the output must be an .mp4 file")
+    # faceid.outputs: not a folder, not an input, and an existing file only if it is a video (an earlier render)
+    blended = [ref for ref, _ in parse_blend(blend)] if blend else []
+    check_file("infer", output, [pose_video, reference_image, identity, *blended], replaceable=is_mp4,
+               what="an MP4 video")
     reference = None
     if reference_only:
         if blend:

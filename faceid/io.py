@@ -24,6 +24,34 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, and setting it
+    for a moment would race with threads creating files). Linux: ``/proc/self/status``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def readable_tree(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` (itself included) the modes a new file / folder gets
+    under the user's umask: for trees copied out of temporary folders (``tempfile`` makes them 0700)."""
+    mask = umask()
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
@@ -34,6 +62,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp's 0600 -> as the user's umask says, like open()
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -42,11 +71,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds. It
+    replaces ``path`` whole: a stage calls :func:`faceid.outputs.check_folder` on it first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 -> as the user's umask says, like mkdir()
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -107,7 +138,17 @@ def output_lock(stage: str, output: str | Path, wait: float = 0.0) -> Iterator[P
     if wait != wait:  # NaN
         raise InputError(f"lock wait: expected a number of seconds (negative: no limit), got {wait}")
     path = lock_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def cannot(exc: OSError) -> InputError:
+        why = exc.strerror or type(exc).__name__
+        return InputError(f"cannot create the lock file {path} of {stage}'s output {output} ({why}); no other run "
+                          f"holds it. The output's folder {path.parent} must be a folder you can write to (and "
+                          f"{path.name} a file there): choose an output in a writable folder")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot(exc) from None
 
     def note_holder(fd: int) -> None:
         os.ftruncate(fd, 0)
@@ -117,6 +158,8 @@ def output_lock(stage: str, output: str | Path, wait: float = 0.0) -> Iterator[P
     try:
         lock.acquire()
     except Timeout:
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):  # nobody holds it: it cannot be made here
+            raise cannot(PermissionError(13, "permission denied")) from None
         try:
             holder = path.read_text().strip() or "?"
         except OSError:
@@ -124,6 +167,8 @@ def output_lock(stage: str, output: str | Path, wait: float = 0.0) -> Iterator[P
         waited = f" (waited {wait:g} s)" if wait > 0 else ""
         raise LockedError(f"another {stage} run (pid {holder}) is writing {output}{waited}; wait for it to finish, "
                           "or pass --lock-wait SECONDS to wait") from None
+    except OSError as exc:  # (after Timeout, an OSError too) the lock file could not be opened: permissions, read-only disk
+        raise cannot(exc) from None
     try:
         yield path
     finally:
@@ -166,6 +211,8 @@ def read_parquet(path: str | Path) -> list[dict]:
 
 def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
+    if path.is_file():
+        raise InputError(f"{path} is a file; expected a folder ({what})")
     if not path.is_dir():
         raise InputError(f"{path}: folder not found (expected {what})")
     return path
@@ -173,6 +220,8 @@ def require_dir(path: str | Path, what: str) -> Path:
 
 def require_file(path: str | Path, what: str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; expected a file ({what})")
     if not path.is_file():
         raise InputError(f"{path}: file not found (expected {what})")
     return path

@@ -23,6 +23,7 @@ import numpy as np
 from faceid.config import SampleDataConfig
 from faceid.errors import InputError
 from faceid.io import atomic_dir, output_lock, progress
+from faceid.outputs import check_folder, mark
 
 ARCHIVE_MEMBER_DIR = "face_recognition-1.3.0/tests/test_images/"
 # file in the archive -> file name in the sample identity
@@ -37,6 +38,7 @@ OTHER_PHOTOS = {"biden.jpg": "biden.jpg"}
 # photo -> video; the identity's own full-body and upper-body photos "dance"
 VIDEO_SOURCES = ("obama3.jpg", "obama2.jpg", "biden.jpg")
 IDENTITY_NAME = "obama"
+STAGE = "sample_data"
 
 
 def extract_archive_photos(archive: Path) -> dict[str, bytes]:
@@ -111,11 +113,13 @@ def run(cfg: SampleDataConfig, output: Path, lock_wait: float = 0.0) -> dict:
 
     from faceid.pose.video import write_video
 
+    output = check_folder(STAGE, output, [cfg.photo_archive])  # faceid.outputs: new, empty or its own earlier output
     photos = extract_archive_photos(Path(cfg.photo_archive))
     num_frames = int(round(cfg.video_seconds * cfg.video_fps))
     if num_frames < 1:
         raise InputError(f"sample_data.video_seconds * video_fps: expected at least one frame, got {num_frames}")
     with output_lock("sample-data", output, lock_wait), atomic_dir(output) as tmp:
+        mark(tmp, STAGE)
         ident = tmp / "identities" / IDENTITY_NAME
         ident.mkdir(parents=True)
         for src, dst in IDENTITY_PHOTOS.items():

@@ -207,10 +207,12 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     from faceid.faces.similarity import FaceSimScorer
     from faceid.io import atomic_dir, output_lock, write_json
     from faceid.model.identity import REFERENCE_FILE, load_identity
+    from faceid.outputs import check_folder, mark
     from faceid.pose.estimate import build_estimator
     from faceid.render import Generator, Settings
 
     cfg = params.render_validation
+    output_dir = check_folder("render_validation", output_dir, [identity_dir, clips_dir, reference])  # faceid.outputs
 
     # 1. Check inputs: reference embedding, identity card (base model, embedder, dim), clips, settings
     #    (render_validation values are checked at config load)
@@ -239,6 +241,7 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
         # 4. Render and measure every clip, into a temporary folder that replaces output_dir at the end
         with (atomic_dir(output_dir) as tmp, FaceSimScorer(ref, params.crop_faces, params.embed_faces) as scorer,
               build_estimator(params.prepare_pose) as estimator):
+            mark(tmp, "render_validation")
             per_clip = {}
             for clip in clips:
                 per_clip[clip["clip_id"]] = _render_clip(generator, arms, scorer, estimator, clip, settings, tmp)

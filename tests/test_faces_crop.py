@@ -106,7 +106,8 @@ def test_accepted_crops_are_written_at_every_size(crop_run, cfg):
                 assert r[f"crop_{size}"] is None
     assert {p.stem for p in (out / "crops" / "150").iterdir()} == {r["name"] for r in rows.values() if r["status"] == "accepted"}
     assert sorted(p.name for p in out.iterdir()) == [
-        "contact_sheet.png", "crops", "manifest.parquet", "other_faces.parquet", "photos", "summary.txt"]
+        ".faceid-output.json", "contact_sheet.png", "crops", "manifest.parquet", "other_faces.parquet", "photos",
+        "summary.txt"]  # the marker: faceid.outputs
     assert read_parquet(out / "other_faces.parquet") == []  # no photo here has a second face
     assert all(r["num_candidates"] == 1 for r in rows.values() if r["status"] == "accepted")
 

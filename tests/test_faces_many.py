@@ -13,7 +13,9 @@ from PIL import Image
 from faceid.cli import main
 from faceid.errors import InputError
 from faceid.faces import crop, embed
+from faceid import outputs
 from faceid.io import read_json, read_parquet
+from faceid.outputs import MARKER, mark
 from faceid.sample_data import extract_archive_photos
 
 ARCHIVE = Path(__file__).resolve().parents[1] / ".cache" / "packages" / "face_recognition-1.3.0.tar.gz"
@@ -41,6 +43,7 @@ def many(tmp_path_factory, repo):
     for out in ("crops", "emb"):
         (root / out / "bad").mkdir(parents=True)
         (root / out / "bad" / "earlier.txt").write_text("an earlier run's output\n")
+        mark(root / out / "bad", "crop_faces" if out == "crops" else "embed_faces")  # one faceid wrote (faceid.outputs)
     params, printed = ["--params", str(repo / "params.yaml")], io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc_crop = main([*params, "crop-faces", "--input", str(root / "people"), "--output", str(root / "crops")])
@@ -66,10 +69,11 @@ def test_a_failing_identity_keeps_its_output_and_the_job_fails_at_the_end(many):
     assert rc_crop == 2 and rc_embed == 2  # not 0: one identity failed, after the others were done
     for out in ("crops", "emb"):
         assert sorted(p.name for p in (root / out).iterdir() if not p.name.startswith(".")) == ["ann", "bad", "bob"]
-        assert [p.name for p in (root / out / "bad").iterdir()] == ["earlier.txt"]  # as it was
+        assert sorted(p.name for p in (root / out / "bad").iterdir()) == [MARKER, "earlier.txt"]  # as it was
     # one output lock per identity; embed-faces found no crop-faces output in crops/bad, so never took its lock
     assert {p.name for p in (root / "crops").iterdir() if p.name.startswith(".")} == {".ann.lock", ".bad.lock", ".bob.lock"}
     assert {p.name for p in (root / "emb").iterdir() if p.name.startswith(".")} == {".ann.lock", ".bob.lock"}
+    assert all(outputs.written_by(root / out) is None for out in ("crops", "emb"))  # an earlier version's: marked on success
     lines = printed.splitlines()
     assert f"crop-faces: 3 identities in {root / 'people'} -> {root / 'crops'}/<identity>/" in lines
     assert "crop-faces [1/3] ann" in lines and "crop-faces [3/3] bob" in lines  # progress across identities

@@ -17,6 +17,7 @@ import pytest
 
 from faceid.cli import main
 from faceid.io import LockedError, lock_path, output_lock
+from faceid.outputs import MARKER, mark
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -92,12 +93,13 @@ def test_prepare_pose_subprocess_refuses_a_locked_folder_and_touches_nothing(rep
     (videos / "notes.txt").write_text("no videos here")
     out.mkdir()
     (out / "manifest.parquet").write_bytes(b"earlier manifest")
+    mark(out, "prepare_pose")  # an earlier prepare-pose output (faceid.outputs), so only the lock stops this run
     with held_lock("prepare-pose", out) as holder:
         proc = subprocess.run([sys.executable, "-m", "faceid.cli", "--params", str(repo / "params.yaml"), "prepare-pose",
                                "--videos", str(videos), "--output", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"another prepare-pose run (pid {holder.pid}) is writing {out}" in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["manifest.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "manifest.parquet"]
     assert (out / "manifest.parquet").read_bytes() == b"earlier manifest"
 
 

@@ -41,7 +41,9 @@ from faceid.errors import InputError
 from faceid.faces.detect import Aligner, Face, build_detector, detection_copy, estimate_yaw, rank_faces
 from faceid.faces.many import each_identity, identity_folders
 from faceid.io import atomic_dir, output_lock, progress, read_parquet, require_dir, sha256_file, write_parquet, write_png
+from faceid.outputs import check_folder, in_place, mark
 
+STAGE = "crop_faces"  # its name in faceid.outputs
 QUALITY_SIZE = 150  # sharpness is measured on the aligned chip at this size (dlib's recogniser input)
 MAX_FACES = 4  # faces of one photo kept as candidates for embed-faces (the main face and 3 others)
 BLANK_MAX_STD = 3.0  # grey levels: an image with no face and a smaller std "looks blank" (blank_image)
@@ -506,8 +508,9 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
     """Crop every photo in ``input_dir``; write the manifest, photos, crops, summary and contact sheet to
     ``output_dir``. ``models``: ``(detector, aligner)`` from :func:`face_models`, shared between runs;
     None builds them here, once the output lock is held. ``desc`` labels the progress bar."""
-    # 1. Check inputs
+    # 1. Check inputs; the output: new, empty or an earlier crop-faces output, apart from the input (faceid.outputs)
     input_dir = require_dir(input_dir, "a folder of photos of one person")
+    output_dir = check_folder(STAGE, output_dir, [input_dir])
     files, sidecars = _list_inputs(input_dir)
     captions = _read_captions(sidecars)
     unused = [p.name for p in sidecars if p.stem not in {f.stem for f in files}]
@@ -526,6 +529,7 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
         # 2. Per image: decode once (one photo ahead, on the reading thread), detect, align, quality; the
         #    photo and crops of each image that passes are written now (on the writing threads)
         writer = _PngWriter(write_pool)
+        mark(tmp, STAGE)
         (tmp / "photos").mkdir()
         for size in sizes:
             (tmp / "crops" / str(size)).mkdir(parents=True)
@@ -630,6 +634,7 @@ def run_many(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait:
     (its own output lock, written atomically); one that fails keeps its output as it was and the others
     go on; the job fails at the end naming each failed identity (:mod:`faceid.faces.many`)."""
     folders = identity_folders(input_dir, output_dir, "a folder of identity folders, each holding photos of one person")
+    output_dir = check_folder(STAGE, output_dir, [input_dir], identities=True)
     loose = sorted(p.name for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() == CAPTION_SUFFIX
                    and not p.name.startswith("."))
     if loose:
@@ -639,10 +644,11 @@ def run_many(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait:
     def check(folder: Path) -> None:
         _read_captions(_list_inputs(folder)[1])
 
-    return each_identity(
-        "crop-faces", folders, output_dir, check, lambda: face_models(cfg),
-        lambda folder, out, models, desc: run(cfg, folder, out, lock_wait, models=models, desc=desc),
-    )
+    with in_place(STAGE, output_dir, identities=True):
+        return each_identity(
+            "crop-faces", folders, output_dir, check, lambda: face_models(cfg),
+            lambda folder, out, models, desc: run(cfg, folder, out, lock_wait, models=models, desc=desc),
+        )
 
 
 def _crop_size(crops_dir: Path, rows: list[dict], size: int) -> int:

@@ -37,6 +37,7 @@ from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
 from faceid.faces.many import each_identity, identity_folders
 from faceid.io import atomic_dir, output_lock, require_file, write_json, write_parquet
+from faceid.outputs import check_folder, in_place, mark
 
 # Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
 # used when embed_faces.outlier_threshold is 0.
@@ -55,6 +56,7 @@ from faceid.io import atomic_dir, output_lock, require_file, write_json, write_p
 #   tell faces apart, so different faces stay high (> 0.6). Calibrate on your own same/different
 #   photos with the procedure above (steps in docs/embedders.md) and set embed_faces.outlier_threshold
 #   (and train_lora.clip_identity_threshold).
+STAGE = "embed_faces"  # its name in faceid.outputs
 DEFAULT_OUTLIER_THRESHOLDS = {"dlib": 0.90, "arcface-onnx": 0.35, "clip": 0.75, "dinov2": 0.75, "dinov3": 0.75}
 # Embedders whose default threshold above was measured on real photos.
 CALIBRATED_EMBEDDERS = frozenset({"dlib"})
@@ -420,6 +422,7 @@ def run(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait: flo
     write embeddings, table and report to ``output_dir``, or nothing on an error. One writer at a
     time (:func:`faceid.io.output_lock`; ``lock_wait`` seconds to wait for another run).
     ``embedder``: one from :func:`build_embedder` to share between runs; None builds it here."""
+    output_dir = check_folder(STAGE, output_dir, [crops_dir])  # new, empty or its own earlier output (faceid.outputs)
     with output_lock("embed-faces", output_dir, lock_wait):
         return _embed(cfg, Path(crops_dir), Path(output_dir), embedder or build_embedder(cfg))
 
@@ -439,12 +442,14 @@ def run_many(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, lock_wait
     output as it was and the others go on; the job fails at the end naming each failed identity
     (:mod:`faceid.faces.many`)."""
     folders = identity_folders(crops_dir, output_dir, "a folder of crop-faces outputs, one per identity")
-    return each_identity(
-        "embed-faces", folders, output_dir,
-        lambda folder: require_file(folder / "manifest.parquet", "a crop-faces output folder"),
-        lambda: contextlib.nullcontext(build_embedder(cfg)),
-        lambda folder, out, embedder, desc: run(cfg, folder, out, lock_wait, embedder=embedder),
-    )
+    output_dir = check_folder(STAGE, output_dir, [crops_dir], identities=True)
+    with in_place(STAGE, output_dir, identities=True):
+        return each_identity(
+            "embed-faces", folders, output_dir,
+            lambda folder: require_file(folder / "manifest.parquet", "a crop-faces output folder"),
+            lambda: contextlib.nullcontext(build_embedder(cfg)),
+            lambda folder, out, embedder, desc: run(cfg, folder, out, lock_wait, embedder=embedder),
+        )
 
 
 def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -> dict:
@@ -520,6 +525,7 @@ def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -
     }
     meta = {"embedder": embedder.name, "dim": str(embedder.dim), "names": json.dumps(names), "threshold": f"{threshold:.4f}"}
     with atomic_dir(output_dir) as tmp:
+        mark(tmp, STAGE)
         save_file({"identity": identity, "per_image": per_image}, str(tmp / "embeddings.safetensors"), metadata=meta)
         write_parquet(tmp / "embeddings.parquet", rows, schema=_table_schema())
         write_json(tmp / "report.json", report)

@@ -139,6 +139,11 @@ def run(params: Params, reference: Path, video: Path, output: Path | None) -> di
     """FaceSim of each video to the reference embedding; JSON to ``output`` or stdout."""
     import json
 
+    from faceid.outputs import check_file, is_json_report
+
+    if output is not None:  # faceid.outputs: not a folder, not an input; replaces only an earlier report
+        output = check_file("similarity", output, [reference, video], replaceable=is_json_report("metric", "videos"),
+                            what="a similarity report (JSON with metric and videos)")
     ref, meta = load_identity_embedding(reference)
     if meta["embedder"] != params.embed_faces.embedder:
         raise InputError(

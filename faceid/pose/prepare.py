@@ -51,8 +51,10 @@ import numpy as np
 from faceid.config import PreparePoseConfig, to_dict
 from faceid.errors import FaceidError, InputError
 from faceid.io import atomic_dir, output_lock, progress, require_dir, require_file, sha256_file, write_parquet
+from faceid.outputs import check_folder, mark
 from faceid.pose.video import VIDEO_EXTENSIONS
 
+STAGE = "prepare_pose"  # its name in faceid.outputs
 POSE_SUFFIX = "_pose"
 ANALYSIS_LONG_SIDE = 1280  # px: pose estimation resolution cap
 MAX_LENGTH_MISMATCH = 0.05  # dance vs pose video length, relative (at least 2 frames tolerated)
@@ -701,7 +703,7 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
     videos_dir = require_dir(videos_dir, "a folder of dance videos")
     if pose_dir is not None:
         pose_dir = require_dir(pose_dir, "a folder of *_pose.mp4 videos")
-    output_dir = Path(output_dir)
+    output_dir = check_folder(STAGE, output_dir, [videos_dir, pose_dir, captions])  # faceid.outputs
     clips_root, staging = output_dir / "clips", staging_dir(output_dir)
     table = load_captions(videos_dir, captions)
     with output_lock("prepare-pose", output_dir, lock_wait):
@@ -754,6 +756,7 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
             )
         keep = {r["clip_id"] for r in rows if r["video_path"]}
         clips_root.mkdir(parents=True, exist_ok=True)
+        mark(output_dir, STAGE)
         _clean_partial(clips_root)
         for clip_id in sorted(staged & keep):
             _move_in(staging / clip_id, clips_root / clip_id)

@@ -56,8 +56,11 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
     from faceid.io import output_lock
 
     # 1. Check inputs here, before any worker starts
+    from faceid.outputs import check_folder
+
     crops_dir, embeddings_dir = Path(crops_dir), Path(embeddings_dir)
-    clips_dir, output_dir = Path(clips_dir), Path(output_dir)
+    clips_dir = Path(clips_dir)
+    output_dir = check_folder("train_lora", output_dir, [crops_dir, embeddings_dir, clips_dir])  # faceid.outputs
     clips = _check_inputs(params, crops_dir, embeddings_dir, clips_dir)
     name = run_name(params, identity, crops_dir, embeddings_dir, clips)
     storage = Path(params.ray.storage_path).resolve()
@@ -95,6 +98,7 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
         "embeddings_dir": str(embeddings_dir.resolve()),
         "clips_dir": str(clips_dir.resolve()),
         "output_dir": "",  # set per worker (a temporary folder; the driver copies the final checkpoint)
+        "final_output_dir": str(output_dir),  # where the identity folder ends up (the summary names it)
     }
     config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
     if fail_at_step is not None:
@@ -117,7 +121,8 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
     from ray.train.torch import TorchTrainer
 
     from faceid import ray_session
-    from faceid.io import atomic_dir
+    from faceid.io import atomic_dir, readable_tree
+    from faceid.outputs import mark
     from faceid.train.recipe import IDENTITY_SUBDIR, train_loop_per_worker
 
     tcfg = params.train_lora
@@ -151,6 +156,8 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
         check_trained(Path(ckpt) / IDENTITY_SUBDIR, tcfg.seed, identity)  # nothing untrained is written or registered
         with atomic_dir(output_dir) as tmp:
             shutil.copytree(Path(ckpt) / IDENTITY_SUBDIR, tmp, dirs_exist_ok=True)
+            readable_tree(tmp)  # the checkpoint's folders are temporary ones (0700): as the user's umask says
+            mark(tmp, "train_lora")
     metrics["ray_run"] = str(storage / name)
 
     # 4. MLflow (driver only)

@@ -344,7 +344,7 @@ def train(
                     loss_rows=state["history"], reference=data.reference["image"],
                     validation_rows=validation.rows() if validation is not None else ())
         _save_kept(Path(config["output_dir"]), model, card, save, kept, validation)
-        print(format_summary(config["identity"], summary, config["output_dir"]))
+        print(format_summary(config["identity"], summary, config.get("final_output_dir") or config["output_dir"]))
     if report is not None:  # final checkpoint: trainable state + the identity folder (Ray brings it back)
         with tempfile.TemporaryDirectory() as tmp:
             final = None
