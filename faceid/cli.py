@@ -58,6 +58,10 @@ def _cmd_prepare_pose(params, args) -> None:
 def _cmd_train_lora(params, args) -> None:
     from faceid import stages
 
+    if args.plan:  # print what the run would do: no model, no Ray, no MLflow, nothing written
+        stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips),
+                          Path(args.output), plan=True)
+        return
     stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
                       ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),
                       lock_wait=args.lock_wait)
@@ -196,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help="identity folder to write")
         p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
         p.add_argument("--mlflow-uri", help=mlflow_help)
+        p.add_argument("--plan", action="store_true",
+                       help="print what the run would do (examples, face-size coverage, steps and passes per photo, "
+                            "estimated time and memory, warnings) and exit: loads no diffusion model, writes nothing")
 
     p = add("render-validation", _cmd_render_validation, "render held-out clips, compute FaceSim/pose metrics, gate the alias")
     p.add_argument("--identity", required=True, help="identity folder from train-lora")

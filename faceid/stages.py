@@ -59,9 +59,15 @@ def prepare_pose(params, videos: Path, output: Path, *, pose_videos: Path | None
 
 
 def train_lora(params, identity: str, crops: Path, embeddings: Path, clips: Path, output: Path, *,
-               ray_address: str = "", mlflow_uri: str = "", lock_wait: float = 0.0) -> dict:
-    """Two-stage identity training on Ray Train, logged and registered in MLflow (:mod:`faceid.train.launch`)."""
+               ray_address: str = "", mlflow_uri: str = "", lock_wait: float = 0.0, plan: bool = False) -> dict:
+    """Two-stage identity training on Ray Train, logged and registered in MLflow (:mod:`faceid.train.launch`).
+    ``plan``: only print what the run would do (:func:`faceid.train.plan.run`): no model, no training, nothing written."""
     from faceid.train import launch
+
+    if plan:
+        from faceid.train import plan as planning
+
+        return planning.run(params, identity, Path(crops), Path(embeddings), Path(clips))
 
     return launch.run(params, identity=identity, crops_dir=Path(crops), embeddings_dir=Path(embeddings),
                       clips_dir=Path(clips), output_dir=Path(output), ray_address=ray_address, mlflow_uri=mlflow_uri,

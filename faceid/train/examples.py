@@ -19,6 +19,11 @@ Held out for validation during training (``faceid.train.validation``, when it is
 held-out clips (``train_lora.holdout_clips``, routed like the others). They are built exactly like
 training examples but land in ``TrainingSet.validation``, never in a training pool.
 
+What trains is decided first, without a diffusion model, by :func:`faceid.train.plan.make_plan`
+(photos, their poses and views, captions, clip routes, held-out photos and clips, the schedule):
+:func:`build_training_set` executes that plan. Small-face views (``photos.small_face_views``) weigh 0
+in the loss where they show fill instead of the photo.
+
 Every example is cached in the latent cache (``faceid.train.cache``); ``rows`` lists each photo
 and clip with its role (``identity`` | ``prior`` | ``excluded`` | ``held_out``) and score for the
 identity card and MLflow.
@@ -32,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-from faceid.errors import InputError
 from faceid.train.routing import IDENTITY, PRIOR
 
 EXCLUDED = "excluded"  # a photo embed-faces found to show another person
@@ -58,64 +62,50 @@ class TrainingSet:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
+    from faceid.train.photos import read_rgb
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise InputError(f"{path}: unreadable image ({exc}); rerun crop-faces") from None
+    return read_rgb(path)
 
 
 def _sha256_array(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
 
 
-class _LazyEstimator:
-    """The pose estimator, built on the first cache miss only (cached runs never load it)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.estimator = cfg, None
-
-    def __call__(self):
-        if self.estimator is None:
-            from faceid.pose.estimate import build_estimator
-
-            self.estimator = build_estimator(self.cfg)
-        return self.estimator
-
-    def close(self) -> None:
-        if self.estimator is not None:
-            self.estimator.close()
-
-
 def _estimator_id(cfg) -> str:
     return cfg.estimator if cfg.estimator != "onnx" else f"onnx:{cfg.onnx_path}"
 
 
-def _photo_sources(records, params, budget: int, reference, estimator: _LazyEstimator, vae_scale: int) -> list:
-    """Cache sources of every view of every photo (``reference(name) -> (image, sha)`` or None)."""
+def _photo_sources(plan, params, budget: int, size: tuple[int, int], reference, vae_scale: int) -> list:
+    """Cache sources of every view of every photo of the plan (``reference(name) -> (image, sha)`` or
+    None); the photo's pose is the plan's (estimated once, before any model loaded)."""
     from faceid.pose.prepare import DRAW_MIN_CONFIDENCE
     from faceid.train.cache import Source
     from faceid.train.data import latent_face_mask
-    from faceid.train.photos import VERSION, estimate_photo_pose, make_example, views_for
+    from faceid.train.photos import VERSION, make_example, make_small_face_example
 
-    pcfg = params.train_lora.photos
+    records = {r.name: r for r in plan.records}
     sources = []
-    for rec in records:
-        caption = rec.caption or pcfg.default_caption
+    for pp in plan.photos:
+        rec, caption = records[pp.name], pp.caption
         ref_image, ref_sha = reference(rec.name) if reference else (None, None)
-        for view in views_for(rec.sha256, pcfg):
+        for view in pp.views:
             payload = {"kind": "photo", "version": VERSION, "sha256": rec.sha256, "box": [round(float(v), 3) for v in rec.box],
                        "view": view.key(), "budget": budget, "caption": caption, "estimator": _estimator_id(params.prepare_pose),
                        "reference": ref_sha}
+            if view.face_px:
+                payload["size"] = list(size)
 
-            def load(rec=rec, view=view, caption=caption, ref_image=ref_image):
+            def load(rec=rec, view=view, caption=caption, ref_image=ref_image, kps=pp.keypoints, source=pp.pose_source):
                 photo = _read_rgb(rec.photo_path)
-                kps, source = estimate_photo_pose(estimator(), photo, rec.landmarks)
-                ex = make_example(photo, rec.box, kps, budget, view, DRAW_MIN_CONFIDENCE)
+                if view.face_px:
+                    ex = make_small_face_example(photo, rec.box, kps, size, view, DRAW_MIN_CONFIDENCE)
+                else:
+                    ex = make_example(photo, rec.box, kps, budget, view, DRAW_MIN_CONFIDENCE)
                 h, w = ex.target.shape[1:3]
-                extra = {"face_mask": latent_face_mask([ex.face_box], h, w, vae_scale),
+                valid = np.ones((1, h // vae_scale, w // vae_scale), np.float32)
+                if ex.valid is not None:  # latent cells wholly in the fill weigh 0
+                    valid = latent_face_mask([ex.valid], h, w, vae_scale)
+                extra = {"face_mask": latent_face_mask([ex.face_box], h, w, vae_scale), "valid_mask": valid,
                          "pose_from_landmarks": np.float32(source == "face-landmarks")}
                 return ex.target, ex.pose, caption, ref_image, extra
 
@@ -153,41 +143,31 @@ def _clip_sources(clips, routes: dict, reference_sha: str | None, reference_imag
     return sources
 
 
-def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clips: list, mean_embedding: np.ndarray,
-                       cache_dir: Path, base_model: str, show_progress: bool = True,
-                       held_out_clips: list = ()) -> TrainingSet:
-    """Identity and prior examples (cached latents + conditioning) of one identity, and the held-out
-    validation examples when ``train_lora.validation`` is on (``held_out_clips``: the clips kept out
-    of training); see the module doc."""
+def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, show_progress: bool = True) -> TrainingSet:
+    """Identity and prior examples (cached latents + conditioning) of one identity as ``plan``
+    (:func:`faceid.train.plan.make_plan`) decided them, and the held-out validation examples when
+    ``train_lora.validation`` is on; see the module doc."""
     import torch
 
-    from faceid.faces.crop import choose_reference, read_photos
+    from faceid.faces.crop import choose_reference
     from faceid.faces.embed import l2_normalize
     from faceid.train.cache import cached_examples
-    from faceid.train.data import load_photo_embeddings
-    from faceid.train.routing import route_clips
-    from faceid.train.validation import enabled, plan_holdout
 
     tcfg = params.train_lora
     vae_scale = int(pipe.vae_scale_factor_spatial)
+    used, photo_embs, holdout, mean_embedding = plan.records, plan.photo_embeddings, plan.holdout, plan.embedding
 
     # 1. Photos that crop-faces accepted and embed-faces kept, each with its own embedding
-    records = read_photos(crops_dir, embeddings_dir)  # the face embed-faces chose in photos with several
-    photo_embs, outliers = load_photo_embeddings(embeddings_dir)
-    used = [r for r in records if r.name in photo_embs]
-    if not used:
-        raise InputError(f"{crops_dir} / {embeddings_dir}: no accepted photo has an embedding (names "
-                         f"{[r.name for r in records]} vs {sorted(photo_embs)}); rerun embed-faces on these crops")
     unit_mean = l2_normalize(np.asarray(mean_embedding, np.float32))
-    rows = [{"kind": "photo", "id": r.name, "role": IDENTITY, "facesim": float(l2_normalize(photo_embs[r.name]) @ unit_mean),
-             "caption": r.caption or tcfg.photos.default_caption} for r in used]
+    rows = [{"kind": "photo", "id": pp.name, "role": IDENTITY,
+             "facesim": float(l2_normalize(photo_embs[pp.name]) @ unit_mean), "caption": pp.caption,
+             "face_px": round(pp.face_px, 1), "view_face_px": [round(h, 1) for h in pp.view_face_px]} for pp in plan.photos]
     rows += [{"kind": "photo", "id": n, "role": EXCLUDED, "facesim": None, "reason": "embed-faces outlier (likely another person)"}
-             for n in outliers]
+             for n in plan.outliers]
 
     # 2. The reference image: the best aligned crop (the second best for the best photo itself);
     #    the photos (or views) held out for validation
-    best = choose_reference(used)
-    holdout = plan_holdout([r.name for r in used], best.name, tcfg.validation, tcfg.photos.views)
+    best = next(r for r in used if r.name == plan.reference_name)
     for row in rows:
         if row["kind"] == "photo" and row["id"] in holdout.photos:
             row.update(role=HELD_OUT, validates=IDENTITY)
@@ -203,29 +183,27 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
         pick = second.name if name == best.name else best.name
         return images[pick], shas[pick]
 
-    # 3. Clips: identity when they show the identity, else motion prior (held-out clips: what they validate)
-    held_out_clips = list(held_out_clips) if enabled(tcfg.validation) else []
+    # 3. Clips as routed: identity when they show the identity, else motion prior (held-out clips: what they validate)
+    clips, held_out_clips = list(plan.clips), list(plan.held_out_clips)
     held_ids = {c.clip_id for c in held_out_clips}
-    all_clips = list(clips) + held_out_clips
-    route_list = route_clips(all_clips, mean_embedding, params.crop_faces, params.embed_faces, tcfg.clip_identity_threshold)
+    all_clips = clips + held_out_clips
+    route_list = plan.routes
     routes = {r.clip_id: r for r in route_list}
     for c in all_clips:
         route = routes[c.clip_id]
+        px = plan.clip_face_px.get(c.clip_id, ())
         row = {"kind": "clip", "id": c.clip_id, "role": route.role, "facesim": route.facesim, "faces": route.num_faces,
-               "reason": route.reason}
+               "reason": route.reason, "face_px_median": round(float(np.median(px)), 1) if len(px) else None}
         if c.clip_id in held_ids:
             row.update(role=HELD_OUT, validates=route.role)
         rows.append(row)
 
-    # 4. Latent cache (photo poses are estimated only on cache misses)
+    # 4. Latent cache (small-face views are framed like the clips: their H x W)
     budget = min(c.height * c.width for c in clips)
-    estimator = _LazyEstimator(params.prepare_pose)
-    try:
-        photo_src = _photo_sources(used, params, budget, reference_for if tcfg.reference_image else None, estimator, vae_scale)
-        clip_src = _clip_sources(all_clips, routes, shas[best.name], images[best.name] if tcfg.reference_image else None)
-        cached = cached_examples(pipe, photo_src + clip_src, cache_dir, base_model, show_progress=show_progress)
-    finally:
-        estimator.close()
+    size = min(((c.height, c.width) for c in clips), key=lambda hw: hw[0] * hw[1])
+    photo_src = _photo_sources(plan, params, budget, size, reference_for if tcfg.reference_image else None, vae_scale)
+    clip_src = _clip_sources(all_clips, routes, shas[best.name], images[best.name] if tcfg.reference_image else None)
+    cached = cached_examples(pipe, photo_src + clip_src, cache_dir, base_model, show_progress=show_progress)
 
     # 5. Conditioning per example: embedding, face tokens on/off, loss weight map, reference frames;
     #    then into a training pool or, held out, into the validation set
@@ -238,8 +216,10 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
         kind, name = ex["example_id"].split(":")[:2]
         role = IDENTITY if kind == "photo" else routes[name].role
         f = ex["target"].shape[1]
+        valid = None
         if kind == "photo":
             mask = ex.pop("face_mask")
+            valid = ex.pop("valid_mask")
             ex.pop("pose_from_landmarks", None)
             embedding = torch.from_numpy(np.asarray(photo_embs[name], np.float32))
         else:
@@ -248,6 +228,8 @@ def build_training_set(pipe, params, crops_dir: Path, embeddings_dir: Path, clip
         weight = torch.ones(ex["target"].shape[1:])
         if role == IDENTITY and mask is not None and tcfg.face_loss_weight != 1.0:
             weight = 1.0 + (tcfg.face_loss_weight - 1.0) * mask.reshape(weight.shape)
+        if valid is not None:  # a small-face view's fill is no one's pixels: out of the loss
+            weight = weight * valid.reshape(weight.shape)
         text_id = hashlib.sha1(ex["text"].numpy().tobytes()).hexdigest()
         ex["text"] = texts.setdefault(text_id, ex["text"])  # one tensor per distinct caption
         ex.update(embedding=embedding, face=torch.tensor(role == IDENTITY), weight=weight, role=role,

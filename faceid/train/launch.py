@@ -248,7 +248,9 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
                              "embedder": card["embedder"], "kept_step": str(kept.get("step")),
                              "kept_why": str(kept.get("why"))[:5000]})
             # every photo and clip with its role (identity | prior | excluded) and FaceSim score
-            mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {})}, "examples.json")
+            # and the plan: face sizes (clips vs identity examples, coverage), schedule, passes per photo
+            mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {}),
+                             "plan": card.get("plan", {})}, "examples.json")
             flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
             keys = sorted(flat)
             for i in range(0, len(keys), 100):

@@ -16,7 +16,17 @@ one-frame examples at the clips' pixel budget (H x W <= the clips' H x W, sides 
 View 0 is the photo as is; views 1.. are augmented with seeded, per-photo randomness: a zoom of
 the crop window by up to +-``scale_jitter``, a shift by up to +-``shift_jitter`` of its size, and
 (``flip``) every odd view mirrored, its pose redrawn with left and right swapped (OpenPose colours
-encode the side). Pure functions except :func:`estimate_photo_pose` (runs the estimator).
+encode the side).
+
+**Small-face views** (``small_face_views``; :func:`make_small_face_example`): a person-aware crop of a
+head-and-shoulders photo puts the face at 250-350 px, while a full-body dance clip shows it at 40-60
+px. A small-face view is framed like a clip (the clips' H x W) with the face box ``face_px`` tall and
+centred where the clips' faces are (``face_cx``, ``face_cy``: shares of the width and height): the
+photo is downscaled (area filter) and placed there, its own pixels wherever the photo reaches, a flat
+fill of the photo's mean colour elsewhere. The fill is no person's pixels, so it is left out of the
+loss (``PhotoExample.valid``: the box of real pixels); the pose shows the joints the photo holds.
+A view never upscales: ``face_px`` is at most the photo's own face height.
+Pure functions except :func:`estimate_photo_pose` (runs the estimator).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ ASPECT_RANGE = (9 / 16, 16 / 9)  # width / height of a photo example
 MIRROR_PAIRS = ((2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17))
 HEAD_GROW = (0.4, 0.6, 0.4, 0.4)  # face box grown by these shares of its size: left, top, right, bottom
 REGION_PAD = 0.08
-VERSION = 1  # bump when the examples change meaning (part of the latent-cache key)
+VERSION = 2  # bump when the examples change meaning (part of the latent-cache key); 2: small-face views, face height
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,15 @@ class View:
     shift_x: float = 0.0
     shift_y: float = 0.0
     flip: bool = False
+    face_px: float = 0.0  # > 0: a small-face view, face box this tall in a clip-sized frame
+    face_cx: float = 0.5  # small-face view: face centre, share of the frame's width
+    face_cy: float = 0.5  # ... and of its height
 
     def key(self) -> list:
-        return [self.index, round(self.zoom, 6), round(self.shift_x, 6), round(self.shift_y, 6), self.flip]
+        key = [self.index, round(self.zoom, 6), round(self.shift_x, 6), round(self.shift_y, 6), self.flip]
+        if self.face_px:
+            key += [round(self.face_px, 3), round(self.face_cx, 4), round(self.face_cy, 4)]
+        return key
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,20 @@ class PhotoExample:
     pose: np.ndarray  # [1, H, W, 3] uint8, drawn skeleton
     face_box: tuple[float, float, float, float]  # x0, y0, x1, y1 in example pixels
     keypoints: np.ndarray  # [18, 3] in example pixels
+    valid: tuple[float, float, float, float] | None = None  # box of the photo's own pixels; None = all of it
+
+
+def read_rgb(path) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB; unreadable -> an InputError naming it."""
+    from PIL import Image
+
+    from faceid.errors import InputError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable image ({exc}); rerun crop-faces") from None
 
 
 def views_for(photo_sha256: str, cfg) -> list[View]:
@@ -70,6 +100,20 @@ def views_for(photo_sha256: str, cfg) -> list[View]:
         sx, sy = (float(v) for v in rng.uniform(-cfg.shift_jitter, cfg.shift_jitter, size=2))
         views.append(View(k, zoom, sx, sy, flip=bool(cfg.flip and k % 2 == 1)))
     return views
+
+
+def small_face_views(first_index: int, face_heights: list[float], centre: tuple[float, float], photo_face_px: float,
+                     flip: bool) -> list[View]:
+    """Small-face views of one photo, indices ``first_index..``: one per target face height (capped at
+    the photo's own face height ``photo_face_px``: never upscaled), the face at ``centre`` (shares of
+    the frame); with ``flip`` the odd indices mirrored, as the augmented views."""
+    return [View(first_index + k, flip=bool(flip and (first_index + k) % 2 == 1), face_px=float(min(px, photo_face_px)),
+                 face_cx=float(centre[0]), face_cy=float(centre[1])) for k, px in enumerate(face_heights)]
+
+
+def face_height(face_box) -> float:
+    """Face size in pixels: the height of a face box ``(x0, y0, x1, y1)``."""
+    return float(face_box[3] - face_box[1])
 
 
 def example_size(aspect: float, budget: int) -> tuple[int, int]:
@@ -188,6 +232,61 @@ def make_example(photo: np.ndarray, face_box, keypoints: np.ndarray, budget: int
     fb = (max(0.0, fb[0]), max(0.0, fb[1]), min(float(out_w), fb[2]), min(float(out_h), fb[3]))
     pose = draw_poses(kps, out_h, out_w, min_confidence)
     return PhotoExample(target=target, pose=pose, face_box=fb, keypoints=kps[0])
+
+
+def view_face_height(photo_hw: tuple[int, int], face_box, keypoints: np.ndarray, budget: int, view: View,
+                     min_confidence: float) -> float:
+    """Face height in pixels of ``view`` of a photo (``photo_hw`` its H, W), as :func:`make_example` or
+    :func:`make_small_face_example` cuts it, without touching pixels (the plan measures views with it)."""
+    if view.face_px:
+        return float(view.face_px)
+    height, width = photo_hw
+    region = person_region(face_box, keypoints, height, width, min_confidence)
+    out_h, out_w = example_size((region[2] - region[0]) / max(region[3] - region[1], 1.0), budget)
+    x0, y0, bw, bh = crop_window(region, face_box, out_w / out_h, height, width, view)
+    top, bottom = max(float(face_box[1]), y0), min(float(face_box[3]), y0 + bh)
+    return max(0.0, bottom - top) * out_h / bh
+
+
+def make_small_face_example(photo: np.ndarray, face_box, keypoints: np.ndarray, size: tuple[int, int], view: View,
+                            min_confidence: float) -> PhotoExample:
+    """A small-face view (``view.face_px`` > 0) of a photo as a 1-frame example of ``size`` = (H, W),
+    the clips' size: see the module doc. ``valid`` is the box the photo's pixels cover."""
+    import cv2
+
+    from faceid.pose.draw import draw_poses
+
+    out_h, out_w = size
+    height, width = photo.shape[:2]
+    fx0, fy0, fx1, fy1 = (float(v) for v in face_box)
+    s = view.face_px / max(fy1 - fy0, 1.0)  # example pixels per photo pixel (<= 1: never upscaled)
+    cx = 1.0 - view.face_cx if view.flip else view.face_cx  # mirrored below: the face ends at face_cx
+    ox = cx * out_w - (fx0 + fx1) / 2 * s  # where the photo's origin lands
+    oy = view.face_cy * out_h - (fy0 + fy1) / 2 * s
+    sw, sh = max(1, int(round(width * s))), max(1, int(round(height * s)))
+    small = cv2.resize(photo, (sw, sh), interpolation=cv2.INTER_AREA)
+    fill = np.round(photo.reshape(-1, 3).mean(0)).astype(np.uint8)
+    target = np.empty((out_h, out_w, 3), np.uint8)
+    target[:] = fill
+    ix, iy = int(round(ox)), int(round(oy))
+    x0, y0, x1, y1 = max(0, ix), max(0, iy), min(out_w, ix + sw), min(out_h, iy + sh)
+    if x1 > x0 and y1 > y0:
+        target[y0:y1, x0:x1] = small[y0 - iy : y1 - iy, x0 - ix : x1 - ix]
+    kps = np.array(keypoints, np.float32, copy=True)[None]
+    kps[..., 0], kps[..., 1] = kps[..., 0] * s + ix, kps[..., 1] * s + iy
+    inside = (kps[..., 0] >= 0) & (kps[..., 0] < out_w) & (kps[..., 1] >= 0) & (kps[..., 1] < out_h)
+    kps[~inside | (kps[..., 2] <= 0)] = 0.0
+    fb = (fx0 * s + ix, fy0 * s + iy, fx1 * s + ix, fy1 * s + iy)
+    valid = (float(x0), float(y0), float(x1), float(y1))
+    target = target[None]
+    if view.flip:
+        target = np.ascontiguousarray(target[:, :, ::-1])
+        kps = mirror_keypoints(kps, out_w)
+        fb = (out_w - fb[2], fb[1], out_w - fb[0], fb[3])
+        valid = (out_w - valid[2], valid[1], out_w - valid[0], valid[3])
+    fb = (max(0.0, fb[0]), max(0.0, fb[1]), min(float(out_w), fb[2]), min(float(out_h), fb[3]))
+    pose = draw_poses(kps, out_h, out_w, min_confidence)
+    return PhotoExample(target=target, pose=pose, face_box=fb, keypoints=kps[0], valid=valid)
 
 
 def estimate_photo_pose(estimator, photo: np.ndarray, landmarks: np.ndarray, max_side: int = 1280) -> tuple[np.ndarray, str]:

@@ -1,4 +1,10 @@
-"""The identity training recipe, top to bottom: setup -> model -> data -> validation -> stage 1 -> stage 2 -> save.
+"""The identity training recipe, top to bottom: setup -> plan -> model -> data -> validation -> stage 1 -> stage 2 -> save.
+
+Plan (``faceid.train.plan``, before any diffusion model loads; ``faceid train-lora --plan`` prints the
+same): the photos and their views (person-aware crops, and small-face views at the clips' face
+sizes), the clips routed identity | prior, the face-size coverage, the schedule (``train_lora.schedule``:
+fixed steps, or steps from the number of photos) and an estimate of time and memory. The run
+executes the plan: its resolved steps replace ``stage1.steps`` / ``stage2.steps`` from here on.
 
 Data (``faceid.train.examples``): *identity* examples — every accepted photo of the person as
 1-frame samples with that photo's own embedding, plus dance clips that show the person — and
@@ -234,31 +240,36 @@ def train(
     from faceid.model.memory import text_encoder_on_device
     from faceid.model.lora import add_lora, lora_parameters
     from faceid.model.mapper import initial_mapper
-    from faceid.train.data import check_embedder, embeddings_sha256, load_embedding, split_clips
+    from faceid.train.data import embeddings_sha256
     from faceid.train.examples import IDENTITY, build_training_set, summary_text
+    from faceid.train.plan import card as plan_card, format_plan, make_plan, summary as plan_summary
     from faceid.train.validation import Renderer, Validation, enabled, kept_without_validation
 
     # 1. Setup
     params = params_from_dict(config["params"])
-    mcfg, tcfg, vcfg = params.model, params.train_lora, params.train_lora.validation
-    device = device or comp.resolve_device(mcfg)
-    torch.manual_seed(tcfg.seed)
+    device = device or comp.resolve_device(params.model)
     t_start = time.perf_counter()
 
-    # 2. Base model (text encoder and VAE are needed only to fill the cache, and the VAE for renders)
+    # 2. Plan (no diffusion model yet): photos and views, clips routed, face sizes, schedule; then
+    #    executed as printed: its resolved stage steps replace the configured ones from here on
+    plan = make_plan(params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), Path(config["clips_dir"]),
+                     world_size=world_size)
+    if rank == 0:
+        print(format_plan(plan, config["identity"]))
+    params = plan.params
+    mcfg, tcfg, vcfg = params.model, params.train_lora, params.train_lora.validation
+    torch.manual_seed(tcfg.seed)
+    embedding, emb_meta, clips, held_out_clips = plan.embedding, plan.embedder_meta, plan.clips, plan.held_out_clips
+
+    # 3. Base model (text encoder and VAE are needed only to fill the cache, and the VAE for renders)
     pipe = build_pipeline(mcfg, device)
     pipe.set_progress_bar_config(disable=True)
 
-    # 3. Data: identity photos + clips (identity or prior) -> cached latents, the held-out validation
+    # 4. Data: identity photos + clips (identity or prior) -> cached latents, the held-out validation
     #    examples likewise; then free the text encoder and the VAE (rank 0 keeps the VAE to render)
-    embedding, emb_meta = load_embedding(config["embeddings_dir"])
-    check_embedder(emb_meta, params.embed_faces)
-    clips, held_out_clips = split_clips(config["clips_dir"], tcfg.holdout_clips)
     base_model = comp.base_model_id(mcfg)
     with text_encoder_on_device(pipe):  # an offloaded text encoder visits once for the whole cache fill
-        data = build_training_set(pipe, params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), clips,
-                                  embedding, Path(tcfg.cache_dir), base_model, show_progress=rank == 0,
-                                  held_out_clips=held_out_clips)
+        data = build_training_set(pipe, params, plan, Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
     if rank == 0:
         print(summary_text(data))
     renderer = None  # rank 0 renders held-out poses with the VAE (and the prompts encoded once)
@@ -269,7 +280,7 @@ def train(
     del pipe
     _free_memory()
 
-    # 4. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT)
+    # 5. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT)
     mapper = initial_mapper(emb.numel(), comp.text_dim(mcfg), tcfg.num_face_tokens, tcfg.mapper_hidden_dim,
                             tcfg.seed).to(device)
     add_lora(transformer, tcfg.lora)
@@ -279,7 +290,7 @@ def train(
         transformer.enable_gradient_checkpointing()
     model = FaceConditionedDiT(transformer, mapper)
 
-    # 5. Resume from the last checkpoint (if any): weights, optimizer, step, validation state and best weights
+    # 6. Resume from the last checkpoint (if any): weights, optimizer, step, validation state and best weights
     state, resume_optim, best = {"step": 0, "history": [], "resumed_from": None}, None, None
     if checkpoint_dir is not None:
         state, resume_optim, best = _load_checkpoint(model, Path(checkpoint_dir))
@@ -293,7 +304,7 @@ def train(
     common = dict(device=device, noise_scheduler=noise_scheduler, rank=rank,
                   world_size=world_size, resume_optim=resume_optim, report=report, amp_dtype=amp_dtype)
 
-    # 6. Validation during training (rank 0 measures): held-out losses, renders, best step, early stop
+    # 7. Validation during training (rank 0 measures): held-out losses, renders, best step, early stop
     validation = None
     if enabled(vcfg):
         validation = Validation(vcfg, data.validation, state.setdefault("validation", {}), seed=tcfg.seed,
@@ -301,19 +312,19 @@ def train(
                                 device=device, amp_dtype=amp_dtype, timestep_sampling=tcfg.timestep_sampling, rank=rank,
                                 world_size=world_size, renderer=renderer, on_point=on_validation, best_weights=best)
 
-    # 7. Stage 1: mapper only, identity examples only; stage 2: mapper + LoRA, mixed with the motion prior
+    # 8. Stage 1: mapper only, identity examples only; stage 2: mapper + LoRA, mixed with the motion prior
     try:
         fit(model, data.pools(), tcfg, state, validation=validation, **common)
     finally:
         if validation is not None:
             validation.close()
 
-    # 8. Save the identity folder (rank 0): the kept step (the best by default; the last in last/), and summarise
+    # 9. Save the identity folder (rank 0): the kept step (the best by default; the last in last/), and summarise
     last_step = state["history"][-1]["step"] if state["history"] else state["step"]
     kept = validation.kept(last_step) if validation is not None else kept_without_validation(last_step)
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
     summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior),
-                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses,
+                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses, **plan_summary(plan),
                    **_validation_summary(validation, kept, summary["seconds"]))
     last_weights = trainable_state(model)
     if rank == 0:
@@ -331,6 +342,7 @@ def train(
             "reference_image": {"file": "reference.png", "source": data.reference["name"],
                                 "in_training": data.reference["in_training"]},
             "examples": data.rows,
+            "plan": plan_card(plan),  # face sizes and coverage, schedule and passes per photo, estimate, warnings
             "data": {
                 "embeddings_sha256": embeddings_sha256(config["embeddings_dir"]),
                 "clips": {c.clip_id: c.checksum for c in clips},
@@ -487,6 +499,14 @@ def _summary(state: dict, tcfg, world_size: int, seconds: float, device: torch.d
 def format_summary(identity: str, s: dict, output_dir) -> str:
     lines = [f"train-lora {identity}: {s['steps_trained']} steps in {s['seconds']:.1f} s "
              f"({s['samples_per_s']:.2f} samples/s, peak memory {s['peak_memory_mb']:.0f} MiB)"]
+    if "passes_per_photo" in s:
+        lines.append(f"  passes per photo: {s['passes_per_photo']:.0f} (planned {s['planned_stage1_steps']} + "
+                     f"{s['planned_stage2_steps']} steps)")
+    if "face_size_coverage" in s:
+        lines.append(f"  face sizes (px, min/median/max): clips {s['clips_face_px_min']:.0f}/{s['clips_face_px_median']:.0f}/"
+                     f"{s['clips_face_px_max']:.0f}, identity examples {s['identity_examples_face_px_min']:.0f}/"
+                     f"{s['identity_examples_face_px_median']:.0f}/{s['identity_examples_face_px_max']:.0f}; "
+                     f"coverage {100 * s['face_size_coverage']:.0f} %")
     for stage in ("stage1", "stage2"):
         if f"{stage}_loss_first" in s:
             lines.append(f"  {stage}: loss {s[f'{stage}_loss_first']:.4f} -> {s[f'{stage}_loss_last']:.4f}")
