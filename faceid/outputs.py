@@ -83,6 +83,15 @@ def _parquet_columns(path: Path, columns: set[str]) -> bool:
         return False
 
 
+def _test_weights(folder: Path) -> bool:
+    """A make-test-weights folder: its ``model_index.json`` carries the test-weights key (that is its
+    marker; the folder is a diffusers model, so nothing else is added to it)."""
+    try:
+        return "_faceid_test_weights" in json.loads((folder / "model_index.json").read_text())  # base_model.TEST_WEIGHTS_MARKER
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 LEGACY: dict[str, Callable[[Path], bool]] = {
     "sample_data": lambda f: (f / "identities").is_dir() and (f / "videos" / "captions.csv").is_file(),
     "crop_faces": _files("manifest.parquet", "contact_sheet.png", "summary.txt"),
@@ -91,8 +100,10 @@ LEGACY: dict[str, Callable[[Path], bool]] = {
     "train_lora": _files("identity.json", "face_mapper.safetensors"),
     "render_validation": _files("metrics.json"),
     "batch_infer": lambda f: _parquet_columns(f / "manifest.parquet", {"key", "pose_video", "output", "status"}),
+    "make_test_weights": _test_weights,
 }
-"""Per stage: does a folder without a marker hold that stage's output as earlier faceid versions wrote it?"""
+"""Per stage: does a folder without a marker hold that stage's output as earlier faceid versions wrote it
+(make-test-weights: always so, see :func:`_test_weights`)?"""
 
 
 def _visible(folder: Path) -> list[Path]:

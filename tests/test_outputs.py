@@ -161,6 +161,22 @@ def test_legacy_outputs_of_each_stage_are_told_apart(tmp_path, sample_identity):
         outputs.check_folder("crop_faces", parent, identities=True)
     # a batch-infer manifest is told by its columns, not by its name (crop-faces writes a manifest.parquet too)
     assert not outputs.is_output_of(legacy, "batch_infer")
+    # test weights are told by their model_index.json (a diffusers folder: nothing is added to it)
+    from faceid.model.base_model import TEST_WEIGHTS_MARKER
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model_index.json").write_text('{"_class_name": "WanVACEPipeline"}')
+    assert not outputs.is_output_of(weights, "make_test_weights")
+    (weights / "model_index.json").write_text(f'{{"{TEST_WEIGHTS_MARKER}": {{"id": "x"}}}}')
+    assert outputs.is_output_of(weights, "make_test_weights")
+
+
+def test_make_test_weights_never_replaces_a_folder_it_did_not_write(tmp_path, photos, capsys):
+    before = snapshot(photos)
+    rc, err = faceid([*PARAMS, "make-test-weights", "--size", "tiny", "--output", str(photos)], capsys)
+    assert rc == 2 and f"output folder {photos} is not empty and was not written by faceid make-test-weights" in err
+    assert snapshot(photos) == before
 
 
 def test_batch_infer_into_its_pose_videos_folder_is_refused(tmp_path, sample_dir, no_work, capsys):

@@ -11,6 +11,7 @@ crop needs), crops the same window from both videos (centred on the person when
     <out>/clips/<clip_id>/keypoints.npz keypoints [F, 18, 3] in clip pixels, detected [F], checksum
     <out>/clips/<clip_id>/faces.npz     face regions at source resolution (see below), checksum
     <out>/manifest.parquet              one row per clip or rejected input (docs/architecture.md)
+    <out>/.faceid-output.json           the marker: a prepare-pose output (faceid.outputs)
 
 A clip whose folder already holds the same checksum (inputs + settings) is not redone, so a rerun
 does no work and a crashed run resumes. Bad inputs become ``rejected`` rows with a reason; a clip
