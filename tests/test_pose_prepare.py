@@ -12,6 +12,7 @@ from test_pose_video import person_frames
 from faceid.config import params_from_dict
 from faceid.errors import ConfigError
 from faceid.io import read_parquet
+from faceid.outputs import written_by
 from faceid.pose import prepare
 from faceid.pose.video import probe, read_video, write_video
 
@@ -193,6 +194,7 @@ def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     summary = prepare.run(cfg, videos, None, out)
     assert summary["clips_written"] == 0 and summary["clips_skipped"] == 4
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert written_by(out) == {"stage": "prepare_pose"}  # its own earlier output (faceid.outputs): a rerun may write
     assert sum(p.name == "faces.npz" for p in mtimes) == 4
     # a crash mid-clip leaves a temporary folder and no finished clip; the rerun redoes only that clip
     import shutil
