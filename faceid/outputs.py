@@ -83,6 +83,19 @@ def _parquet_columns(path: Path, columns: set[str]) -> bool:
         return False
 
 
+def is_json_report(*keys: str) -> Callable[[Path], bool]:
+    """A JSON object holding ``keys`` (a report faceid wrote)."""
+
+    def check(path: Path) -> bool:
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(body, dict) and all(k in body for k in keys)
+
+    return check
+
+
 def _test_weights(folder: Path) -> bool:
     """A make-test-weights folder: its ``model_index.json`` carries the test-weights key (that is its
     marker; the folder is a diffusers model, so nothing else is added to it)."""
@@ -94,11 +107,15 @@ def _test_weights(folder: Path) -> bool:
 
 LEGACY: dict[str, Callable[[Path], bool]] = {
     "sample_data": lambda f: (f / "identities").is_dir() and (f / "videos" / "captions.csv").is_file(),
-    "crop_faces": _files("manifest.parquet", "contact_sheet.png", "summary.txt"),
-    "embed_faces": _files("embeddings.safetensors", "report.json"),
-    "prepare_pose": lambda f: (f / "clips").is_dir() and (f / "manifest.parquet").is_file(),
-    "train_lora": _files("identity.json", "face_mapper.safetensors"),
-    "render_validation": _files("metrics.json"),
+    "crop_faces": lambda f: _files("contact_sheet.png", "summary.txt")(f)
+    and _parquet_columns(f / "manifest.parquet", {"name", "sha256", "status", "reason"}),
+    "embed_faces": lambda f: (f / "embeddings.safetensors").is_file()
+    and is_json_report("embedder", "inliers")(f / "report.json"),
+    "prepare_pose": lambda f: (f / "clips").is_dir()
+    and _parquet_columns(f / "manifest.parquet", {"clip_id", "pose_path", "checksum", "status"}),
+    "train_lora": lambda f: (f / "face_mapper.safetensors").is_file()
+    and is_json_report("card_version")(f / "identity.json"),
+    "render_validation": lambda f: is_json_report("gate", "clips")(f / "metrics.json"),
     "batch_infer": lambda f: _parquet_columns(f / "manifest.parquet", {"key", "pose_video", "output", "status"}),
     "make_test_weights": _test_weights,
 }
@@ -191,19 +208,6 @@ def is_mp4(path: Path) -> bool:
             return f.read(8)[4:8] == b"ftyp"
     except OSError:
         return False
-
-
-def is_json_report(*keys: str) -> Callable[[Path], bool]:
-    """A JSON object holding ``keys`` (a report faceid wrote)."""
-
-    def check(path: Path) -> bool:
-        try:
-            body = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(body, dict) and all(k in body for k in keys)
-
-    return check
 
 
 def check_file(stage: str, output: str | Path, inputs: Iterable = (), *, replaceable: Callable[[Path], bool],

@@ -151,6 +151,14 @@ def test_legacy_outputs_of_each_stage_are_told_apart(tmp_path, sample_identity):
     shutil.copytree(crops, legacy)
     (legacy / outputs.MARKER).unlink()
     assert [s for s in outputs.LEGACY if outputs.is_output_of(legacy, s)] == ["crop_faces"]
+    legacy_emb = tmp_path / "legacy_emb"
+    shutil.copytree(embeddings, legacy_emb)
+    (legacy_emb / outputs.MARKER).unlink()
+    assert [s for s in outputs.LEGACY if outputs.is_output_of(legacy_emb, s)] == ["embed_faces"]
+    # told by content, not a common file name: a user's own metrics.json is not a render-validation output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.json").write_text('{"accuracy": 0.9}\n')
+    assert [s for s in outputs.LEGACY if outputs.is_output_of(tmp_path / "mine", s)] == []
     # a many-identities parent of an earlier version: every visible sub-folder is an output of the stage
     parent = tmp_path / "many"
     shutil.copytree(legacy, parent / "ann")
