@@ -56,6 +56,8 @@ def readable_tree(folder: str | Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
+    if path.is_symlink():  # write through the link: the file it points to is replaced, the link stays
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
@@ -74,6 +76,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds. It
     replaces ``path`` whole: a stage calls :func:`faceid.outputs.check_folder` on it first."""
     path = Path(path)
+    if path.is_symlink():  # write through the link (e.g. a data folder on other storage): the link stays
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

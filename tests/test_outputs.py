@@ -138,6 +138,11 @@ def test_a_rerun_into_its_own_earlier_output_works_and_earlier_versions_outputs_
     assert outputs.is_output_of(out, "crop_faces") and not outputs.is_output_of(out, "embed_faces")
     assert main([*PARAMS, "crop-faces", "--input", str(photos), "--output", str(out)]) == 0
     assert outputs.written_by(out) == {"stage": "crop_faces"}
+    # a symbolic link to its own earlier output (data on other storage): written through, the link stays
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "crops").symlink_to(out)
+    assert main([*PARAMS, "crop-faces", "--input", str(photos), "--output", str(tmp_path / "elsewhere" / "crops")]) == 0
+    assert (tmp_path / "elsewhere" / "crops").is_symlink() and outputs.written_by(out) == {"stage": "crop_faces"}
     # an empty folder is fine (a KFP output path, a folder made beforehand)
     (tmp_path / "empty").mkdir()
     assert main([*SAMPLE, "sample-data", "--output", str(tmp_path / "empty")]) == 0
