@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from faceid.errors import FaceidError, InputError
+from faceid.errors import FaceidError, InputError, Terminated
 
 # --------------------------------------------------------------------------- handlers
 # Each handler: (params, args) -> None: the flags become one typed call of faceid.stages (the
@@ -269,8 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A FaceidError is one line and exit 2; Ctrl-C (SIGINT) and SIGTERM stop
+    the run cleanly (``finally`` blocks run: a local Ray is stopped, locks released, temporary
+    folders removed; outputs are replaced atomically, so nothing is half-written): one line, exit
+    130 / 143 (128 + the signal), no traceback."""
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    received: list[int] = []  # the signal that stopped the run (libraries may re-raise a plain KeyboardInterrupt)
+
+    def terminated(signum, frame) -> None:
+        received.append(signum)
+        raise Terminated(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     try:
         from faceid.config import default_params_path, load_params
 
@@ -280,9 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     except FaceidError as exc:
         print(f"faceid {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"faceid {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else received[0] if received else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"faceid {args.command}: {what}; rerun the same command to resume (finished work is kept)",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -15,3 +15,13 @@ class InputError(FaceidError):
 
 class TrainingError(FaceidError):
     """Training cannot continue (e.g. NaN/inf loss)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal (SIGTERM) raised as an exception by the entry point (``faceid.cli.main``), like
+    Ctrl-C's KeyboardInterrupt, so that ``finally`` blocks run (a local Ray is stopped, locks are
+    released, temporary folders removed) before the process exits with 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -82,7 +82,7 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
         return
     logging_config = ray.LoggingConfig(log_level=RAY_LOG_LEVEL)
     if address:
-        with _driver_logging_kept():
+        with _driver_logging_kept(), _sigterm_handler_kept():
             ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
         try:
             with _ray_data_quiet():
@@ -93,7 +93,7 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
     token = uuid.uuid4().hex
     watchdog = start_watchdog(token)
     try:
-        with environ_set(TOKEN_ENV, token), _driver_logging_kept():
+        with environ_set(TOKEN_ENV, token), _driver_logging_kept(), _sigterm_handler_kept():
             ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
                      log_to_driver=log_to_driver, logging_config=logging_config)
         try:
@@ -150,6 +150,51 @@ def _driver_logging_kept() -> Iterator[None]:
     finally:
         root.setLevel(level)
         root.handlers[:] = handlers
+
+
+def fit_off_main_thread(fit):
+    """``fit()`` (Ray Train's ``trainer.fit``) in a helper thread while the main thread waits for it.
+    On the main thread Ray Train installs its own SIGINT handler for the rest of the process: Ctrl-C
+    then aborts the run and the process exits 1 without a word. Off the main thread it installs none
+    (as under Ray Tune), so Ctrl-C and SIGTERM reach faceid's entry point as usual: the main thread
+    raises, :func:`session` stops the local Ray (and with it the run), the CLI says how to resume."""
+    import threading
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="faceid-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: a signal handler runs between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """``ray.init`` replaces the process's SIGTERM handler twice: with Python's ``sys.exit(15)``, then
+    (its C++ core worker) with a failure handler that prints a native stack and aborts: exit 134
+    instead of faceid's clean stop (``faceid.cli.main``: finally blocks run, exit 143). Put back the
+    handler the process had before (only the main thread may set one)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python (left as Ray set it)
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -142,7 +142,7 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
         )
         try:
             with ray_session.train_env(ray_address):  # Ray Train's output switches for a local Ray
-                result = trainer.fit()
+                result = ray_session.fit_off_main_thread(trainer.fit)  # Ctrl-C / SIGTERM stay faceid's
         except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
             raise TrainingError(f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})") from exc
 
