@@ -582,3 +582,34 @@ def test_write_png_round_trips_exactly(tmp_path):
     subprocess.run([sys.executable, "-c", check, str(tmp_path)], check=True, timeout=120)
     with pytest.raises(ValueError, match=r"expected an RGB uint8 image"):
         write_png(tmp_path / "grey.png", np.zeros((4, 4), np.uint8))
+
+
+def test_an_animated_or_multi_page_image_says_its_first_frame_is_used(tmp_path, photos, cfg):
+    """A GIF/WebP/PNG animation or a multi-page TIFF: the first frame is cropped, and the manifest
+    (``frames`` column, ``detail``) and summary.txt say so instead of silently."""
+    size = _rgb(photos["obama3.jpg"]).size
+    frames = [_rgb(photos["obama3.jpg"]), _rgb(photos["biden.jpg"]).resize(size), Image.new("RGB", size, (90, 90, 90))]
+    small = [f.resize((size[0] // 4, size[1] // 4)) for f in frames]
+    for name in ("anim.webp", "pages.tiff", "anim.png", "anim.gif"):
+        chosen = frames if name == "anim.gif" else small  # (the GIF is cropped below: full size)
+        chosen[0].save(tmp_path / name, save_all=True, append_images=chosen[1:])
+        loaded = crop.load_image(tmp_path / name, max_pixels=10**8)
+        assert loaded.frames == 3, name
+        distance = [np.abs(loaded.pixels.astype(int) - np.asarray(f)).mean() for f in chosen]
+        assert int(np.argmin(distance)) == 0, (name, distance)  # the first frame, not another
+    still = tmp_path / "still.png"
+    small[0].save(still)
+    assert crop.load_image(still, max_pixels=10**8).frames == 1
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("obama.jpg", "obama2.jpg"):
+        (src / name).write_bytes(photos[name])
+    (src / "obama3.gif").write_bytes((tmp_path / "anim.gif").read_bytes())
+    crop.run(cfg, src, tmp_path / "out")
+    rows = {r["path"]: r for r in read_parquet(tmp_path / "out" / "manifest.parquet")}
+    note = "first of 3 frames used (animated or multi-page image)"
+    assert rows["obama3.gif"]["status"] == "accepted" and rows["obama3.gif"]["frames"] == 3
+    assert rows["obama3.gif"]["detail"] == note and rows["obama.jpg"]["frames"] == 1 and rows["obama.jpg"]["detail"] is None
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert next(line for line in summary.splitlines() if "obama3.gif" in line).endswith(f"({note})")

@@ -64,6 +64,7 @@ class LoadedImage:
     pixels: np.ndarray  # [H, W, 3] uint8 RGB, upright
     exif_rotated: bool
     had_alpha: bool
+    frames: int = 1  # frames (or pages) in the file: an animated GIF/WebP/PNG or a multi-page TIFF has > 1; the first is used
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,9 @@ def _to_rgb(im) -> tuple[np.ndarray, bool]:
 
 
 def load_image(path: Path, max_pixels: int) -> LoadedImage:
-    """Decode any PIL-readable photo upright (EXIF orientation applied) as 8-bit RGB (:func:`_to_rgb`)."""
+    """Decode any PIL-readable photo upright (EXIF orientation applied) as 8-bit RGB (:func:`_to_rgb`).
+    An animated image or a multi-page file gives its first frame (``frames`` counts them: the
+    manifest and summary.txt say which frame was used)."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -161,6 +164,9 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
                     raise UnreadableImage(
                         "image_too_large", f"{im.width}x{im.height} px exceeds max_image_pixels {max_pixels}"
                     )
+                frames = int(getattr(im, "n_frames", 1) or 1)  # counting seeks; back to frame 0 to decode it
+                if frames > 1:
+                    im.seek(0)
                 im.load()
                 exif_rotated = im.getexif().get(0x0112, 1) not in (0, 1)
                 # exif_transpose copies the image even when there is nothing to turn: call it only then
@@ -173,7 +179,12 @@ def load_image(path: Path, max_pixels: int) -> LoadedImage:
         raise UnreadableImage("unreadable", f"not an image PIL can decode ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # truncated/corrupt data
         raise UnreadableImage("unreadable", f"corrupt image data ({exc})") from exc
-    return LoadedImage(pixels, exif_rotated, had_alpha)
+    return LoadedImage(pixels, exif_rotated, had_alpha, frames)
+
+
+def frames_note(frames: int | None) -> str:
+    """What the manifest and summary say of a file with several frames or pages (none for one)."""
+    return f"first of {frames} frames used (animated or multi-page image)" if (frames or 1) > 1 else ""
 
 
 def grey_std(image: np.ndarray) -> float:
@@ -348,7 +359,7 @@ def _row(path: Path, name: str, sizes: tuple[int, ...]) -> dict:
         "detail": None, "width": None, "height": None, "exif_rotated": None, "num_faces": None, "face_index": None,
         "num_candidates": None, "box": None, "det_score": None, "face_size": None, "landmarks": None, "sharpness": None,
         "yaw_degrees": None, "phash": None, "duplicate_of": None, "caption": None, "photo_path": None,
-        "photo_scale": None,
+        "photo_scale": None, "frames": None,
     }
     row.update({f"crop_{s}": None for s in sizes})
     return row
@@ -364,7 +375,7 @@ def _manifest_schema(sizes: tuple[int, ...]):
         ("num_candidates", pa.int32()), ("box", pa.list_(pa.float32())), ("det_score", pa.float32()), ("face_size", pa.float32()),
         ("landmarks", pa.list_(pa.float32())), ("sharpness", pa.float32()), ("yaw_degrees", pa.float32()),
         ("phash", pa.string()), ("duplicate_of", pa.string()), ("caption", pa.string()),
-        ("photo_path", pa.string()), ("photo_scale", pa.float64()),
+        ("photo_path", pa.string()), ("photo_scale", pa.float64()), ("frames", pa.int32()),
     ]
     fields += [(f"crop_{s}", pa.string()) for s in sizes]
     return pa.schema(fields)
@@ -542,7 +553,8 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
                 result = Rejection(decoded.reason, decoded.detail)
             else:
                 image, photo, photo_scales[len(rows)] = decoded.loaded.pixels, decoded.photo, decoded.photo_scale
-                row.update(height=image.shape[0], width=image.shape[1], exif_rotated=decoded.loaded.exif_rotated)
+                row.update(height=image.shape[0], width=image.shape[1], exif_rotated=decoded.loaded.exif_rotated,
+                           frames=decoded.loaded.frames)
                 result = crop_face(image, detector, aligner, cfg, small=decoded.detection)
                 phash = phash64(photo)  # a 32x32 area average: of the photo copy as of the full image
                 row["phash"] = f"{phash:016x}"
@@ -593,7 +605,8 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
         line = f"crop-faces: {len(accepted)}/{len(rows)} photos accepted" + (f" (rejected: {rejected_text})" if counts else "") + f" -> {output_dir}"
         other_rows = []
         for i in accepted:
-            rows[i].update(status="accepted", photo_path=f"photos/{rows[i]['name']}.png", photo_scale=photo_scales[i])
+            rows[i].update(status="accepted", photo_path=f"photos/{rows[i]['name']}.png", photo_scale=photo_scales[i],
+                           detail=frames_note(rows[i]["frames"]) or None)  # an animated image: which frame
             rows[i].update({f"crop_{size}": rel for size, rel in _face_paths(rows[i]["name"], 0, sizes).items()})
             for k, other in enumerate(results[i].others, start=1):  # a photo with several faces: the candidates
                 other_rows.append({"name": rows[i]["name"], "candidate": k, **_face_columns(other)})
@@ -604,6 +617,7 @@ def run(cfg: CropFacesConfig, input_dir: Path, output_dir: Path, lock_wait: floa
             f"  {r['status']:8s} {r['path']}: "
             + (f"{r['reason']}: {r['detail']}" if r["reason"] else f"face {r['face_size']:.0f} px, sharpness {r['sharpness']:.0f}, yaw {r['yaw_degrees']:.0f} deg")
             + _faces_note(r)
+            + (f" ({frames_note(r['frames'])})" if frames_note(r["frames"]) else "")
             + (" (captioned)" if r["caption"] else "")
             for r in rows
         ]
