@@ -643,11 +643,13 @@ def profile_overlay(params_path: str | Path, profile: str) -> str:
 
 
 def _set_key(data: dict, path: list[str], value: Any, key: str) -> None:
+    if not all(path):
+        raise ConfigError(f"{key}: expected a dotted key such as train_lora.stage1.steps, got {'.'.join(path)!r}")
     node = data
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
+            raise ConfigError(f"{key}: expected {'.'.join(path[:i + 1])} to be a section, got the value {node!r}")
     node[path[-1]] = value
 
 

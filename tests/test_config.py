@@ -139,6 +139,8 @@ def test_bad_values_name_the_key_and_expectation(repo, override, message):
         (["train_lora.seed=*anchor"], "train_lora.seed: expected a YAML value, got '*anchor'"),
         (["train_lora.seed={a: 1}"], "train_lora.seed: expected an integer, got {'a': 1}"),
         (["tracking.experiment='!x'"], None),  # quoted: a string
+        (["train_lora.seed.x=1"], "override 'train_lora.seed.x=1': expected train_lora.seed to be a section, got the value 0"),
+        (["train_lora..seed=1"], "override 'train_lora..seed=1': expected a dotted key such as train_lora.stage1.steps"),
     ],
 )
 def test_values_that_cannot_work_name_the_key(repo, overrides, message):
