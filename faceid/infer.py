@@ -51,7 +51,7 @@ def run(
         if blend:
             raise InputError("--reference-only uses no identity adapter: --blend cannot be combined with it")
         reference, reference_source = reference_image_for(identity, reference_image, mlflow_uri,
-                                                          params.tracking.download_dir)
+                                                          params.tracking.download_dir, params.crop_faces)
     elif reference_image is not None:
         raise InputError("--reference-image is the photo of --reference-only (an identity brings its own reference)")
     pairs = parse_blend(blend) if blend else None

@@ -101,6 +101,45 @@ def test_second_run_skips_done_work(world, first_run):
     assert rows["broken"]["status"] == "failed"
 
 
+def test_a_rerun_skips_only_finished_outputs_of_this_run(world, first_run, tmp_path, capsys):
+    """Issue 21 item 3: "already done" = the file's sha256 and what it was made with match its manifest
+    row; a changed file, a file the manifest does not list and other settings are redone, each said;
+    files of the pose-videos folder that are not videos are listed with their reason."""
+    from faceid import batch
+    from faceid.io import sha256_file
+    from faceid.render import settings_from
+
+    out_a, _ = first_run
+    poses, out = tmp_path / "poses", tmp_path / "out"
+    poses.mkdir()
+    for name in ("one", "three"):
+        shutil.copy(world["poses"] / "one.mp4", poses / f"{name}.mp4")
+    (poses / "notes.txt").write_text("not a video")
+    (poses / "more").mkdir()
+    shutil.copytree(out_a, out)
+    rows = manifest(out)
+    assert rows["one"]["output_sha256"] == sha256_file(out / "one.mp4") and len(rows["one"]["made_with"]) == 64
+    (out / "one.mp4").write_bytes((out / "one.mp4").read_bytes() + b"x")  # changed after it was written
+    (out / "three.mp4").write_bytes((out_a / "two.mp4").read_bytes())  # a file the manifest does not list
+    summary = batch.run(world["params"], str(world["a"]), poses, out)
+    printed = capsys.readouterr().out
+    assert (summary["ok"], summary["skipped"]) == (2, 0)
+    assert "redo one: one.mp4 changed since it was written" in printed
+    assert "redo three: three.mp4 exists but is not a finished output" in printed
+    assert f"ignored {poses / 'notes.txt'}: not a video" in printed and f"ignored {poses / 'more'}: a folder" in printed
+    rows = manifest(out)
+    assert rows["one"]["output_sha256"] == sha256_file(out / "one.mp4") == manifest(out_a)["one"]["output_sha256"]
+    assert rows["three"]["frames_sha256"] == rows["one"]["frames_sha256"]  # the same pose video: the same render
+
+    # the same files with other settings: redone; the same settings again: skipped
+    half = settings_from(world["params"].batch_infer, face_scale=0.5)
+    summary = batch.run(world["params"], str(world["a"]), poses, out, settings=half)
+    assert summary["ok"] == 2 and "was made with other settings" in capsys.readouterr().out
+    assert manifest(out)["one"]["face_scale"] == 0.5
+    summary = batch.run(world["params"], str(world["a"]), poses, out, settings=half)
+    assert (summary["ok"], summary["skipped"]) == (0, 2)
+
+
 def test_interpolation_endpoints_equal_the_pure_identities(world, first_run, tmp_path):
     from faceid import batch
 

@@ -466,3 +466,14 @@ def test_read_photos_needs_the_choice_for_a_photo_with_several_faces(mixed, para
     write_parquet(tmp_path / "emb" / "embeddings.parquet", [{k: v for k, v in r.items() if k != "face"} for r in rows])
     with pytest.raises(InputError, match=r"no 'face' entry for group.png .*rerun embed-faces"):
         crop.read_photos(crops, tmp_path / "emb")
+
+
+def test_embeddings_record_the_sha256_of_each_crop_they_embedded(sample_identity):
+    """Issue 21 item 4: embeddings.parquet names the crop file each photo's embedding came from and its
+    sha256 (train-lora checks them: tests/test_train.py::test_crops_and_embeddings_of_different_photos_are_refused)."""
+    from faceid.io import sha256_file
+
+    crops, emb = sample_identity
+    rows = read_parquet(emb / "embeddings.parquet")
+    assert rows and all(r["crop_sha256"] == sha256_file(crops / r["crop_path"]) for r in rows)
+    assert len({r["crop_sha256"] for r in rows}) == len(rows)  # one crop per photo, each its own

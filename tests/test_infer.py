@@ -59,6 +59,20 @@ def reference_photo(seed: int = 0, height: int = 40, width: int = 28) -> np.ndar
 
 
 def copy_with_card(src: Path, dst: Path, **card_changes) -> Path:
+def real_photo(name: str) -> np.ndarray:
+    """A real photo (RGB) from the face_recognition sdist's test images."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from conftest import ARCHIVE
+
+    with tarfile.open(ARCHIVE) as tar:
+        data = tar.extractfile(f"face_recognition-1.3.0/tests/test_images/{name}").read()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
     """A copy of the identity folder ``src`` whose identity.json has ``card_changes`` applied."""
     shutil.copytree(src, dst)
     card = json.loads((dst / "identity.json").read_text())
@@ -320,14 +334,20 @@ def test_reference_only_is_base_vace_with_the_reference_photo(world, generator, 
     assert row["reference_image"] is True and row["face_scale"] is None and row["lora_scale"] is None
     assert row["frames_sha256"] not in {sha(base), sha(with_identity)}
 
-    photo = tmp_path / "photo.png"  # the same picture as a photo: the same video
-    Image.fromarray(reference_photo()).save(photo)
+    # --reference-image: a real photo (crop-faces' checks: a face is found); as an identity's
+    # reference.png, the same picture gives the same video
+    photo = tmp_path / "photo.png"
+    Image.fromarray(real_photo("obama2.jpg")).save(photo)
     again = infer_one(p, None, world["pose"], tmp_path / "photo.mp4", prompt="a person dancing", reference_only=True,
                       reference_image=photo)
-    assert again["frames_sha256"] == row["frames_sha256"] and again["reference_source"] == str(photo)
+    assert again["reference_source"] == str(photo) and again["frames_sha256"] != row["frames_sha256"]
+    same = shutil.copytree(world["a"], tmp_path / "same")
+    shutil.copy(photo, same / "reference.png")
+    assert infer_one(p, str(same), world["pose"], tmp_path / "same.mp4", prompt="a person dancing",
+                     reference_only=True)["frames_sha256"] == again["frames_sha256"]
 
     other = tmp_path / "other.png"
-    Image.fromarray(reference_photo(seed=5)[::-1]).save(other)
+    Image.fromarray(real_photo("obama.jpg")[:, ::-1]).save(other)
     rc = main(["--params", str(repo / "params.yaml"), "--set", "batch_infer.num_inference_steps=2", "infer",
                "--reference-only", "--reference-image", str(other), "--pose-video", str(world["pose"]),
                "--output", str(tmp_path / "cli.mp4")])
@@ -480,6 +500,105 @@ def test_generate_video_checks_guidance_steps_and_seed(world, generator):
 
 
 def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
+def test_scales_above_the_bound_are_refused_at_the_door(world, tmp_path, capsys, repo, no_model):
+    """Issue 21 item 3: face_scale / lora_scale have an upper bound (MAX_SCALE, 4): `--face-scale 1e9`
+    (which rendered an all-black video) is exit 2 before any model loads; the params keys at load."""
+    from faceid.cli import main
+    from faceid.config import ConfigError
+    from faceid.model.checks import MAX_SCALE
+
+    assert MAX_SCALE == 4
+    base = ["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
+            str(world["pose"]), "--output", str(tmp_path / "x.mp4")]
+    for flag, value in (("--face-scale", "1e9"), ("--lora-scale", "4.5")):
+        assert main(base + [flag, value]) == 2
+        assert f"{flag}: {float(value)!r} is above the upper bound 4 (1 = the identity as trained" in capsys.readouterr().err
+    for key in ("batch_infer__face_scale", "batch_infer__lora_scale", "render_validation__face_scale"):
+        with pytest.raises(ConfigError, match=re.escape(f"{key.replace('__', '.')}: 10.0 is above the upper bound 4")):
+            small(world["params"], **{key: 10})
+    small(world["params"], batch_infer__face_scale=4, batch_infer__lora_scale=4)  # the bound itself is allowed
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_a_non_finite_or_blank_render_is_an_error_not_a_video(world, generator, tmp_path):
+    """Issue 21 item 3: frames are checked before they are written. An identity whose weights overflow
+    (an embedding scaled by 1e30: the real pipeline turns it into NaN, which used to become an
+    all-black video) fails naming the settings; a blank (one-colour) render is refused too."""
+    import dataclasses
+
+    from faceid.model.generate import RenderError, blank_render
+    from faceid.render import render_one, settings_from
+
+    ident = generator.identity(str(world["a"]))
+    broken = dataclasses.replace(ident, embedding=ident.embedding * 1e30)
+    with pytest.raises(RenderError, match=r"non-finite values \(NaN/inf\) in \d+ of \d+ output values; settings "
+                                          r"face_scale=1, lora_scale=1.*Likely causes: a face_scale or lora_scale far above 1"):
+        render_one(generator, broken, world["pose"], tmp_path / "o.mp4", settings_from(world["params"].batch_infer))
+    assert not (tmp_path / "o.mp4").exists()
+    # blank: the pure rule on frames (a real render and a real pose video are not blank)
+    real = read(world["pose"])
+    assert blank_render(real) == "" and blank_render(read(world["root"] / "pose.mp4")) == ""
+    assert blank_render(np.zeros_like(real)).startswith("every frame is black")
+    grey = np.full_like(real, 128) + (np.random.default_rng(0).random(real.shape) < 0.01).astype(np.uint8)
+    assert blank_render(grey).startswith("every frame is one colour, RGB (128, 128, 128)")
+
+
+def test_reference_image_gets_the_photo_checks_before_any_model(world, tmp_path, capsys, repo, no_model):
+    """Issue 21 item 4: --reference-image gets crop-faces' checks before a model loads: a blank image,
+    one above crop_faces.max_image_pixels (12000x9000, refused from its header), a photo with no
+    face, a folder, an unreadable file: exit 2 naming the file and the rule."""
+    from PIL import Image
+
+    from faceid.cli import main
+
+    blank, huge, faceless, broken = (tmp_path / n for n in ("blank.png", "huge.png", "faceless.png", "broken.jpg"))
+    Image.new("RGB", (640, 480), (200, 200, 200)).save(blank)
+    Image.new("1", (12000, 9000)).save(huge)
+    Image.fromarray(np.ascontiguousarray(real_photo("obama3.jpg")[-200:, :300])).save(faceless)  # legs, no face
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "folder").mkdir()
+    for image, message in [
+        (blank, "blank.png: not usable as a reference image: image looks blank: almost uniform"),
+        (huge, "huge.png: not usable as a reference image: 12000x9000 px exceeds max_image_pixels 64000000 "
+               "(crop_faces.max_image_pixels)"),
+        (faceless, "faceless.png: not usable as a reference image: mediapipe found no face"),
+        (broken, "broken.jpg: not usable as a reference image: not an image PIL can decode"),
+        (tmp_path / "folder", f"{tmp_path / 'folder'}: image not found (a folder; expected a photo)"),
+    ]:
+        rc = main(["--params", str(repo / "params.yaml"), "infer", "--reference-only", "--reference-image", str(image),
+                   "--pose-video", str(world["pose"]), "--output", str(tmp_path / "x.mp4")])
+        assert rc == 2, image
+        assert message in capsys.readouterr().err, image
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_pose_videos_larger_than_the_model_or_without_frames_are_refused(world, tmp_path, capsys, repo, no_model):
+    """Issue 21 items 4, 8: a pose video above 720p (here 1296x736: more than 1280 px on the long side)
+    is refused from its container before any frame is decoded or a model loads, naming the file, its
+    size and the limit; a file with no video stream says so."""
+    import av
+
+    from faceid.cli import main
+
+    big = write_pose_video(tmp_path / "big.mp4", 2, height=736, width=1296)
+    audio = tmp_path / "audio.mp4"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    for video, message in [
+        (big, f"{big} (pose video): 736x1296 (HxW) is larger than the model takes: at most 1280 px on the long side "
+              "and 921600 pixels"),
+        (audio, f"{audio}: no video stream (the file holds 1 audio); expected a video"),
+    ]:
+        rc = main(["--params", str(repo / "params.yaml"), "infer", "--identity", str(world["a"]), "--pose-video",
+                   str(video), "--output", str(tmp_path / "x.mp4")])
+        assert rc == 2 and message in capsys.readouterr().err, video
+    assert not (tmp_path / "x.mp4").exists()
+
+
 
     p, a, pose = world["params"], str(world["a"]), world["pose"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -160,3 +160,45 @@ def test_write_rejects_odd_size_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="frame 1"):
         write_video(tmp_path / "mixed.mp4", [np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)], 16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_frames_give_the_same_bytes_with_no_version_or_time_in_the_file(tmp_path):
+    """Issue 21 item 6: x264 with one thread (faceid.pose.video.encoder_options): the same frames
+    encoded twice are byte-identical; the container carries no creation time and no muxer version."""
+    import av
+
+    frames = person_frames(24, 96, 64)
+    write_video(tmp_path / "a.mp4", frames, 16)
+    write_video(tmp_path / "b.mp4", frames, 16)
+    data = (tmp_path / "a.mp4").read_bytes()
+    assert data == (tmp_path / "b.mp4").read_bytes()
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        tags = {**container.metadata, **container.streams.video[0].metadata}
+    assert "creation_time" not in tags and "encoder" not in tags and b"Lavf" not in data
+
+
+def test_no_video_stream_is_named_and_a_long_read_shows_progress(tmp_path, capsys):
+    """Issue 21 item 8: a file with only an audio stream says so; a long video (> LONG_READ_FRAMES)
+    shows a progress bar while it decodes."""
+    import av
+
+    from faceid.pose.video import LONG_READ_FRAMES
+
+    audio = tmp_path / "audio.mp4"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    for read in (probe, read_video):
+        with pytest.raises(InputError, match=f"{audio}: no video stream \\(the file holds 1 audio\\); expected a video"):
+            read(audio)
+    long = tmp_path / "long.mp4"
+    write_video(long, np.zeros((LONG_READ_FRAMES + 1, 32, 32, 3), np.uint8), 16)
+    capsys.readouterr()
+    assert len(read_video(long)[0]) == LONG_READ_FRAMES + 1
+    assert f"reading long.mp4 ({LONG_READ_FRAMES + 1} frames)" in capsys.readouterr().err
+    write_video(tmp_path / "short.mp4", np.zeros((LONG_READ_FRAMES, 32, 32, 3), np.uint8), 16)
+    read_video(tmp_path / "short.mp4")
+    assert "reading" not in capsys.readouterr().err

@@ -193,6 +193,12 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     assert str(mv.version) == summary["model_version"]
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["train_lora.stage1.steps"] == "6"
+    # the plan (faceid.train.plan): passes per photo as a metric; face sizes and the schedule in examples.json
+    assert summary["passes_per_photo"] > 0
+    assert run.data.metrics["passes_per_photo"] == pytest.approx(summary["passes_per_photo"])
+    examples = json.loads(Path(client.download_artifacts(run.info.run_id, "examples.json", str(tmp_path))).read_text())
+    assert examples["plan"]["schedule"]["stage1_steps"] == 6 and examples["plan"]["face_sizes"]["clips"]["n"] == 0
+    assert any("no clip face measured" in w for w in examples["plan"]["warnings"])  # synthetic clips: no keypoints
     history = client.get_metric_history(run.info.run_id, "stage2_loss")
     assert [m.step for m in history] == list(range(7, 13))
     # validation: the time series beside the training loss, one value per step (step 8 ran twice: before the

@@ -709,13 +709,41 @@ def read_candidates(crops_dir: Path, size: int) -> list[tuple[str, list[Path]]]:
     ]
 
 
+def check_embedded_crops(table: Path, crops_dir: Path, rows: list[dict], embedded: list[dict]) -> None:
+    """The embeddings (``embedded``: the rows of embed-faces' ``table``) were made from these crops:
+    each embedded photo is an accepted photo of ``crops_dir`` (``rows``) and the crop file it
+    embedded has the sha256 embed-faces recorded (``crop_sha256``). Otherwise :class:`InputError`
+    naming the photo and both folders: crops and embeddings of different photos with the same names
+    must not train together. An embed-faces output without hashes (older) is refused: rerun it."""
+    if embedded and "crop_sha256" not in embedded[0]:
+        raise InputError(f"{table}: no crop_sha256 column (written by an older embed-faces), so which crops it embedded "
+                         f"cannot be checked against {crops_dir}; rerun embed-faces on these crops")
+    accepted = {str(r["name"]): r["path"] for r in rows}
+    both = f"the crops in {crops_dir} and the embeddings in {table.parent} are of different photos"
+    for r in embedded:
+        name, crop = str(r["name"]), Path(str(r["crop_path"]))
+        path = crop if crop.is_absolute() else crops_dir / crop
+        if name not in accepted:
+            raise InputError(f"photo {name}: embedded in {table.parent} but not an accepted photo of {crops_dir}: {both}; "
+                             "rerun embed-faces on these crops")
+        if not path.is_file() or sha256_file(path) != r["crop_sha256"]:
+            found = f"sha256 {sha256_file(path)[:12]}" if path.is_file() else "missing"
+            raise InputError(f"photo {accepted[name]}: {both} ({crop}: {found} in {crops_dir}, sha256 "
+                             f"{str(r['crop_sha256'])[:12]} when embedded); rerun embed-faces on these crops, or pass "
+                             "the crops it was run on")
+
+
 def _chosen_faces(embeddings_dir: Path, crops_dir: Path, rows: list[dict]) -> dict[str, int]:
-    """``{name: candidate}`` embed-faces chose (``face`` column of its embeddings.parquet)."""
+    """``{name: candidate}`` embed-faces chose (``face`` column of its embeddings.parquet), after
+    checking the embeddings were made from these crops (:func:`check_embedded_crops`)."""
     path = Path(embeddings_dir)
     table = path / "embeddings.parquet" if path.is_dir() else path.parent / "embeddings.parquet"
-    chosen = {}
-    if table.is_file():
-        chosen = {str(r["name"]): int(r["face"]) for r in read_parquet(table) if r.get("face") is not None}
+    if not table.is_file():
+        raise InputError(f"{table}: missing (embed-faces writes it beside embeddings.safetensors: which crops were "
+                         f"embedded); pass the embed-faces output folder of {crops_dir}, or rerun embed-faces")
+    embedded = read_parquet(table)
+    check_embedded_crops(table, crops_dir, rows, embedded)
+    chosen = {str(r["name"]): int(r["face"]) for r in embedded if r.get("face") is not None}
     several = [r["path"] for r in rows if int(r["num_candidates"]) > 1 and r["name"] not in chosen]
     if several:
         raise InputError(

@@ -19,8 +19,9 @@ keeps up to 4 candidates) uses the one face that matches the identity group; it 
 none or several match, never decided by face size.
 Output: ``embeddings.safetensors`` (``identity`` [D]: mean of the kept photos; ``per_image`` [N, D]:
 each photo's face ``face``; metadata embedder, dim, names, threshold), ``embeddings.parquet``
-(name, crop_path, face, faces, group, similarity = cosine to the leave-one-out centroid of the kept
-photos, outlier = excluded, reason) and ``report.json`` (groups, photos with several faces, outliers).
+(name, crop_path, crop_sha256 = the content hash of the crop file embedded, face, faces, group,
+similarity = cosine to the leave-one-out centroid of the kept photos, outlier = excluded, reason;
+train-lora refuses crops whose files do not match these hashes: ``faceid.faces.crop.read_photos``) and ``report.json`` (groups, photos with several faces, outliers).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 from faceid.config import EmbedFacesConfig
 from faceid.errors import InputError
 from faceid.faces.many import each_identity, identity_folders
-from faceid.io import atomic_dir, output_lock, require_file, write_json, write_parquet
+from faceid.io import atomic_dir, output_lock, require_file, sha256_file, write_json, write_parquet
 from faceid.outputs import check_folder, in_place, mark
 
 # Default same-person thresholds (pairwise cosine; groups merge at a mean pairwise cosine >= it),
@@ -506,8 +507,9 @@ def _embed(cfg: EmbedFacesConfig, crops_dir: Path, output_dir: Path, embedder) -
         return str(path.relative_to(crops_dir)) if path.is_relative_to(crops_dir) else str(path)
 
     rows = [
-        {"name": n, "crop_path": rel(paths[decision.face[i]]), "face": decision.face[i], "faces": len(paths),
-         "group": decision.group[i], "similarity": float(sims[i]), "outlier": not bool(inliers[i]), "reason": decision.reason[i]}
+        {"name": n, "crop_path": rel(paths[decision.face[i]]), "crop_sha256": sha256_file(paths[decision.face[i]]),
+         "face": decision.face[i], "faces": len(paths), "group": decision.group[i], "similarity": float(sims[i]),
+         "outlier": not bool(inliers[i]), "reason": decision.reason[i]}
         for i, (n, paths) in enumerate(items)
     ]
     report = {
@@ -546,7 +548,7 @@ def _table_schema():
     import pyarrow as pa
 
     return pa.schema([
-        ("name", pa.string()), ("crop_path", pa.string()), ("face", pa.int32()), ("faces", pa.int32()),
+        ("name", pa.string()), ("crop_path", pa.string()), ("crop_sha256", pa.string()), ("face", pa.int32()), ("faces", pa.int32()),
         ("group", pa.int32()), ("similarity", pa.float64()), ("outlier", pa.bool_()), ("reason", pa.string()),
     ])
 

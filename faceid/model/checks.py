@@ -22,12 +22,24 @@ def _number(value) -> float:
         return math.nan
 
 
+# face_scale / lora_scale: 1 = the identity as trained, 0 = none. Above 1 the face tokens move further
+# from the null face and the LoRA delta grows, linearly, past anything training saw: a little
+# exaggerates the identity, a lot saturates the transformer (face_scale 1e9 rendered an all-black
+# video). 4 leaves room to exaggerate (4x the trained LoRA delta already dominates the base weights'
+# update) and refuses values that can only break the render.
+MAX_SCALE = 4.0
+
+
 def check_scale(name: str, value) -> float:
     """``value`` as a float; :class:`InputError` naming ``name`` (a flag or a params key) unless it
-    is a finite number >= 0."""
+    is a finite number from 0 to :data:`MAX_SCALE`."""
     number = _number(value)
     if not math.isfinite(number) or number < 0:
         raise InputError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if number > MAX_SCALE:
+        raise InputError(f"{name}: {value!r} is above the upper bound {MAX_SCALE:g} (1 = the identity as trained; "
+                         f"larger values extrapolate past anything training saw and break the render, "
+                         f"e.g. an all-black video); use a value from 0 to {MAX_SCALE:g}")
     return number
 
 

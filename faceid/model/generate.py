@@ -46,7 +46,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from faceid.errors import InputError
+from faceid.errors import FaceidError, InputError
 from faceid.model.checks import check_guidance, check_scale, check_seed, check_steps
 from faceid.model.identity import Identity
 from faceid.model.shapes import check_video_shape
@@ -218,7 +218,10 @@ def generate_video(
     LoRA alone; 1 and 1 are the identity as trained. The settings have no defaults here: the
     caller's one :class:`faceid.render.Settings` (or its own explicit values) decides. ``reference_image`` (``[H, W, 3]``
     uint8 RGB) goes to VACE as its reference image; without it, an identity trained with its
-    reference passes that one (see the module docstring)."""
+    reference passes that one (see the module docstring).
+
+    The output is checked before it is returned: non-finite values (NaN/inf) or a blank video (one
+    colour, :func:`blank_render`) raise :class:`RenderError` naming the settings that likely caused it."""
     import torch
 
     from faceid.model.memory import text_encoder_on_device
@@ -255,7 +258,52 @@ def generate_video(
     activate_loras(pipe, blend, face_scale * lora_scale)
 
     # 4. Denoise with the pose video as VACE control (and the reference image, if any)
-    return denoise(pipe, pose_frames, cond, uncond, num_inference_steps, guidance_scale, seed, reference_image)
+    settings = (f"face_scale={face_scale:g}, lora_scale={lora_scale:g}, guidance_scale={guidance_scale:g}, "
+                f"num_inference_steps={num_inference_steps}, seed={seed}")
+    try:
+        frames = denoise(pipe, pose_frames, cond, uncond, num_inference_steps, guidance_scale, seed, reference_image)
+    except RenderError as exc:
+        raise RenderError(f"{exc}; {likely_cause(settings, bool(blend))}") from None
+
+    # 5. Check the output: a blank video is an error, not a result
+    blank = blank_render(frames)
+    if blank:
+        raise RenderError(f"the render is blank ({blank}); {likely_cause(settings, bool(blend))}")
+    return frames
+
+
+class RenderError(FaceidError):
+    """The model's output is not a video: non-finite values, or blank (one colour)."""
+
+
+BLANK_STD = 1.0  # grey levels (0-255): a render whose pixels vary less than this over all frames is one colour
+
+
+def check_finite(out: np.ndarray) -> np.ndarray:
+    """``out`` (the pipeline's float frames); :class:`RenderError` when any value is NaN or inf
+    (which the conversion to uint8 would turn into black)."""
+    bad = ~np.isfinite(out)
+    if bad.any():
+        raise RenderError(f"the model produced non-finite values (NaN/inf) in {int(bad.sum())} of {bad.size} output values")
+    return out
+
+
+def blank_render(frames: np.ndarray) -> str:
+    """Why ``frames`` (``[F, H, W, 3]`` uint8) is blank, or "" when it is not: every pixel of every
+    frame (almost) one colour, std of the values < :data:`BLANK_STD` grey levels."""
+    std = float(np.asarray(frames, dtype=np.float32).std())
+    if std >= BLANK_STD:
+        return ""
+    colour = tuple(int(round(c)) for c in np.asarray(frames).reshape(-1, 3).mean(0))
+    what = "black" if max(colour) <= 2 else f"one colour, RGB {colour}"
+    return f"every frame is {what}: std {std:.2f} < {BLANK_STD:g} grey levels"
+
+
+def likely_cause(settings: str, with_identity: bool) -> str:
+    """What to try after a broken render, naming the settings used."""
+    scales = "a face_scale or lora_scale far above 1, " if with_identity else ""
+    return (f"settings {settings}. Likely causes: {scales}a very high guidance_scale, or broken weights "
+            "(a diverged identity); try face_scale=1 lora_scale=1 and the default guidance_scale")
 
 
 def denoise(pipe, pose_frames: np.ndarray, cond, uncond, num_inference_steps: int, guidance_scale: float, seed: int,
@@ -281,7 +329,8 @@ def denoise(pipe, pose_frames: np.ndarray, cond, uncond, num_inference_steps: in
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="np",
     ).frames[0]
-    return np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    out = check_finite(np.asarray(out, dtype=np.float32))
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
 def describe(identity_or_blend: IdentityOrBlend) -> str:
@@ -298,5 +347,5 @@ __all__: list[Any] = [
     "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "check_guidance", "check_steps",
     "check_seed", "dominant", "identity_reference",
     "face_tokens", "slerp", "adapter_name", "activate_loras", "check_reference_image", "check_pose_frames",
-    "generate_video", "denoise", "describe",
+    "generate_video", "denoise", "describe", "RenderError", "check_finite", "blank_render",
 ]

@@ -43,6 +43,22 @@ def check_video_shape(num_frames: int, height: int, width: int, where: str) -> N
     check_size(height, width, where)
 
 
+# The largest frame a pose video may have: Wan2.1's largest training size, 720p (1280x720, either
+# orientation); the 1.3B model was trained at 480p (832x480). Larger frames are outside what the model
+# learned and cost memory quadratically in attention; refused, not resized (no silent change).
+MAX_LONG_SIDE = 1280
+MAX_PIXELS = 1280 * 720
+
+
+def check_max_size(height: int, width: int, where: str) -> None:
+    """:class:`InputError` when a frame is larger than the model takes (:data:`MAX_LONG_SIDE`, :data:`MAX_PIXELS`)."""
+    if max(height, width) > MAX_LONG_SIDE or height * width > MAX_PIXELS:
+        raise InputError(f"{where}: {height}x{width} (HxW) is larger than the model takes: at most {MAX_LONG_SIDE} px on "
+                         f"the long side and {MAX_PIXELS} pixels (720x1280 / 1280x720, Wan2.1's largest training size). "
+                         "Make it smaller first, e.g. with prepare-pose (its clips are prepare_pose.height x width, "
+                         "480x832 on the wan2.1 profile)")
+
+
 def check_size(height: int, width: int, where: str) -> None:
     """:class:`InputError` unless H and W are multiples of 16 (no silent resize)."""
     if not (valid_side(height) and valid_side(width)):

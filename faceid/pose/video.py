@@ -18,6 +18,7 @@ from faceid.errors import InputError
 from faceid.io import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")  # what counts as a video in an input folder
+LONG_READ_FRAMES = 256  # read_frames shows a progress bar above this many frames
 # Relative spread of frame intervals above which a video counts as variable frame rate.
 _VFR_TOLERANCE = 0.1
 
@@ -35,10 +36,28 @@ def _open_reader(path: Path, size: tuple[int, int] | None = None):
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), **kwargs)
     except Exception as exc:  # decord raises RuntimeError / DECORDError with ffmpeg's message
-        raise InputError(f"{path}: not a readable video ({str(exc).splitlines()[0][:120]})") from None
+        raise InputError(_unreadable(path) or f"{path}: not a readable video ({str(exc).splitlines()[0][:120]})") from None
     if len(reader) == 0:
-        raise InputError(f"{path}: video has no frames")
+        raise InputError(f"{path}: the video stream has no frames")
     return reader
+
+
+def _unreadable(path: Path) -> str:
+    """Why decord could not open ``path``, when PyAV can say it plainly: a container with no video
+    stream (an audio file, an empty track), or a video stream with no frames; "" otherwise."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            kinds = [s.type for s in container.streams]
+            if "video" not in kinds:
+                held = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no streams"
+                return f"{path}: no video stream (the file holds {held}); expected a video"
+            if next(container.decode(video=0), None) is None:
+                return f"{path}: the video stream has no frames"
+    except Exception:  # not a container PyAV reads either: decord's message stands
+        return ""
+    return ""
 
 
 def _timestamps(reader) -> np.ndarray:
@@ -124,7 +143,12 @@ def read_frames(path: str | Path, indices, size: tuple[int, int] | None = None, 
     rotation = _rotation(Path(path))
     if rotation and indices:
         return _read_frames_rotated(Path(path), indices, size, rotation)
-    chunks = [reader.get_batch(indices[i : i + batch]).asnumpy() for i in range(0, len(indices), batch)]
+    starts = range(0, len(indices), batch)
+    if len(indices) > LONG_READ_FRAMES:  # a long video says how far it is
+        from faceid.io import progress
+
+        starts = progress(starts, desc=f"reading {Path(path).name} ({len(indices)} frames)")
+    chunks = [reader.get_batch(indices[i : i + batch]).asnumpy() for i in starts]
     if not chunks:
         h, w = size if size is not None else reader[0].shape[:2]
         return np.zeros((0, h, w, 3), np.uint8)
@@ -158,8 +182,8 @@ def encoder_options(crf: int, preset: str) -> dict[str, str]:
 
     ``threads=1``: x264's frame/slice threads make the bitstream depend on scheduling (the same
     frames encoded twice gave different files; ``codec_context.thread_count = 1`` does not reach
-    x264, its own ``threads`` option does). One thread costs encode speed (benchmarks/results/pose.md:
-    "Deterministic encoding"); prepare-pose's clips are encoded by several workers at once instead.
+    x264, its own ``threads`` option does). One thread costs encode speed (benchmarks/results/encode.md,
+    ``benchmarks/bench_encode.py``); prepare-pose's clips are encoded by several workers at once instead.
     The container carries no creation time (the mp4 muxer writes one only when asked) and
     ``fflags=+bitexact`` drops the muxer's version string, so the bytes do not vary by run or host."""
     return {"crf": str(int(crf)), "preset": preset, "threads": "1"}
