@@ -58,7 +58,6 @@ def reference_photo(seed: int = 0, height: int = 40, width: int = 28) -> np.ndar
     return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
 
 
-def copy_with_card(src: Path, dst: Path, **card_changes) -> Path:
 def real_photo(name: str) -> np.ndarray:
     """A real photo (RGB) from the face_recognition sdist's test images."""
     import io
@@ -73,6 +72,7 @@ def real_photo(name: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def copy_with_card(src: Path, dst: Path, **card_changes) -> Path:
     """A copy of the identity folder ``src`` whose identity.json has ``card_changes`` applied."""
     shutil.copytree(src, dst)
     card = json.loads((dst / "identity.json").read_text())
@@ -499,7 +499,6 @@ def test_generate_video_checks_guidance_steps_and_seed(world, generator):
                            **{"face_scale": 1.0, "lora_scale": 1.0, "guidance_scale": 1.0, "num_inference_steps": 1, "seed": 0, **kwargs})
 
 
-def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
 def test_scales_above_the_bound_are_refused_at_the_door(world, tmp_path, capsys, repo, no_model):
     """Issue 21 item 3: face_scale / lora_scale have an upper bound (MAX_SCALE, 4): `--face-scale 1e9`
     (which rendered an all-black video) is exit 2 before any model loads; the params keys at load."""
@@ -599,6 +598,7 @@ def test_pose_videos_larger_than_the_model_or_without_frames_are_refused(world, 
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, no_model):
 
     p, a, pose = world["params"], str(world["a"]), world["pose"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
