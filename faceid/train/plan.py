@@ -367,7 +367,8 @@ def format_plan(plan: Plan, identity: str) -> str:
     train = [p for p in plan.photos if not p.held_out]
     n_views = len(plan.photos[0].views)
     small = tcfg.photos.small_face_views if fs["small_face_targets"] else 0
-    lines = [f"train-lora plan for {identity} (no model loaded for it but the pose estimator and the face embedder)",
+    lines = [f"train-lora plan for {identity} (made with the pose estimator and the face detector + embedder; "
+             "no diffusion model)",
              "identity examples:",
              f"  photos: {len(train)} trained" + (f", held out: {', '.join(p.name for p in plan.photos if p.held_out)}"
                                                   if len(train) < len(plan.photos) else "")
@@ -384,11 +385,12 @@ def format_plan(plan: Plan, identity: str) -> str:
     for r in plan.routes:
         lines.append(f"  {r.clip_id}: {r.role}{' (held out)' if r.clip_id in held else ''}; {r.reason}")
     c, e = fs["clips"], fs["identity_examples"]
-    cov = "n/a (no clip face measured)" if fs["coverage"] is None else f"{100 * fs['coverage']:.0f} %"
+    cov = ("n/a: no clip face measured" if fs["coverage"] is None else
+           f"{100 * fs['coverage']:.0f} % of the clips' face heights within the identity examples' range")
     lines += ["face sizes (face box height, px; min / median / max):",
               f"  clips:             {c['min']} / {c['median']} / {c['max']} ({c['n']} frames)",
               f"  identity examples: {e['min']} / {e['median']} / {e['max']} ({e['n']})",
-              f"  coverage: {cov} of the clips' face heights within the identity examples' range"]
+              f"  coverage: {cov}"]
     lines += ["schedule:",
               f"  stage 1: {sc.stage1_steps} steps; stage 2: {sc.stage2_steps} steps "
               f"(identity_share {tcfg.identity_share:g}, batch {tcfg.batch_size} x {tcfg.num_workers} worker(s))",
