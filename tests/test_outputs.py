@@ -293,6 +293,12 @@ def test_a_file_where_a_folder_is_expected_is_named(tmp_path, photos, sample_ide
     assert rc == 2 and f"{photo} is a file; expected a folder (the output folder of prepare-pose)" in err
     rc, err = faceid([*SAMPLE, "sample-data", "--output", str(photo)], capsys)
     assert rc == 2 and f"output {photo} is a file; expected a folder" in err
+    rc, err = faceid([*PARAMS, "render-validation", "--identity", str(photo), "--clips", str(photos),
+                      "--reference", str(embeddings), "--output", str(tmp_path / "val")], capsys)
+    assert rc == 2 and f"{photo} is a file; expected a folder (an identity folder" in err
+    rc, err = faceid([*PARAMS, "batch-infer", "--identity", str(photos), "--pose-videos", str(photo),
+                      "--output", str(tmp_path / "videos")], capsys)
+    assert rc == 2 and f"{photo} is a file; expected a folder of pose videos" in err
     assert not (tmp_path / "crops").exists() and not (tmp_path / "identity").exists()
 
 

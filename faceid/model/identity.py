@@ -145,6 +145,8 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
     from faceid.model.mapper import FaceMapper
 
     path = Path(path)
+    if path.is_file():
+        raise InputError(f"{path} is a file; expected a folder (an identity folder: the output folder of train-lora)")
     if not path.is_dir():
         raise InputError(f"{path}: identity folder not found (expected the output folder of train-lora)")
     for f in (CARD_FILE, MAPPER_FILE, EMBEDDING_FILE):
