@@ -6,7 +6,13 @@ Inputs: a folder of ``*.mp4`` pose videos, a prepare-pose output folder (``manif
 
 - Ray Data: ``from_items(jobs).map(Worker, concurrency=batch_infer.num_workers)``; each worker
   builds the pipeline once (``faceid.render.Generator``). Local Ray unless an address is given.
-- Resumable: an output that exists is not redone (status ``skipped``); videos are written atomically.
+- Resumable: a video is not redone (status ``skipped``) only when it is a finished output of this
+  run: its sha256 matches its manifest row (``output_sha256``) and so does what it was made with
+  (``made_with``: settings, identities' content, pose video's content, model config). Any other
+  existing file is redone, with a line saying why. Videos are written atomically and the manifest is
+  rewritten after each video made, so a run stopped half-way resumes.
+- Files of a pose-videos folder that are not videos, sub-folders, and clips a prepare-pose manifest
+  marks not ``ok`` are listed on the terminal with the reason they are left out.
 - A failing video is recorded (status ``failed`` + error, one line on the terminal) and the others
   continue. When no video is generated and none existed, the stage fails and ``<out>`` is left as
   it was (no manifest written).
@@ -35,24 +41,40 @@ STATUSES = ("ok", "failed", "skipped")
 
 
 def list_pose_videos(pose_videos: Path) -> list[dict]:
-    """``[{"name", "pose_video", "caption"}]`` from a folder of *.mp4, a prepare-pose folder or its manifest."""
+    """``[{"name", "pose_video", "caption"}]`` from a folder of videos (``.mp4``, ``.mov``, ...: the
+    extensions prepare-pose reads), a prepare-pose folder or its manifest. What is left out is printed
+    with its reason: other files and sub-folders of a folder, clips a manifest marks not ``ok``."""
     from faceid.io import read_parquet
 
     pose_videos = Path(pose_videos)
     manifest = pose_videos if pose_videos.suffix == ".parquet" else pose_videos / MANIFEST
     if manifest.is_file():
         root = manifest.parent
-        rows = [r for r in read_parquet(manifest) if r.get("status", "ok") == "ok" and r.get("pose_path")]
+        table = read_parquet(manifest)
+        rows = [r for r in table if r.get("status", "ok") == "ok" and r.get("pose_path")]
         items = [{"name": str(r.get("clip_id") or Path(r["pose_path"]).parent.name), "pose_video": str(root / r["pose_path"]),
                   "caption": r.get("caption") or None} for r in rows]
+        not_ok = [r for r in table if not (r.get("status", "ok") == "ok" and r.get("pose_path"))]
+        if not_ok:
+            print(f"batch-infer: {len(not_ok)} of {len(not_ok) + len(rows)} clips in {manifest} not rendered: "
+                  f"status {', '.join(sorted({str(r.get('status')) for r in not_ok}))} (prepare-pose's reasons are in that manifest)")
     elif pose_videos.is_dir():
-        items = [{"name": p.stem, "pose_video": str(p), "caption": None} for p in sorted(pose_videos.glob("*.mp4"))]
+        from faceid.pose.video import VIDEO_EXTENSIONS
+
+        entries = sorted(pose_videos.iterdir())
+        items = [{"name": p.stem, "pose_video": str(p), "caption": None}
+                 for p in entries if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+        for p in entries:  # every entry left out is said, with its reason
+            if p.is_dir():
+                print(f"batch-infer: ignored {p}: a folder (pose videos are read from the top level of {pose_videos})")
+            elif p.suffix.lower() not in VIDEO_EXTENSIONS:
+                print(f"batch-infer: ignored {p}: not a video ({', '.join(VIDEO_EXTENSIONS)})")
     else:
         raise InputError(f"{pose_videos} is a file; expected a folder of pose videos, a prepare-pose output folder or its "
                          f"{MANIFEST}" if pose_videos.is_file() else
                          f"{pose_videos}: not found (expected a folder of .mp4 pose videos or a prepare-pose output folder)")
     if not items:
-        raise InputError(f"{pose_videos}: no pose videos (*.mp4, or ok clips in {MANIFEST})")
+        raise InputError(f"{pose_videos}: no pose videos (video files such as *.mp4, or ok clips in {MANIFEST})")
     names = [i["name"] for i in items]
     if len(set(names)) != len(names):
         raise InputError(f"{pose_videos}: pose video names are not unique ({sorted({n for n in names if names.count(n) > 1})[:3]})")
@@ -130,7 +152,7 @@ class Worker:
         try:
             cond, main_ref, t = self.conditioning(json.loads(job["spec"]))
             row.update(render_one(self.generator, cond, Path(job["pose_video"]), Path(job["output"]), self.settings, job["caption"]))
-            row["interp_t"] = t
+            row.update(interp_t=t, made_with=job["made_with"])
             row.update(self.facesim(main_ref, job["output"]))
             row.update(status="ok", error=None)
         except Exception as exc:  # one bad video must not stop the batch
@@ -143,7 +165,8 @@ class Worker:
 # --------------------------------------------------------------------------- Ray
 
 
-def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None) -> list[dict]:
+def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None, finished) -> None:
+    """Render ``jobs`` on Ray Data workers; ``finished(row)`` is called with each manifest row as it arrives."""
     import ray
 
     from faceid import ray_session
@@ -159,7 +182,8 @@ def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: s
             num_gpus=1 if cfg.use_gpu else 0,
         )
         try:
-            return [json.loads(r["result"]) for r in progress(ds.iter_rows(), total=len(jobs), desc="batch-infer")]
+            for r in progress(ds.iter_rows(), total=len(jobs), desc="batch-infer"):
+                finished(json.loads(r["result"]))
         except Exception as exc:  # a worker could not start (e.g. model weights missing there): show the cause
             cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise FaceidError(f"batch-infer: the Ray Data job failed ({type(exc).__name__}: {cause}); "
@@ -227,21 +251,43 @@ def _generate(params, items: list[dict], spec: dict, output_dir: Path, settings,
     """Steps 2-4 of :func:`run`."""
     from faceid.io import read_parquet, write_parquet
 
-    # 2. Plan: skip outputs that exist (resume), keeping their earlier manifest rows
+    # 2. Plan: skip a video only when it is a finished output of this run (resume): the file's sha256
+    #    and what it was made with (settings, identities, pose video, model) equal its manifest row's;
+    #    the earlier row is kept. Anything else that exists is redone, and said why.
     output_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(items, output_dir, spec, params.batch_infer.interpolation_steps)
+    made_with = made_with_fingerprints(params, jobs, spec, settings, mlflow_uri)
+    for job in jobs:
+        job["made_with"] = made_with[job["key"]]
     previous = {}
     if (output_dir / MANIFEST).is_file():
         previous = {r["key"]: r for r in read_parquet(output_dir / MANIFEST)}
-    done = [j for j in jobs if Path(j["output"]).is_file()]
-    todo = [j for j in jobs if not Path(j["output"]).is_file()]
-    rows = {j["key"]: {**previous.get(j["key"], {}), "key": j["key"], "pose_video": j["pose_video"], "output": j["output"],
-                       "status": "skipped", "error": None} for j in done}
+    rows, todo = {}, []
+    for job in jobs:
+        reason = redo_reason(job, previous.get(job["key"]))
+        if reason is None:
+            rows[job["key"]] = {**previous[job["key"]], "key": job["key"], "pose_video": job["pose_video"],
+                                "output": job["output"], "status": "skipped", "error": None}
+        else:
+            todo.append(job)
+            if reason:
+                print(f"  redo {job['key']}: {reason}")
 
-    # 3. Generate the rest on Ray Data workers
+    # 2b. Pose videos the model cannot take (unreadable, larger than 720p, sides not multiples of 16)
+    #     fail here, before Ray or a model starts
+    todo = _check_pose_videos(todo, rows)
+
+    # 3. Generate the rest on Ray Data workers; the manifest is rewritten after each video made, so a
+    #    run stopped half-way resumes from what it finished
+    def finished(row: dict) -> None:
+        rows[row["key"]] = row
+        if row["status"] == "ok":
+            done = [rows[j["key"]] for j in jobs if j["key"] in rows and rows[j["key"]]["status"] != "failed"]
+            columns = list(dict.fromkeys(k for r in done for k in r))
+            write_parquet(output_dir / MANIFEST, [{c: r.get(c) for c in columns} for r in done])
+
     if todo:
-        for r in _run_ray(params, todo, settings, ray_address, mlflow_uri):
-            rows[r["key"]] = r
+        _run_ray(params, todo, settings, ray_address, mlflow_uri, finished)
 
     # 4. Nothing usable (every video failed, none existed): fail, output folder untouched. Else the
     #    manifest in job order (same columns on every row), a summary, one line per failure and per trim
@@ -254,9 +300,76 @@ def _generate(params, items: list[dict], spec: dict, output_dir: Path, settings,
                           f"{next(iter(summary['failures'].values()))}); {output_dir} left as it was")
     columns = list(dict.fromkeys(k for r in ordered for k in r))
     write_parquet(output_dir / MANIFEST, [{c: r.get(c) for c in columns} for r in ordered])
-    print(f"batch-infer: {summary['ok']} generated, {summary['skipped']} skipped (exist), {summary['failed']} failed "
-          f"-> {output_dir / MANIFEST}")
+    print(f"batch-infer: {summary['ok']} generated, {summary['skipped']} skipped (finished earlier, same settings and "
+          f"checksum), {summary['failed']} failed -> {output_dir / MANIFEST}")
     return summary
+
+
+def _check_pose_videos(jobs: list[dict], rows: dict) -> list[dict]:
+    """The jobs whose pose video passes :func:`faceid.render.check_pose_video`; the others get a
+    ``failed`` row in ``rows`` with the reason."""
+    from faceid.render import check_pose_video
+
+    errors: dict[str, str | None] = {}
+    passed = []
+    for job in jobs:
+        path = job["pose_video"]
+        if path not in errors:
+            try:
+                check_pose_video(path)
+                errors[path] = None
+            except FaceidError as exc:
+                errors[path] = str(exc).splitlines()[0][:500]
+        if errors[path] is None:
+            passed.append(job)
+        else:
+            rows[job["key"]] = {"key": job["key"], "pose_video": path, "output": job["output"], "status": "failed",
+                                "error": errors[path]}
+    return passed
+
+
+def made_with_fingerprints(params, jobs: list[dict], spec: dict, settings, mlflow_uri: str | None) -> dict[str, str]:
+    """``{job key: sha256}`` of everything a video is made from: the render settings, the job's
+    identity spec (registry names pinned to a version) and the content of each identity folder, the
+    pose video's content and caption, the frame-count policy and the base model's config."""
+    import dataclasses
+    import hashlib
+
+    from faceid.io import sha256_file
+    from faceid.render import identity_sha256, resolve_identity
+
+    refs = spec.get("interpolate") or [r for r, _ in spec.get("blend", [])] or [spec["identity"]]
+    identities = {str(r): identity_sha256(resolve_identity(r, mlflow_uri, params.tracking.download_dir)) for r in refs}
+    common = {"settings": dataclasses.asdict(settings), "identities": identities,
+              "frame_count_policy": params.batch_infer.frame_count_policy, "model": dataclasses.asdict(params.model)}
+    pose_sha = {}
+    out = {}
+    for job in jobs:
+        path = Path(job["pose_video"])
+        if path not in pose_sha:
+            pose_sha[path] = sha256_file(path) if path.is_file() else None
+        body = {**common, "spec": job["spec"], "caption": job["caption"], "pose_video": pose_sha[path]}
+        out[job["key"]] = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return out
+
+
+def redo_reason(job: dict, row: dict | None) -> str | None:
+    """None when ``job``'s output is a finished output of this run (skip it); else why it is made:
+    "" for an output not there yet, a sentence for one that exists but is not that."""
+    from faceid.io import sha256_file
+
+    output = Path(job["output"])
+    if not output.is_file():
+        return ""
+    if row is None or row.get("status") not in ("ok", "skipped") or not row.get("output_sha256"):
+        return f"{output.name} exists but is not a finished output in this folder's {MANIFEST}"
+    if row.get("made_with") != job["made_with"]:
+        return (f"{output.name} was made with other settings, identity, pose video or model "
+                f"(its {MANIFEST} row: face_scale {row.get('face_scale')}, lora_scale {row.get('lora_scale')}, "
+                f"seed {row.get('seed')}, identity {row.get('identity')})")
+    if sha256_file(output) != row["output_sha256"]:
+        return f"{output.name} changed since it was written (sha256 differs from {MANIFEST})"
+    return None
 
 
 def report_lines(rows: list[dict]) -> list[str]:

@@ -124,6 +124,19 @@ def resolve_identity(ref: str | Path, mlflow_uri: str | None, download_dir: str 
     return path
 
 
+def identity_sha256(folder: str | Path) -> str:
+    """sha256 over the files an identity renders with (card, mapper, embedding, LoRA, reference.png):
+    what batch-infer's manifest records, so a retrained identity in the same folder is redone."""
+    from faceid.io import sha256_file
+    from faceid.model.identity import CARD_FILE, EMBEDDING_FILE, MAPPER_FILE, REFERENCE_FILE
+    from faceid.model.lora import LORA_FILE
+
+    folder = Path(folder)
+    parts = [f"{name}:{sha256_file(folder / name) if (folder / name).is_file() else '-'}"
+             for name in (CARD_FILE, MAPPER_FILE, EMBEDDING_FILE, LORA_FILE, REFERENCE_FILE)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def load_identities(refs: list[str | Path], params, mlflow_uri: str | None = None) -> dict[str, Any]:
     """``{ref: Identity}``: each identity folder or registry name resolved, loaded and checked against
     the base model (``params.model``), before any model is built (a missing one fails in a moment)."""
@@ -147,14 +160,47 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable image ({exc})") from None
 
 
+# crop-faces' rejections that mean "no face to refer to": refused for a --reference-image (a face
+# that crop-faces would reject for quality, e.g. blur or yaw, is still a face: accepted)
+REFERENCE_REFUSED = ("image_too_small", "blank_image", "no_face")
+
+
+def read_reference_photo(path: str | Path, crop_cfg) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of a ``--reference-image``, with crop-faces' photo checks
+    (``crop_cfg`` = ``params.crop_faces``): readable, at most ``max_image_pixels`` (checked from the
+    header, before decoding), any mode read as 8-bit RGB upright, not blank, a face detected.
+    :class:`InputError` naming the file and the rule otherwise; runs before any model loads."""
+    from faceid.faces.crop import UnreadableImage, crop_face, face_models, load_image
+    from faceid.faces.detect import detection_copy
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image not found" + (" (a folder; expected a photo)" if path.is_dir() else ""))
+    try:
+        image = load_image(path, crop_cfg.max_image_pixels).pixels
+    except UnreadableImage as exc:
+        key = " (crop_faces.max_image_pixels)" if exc.reason == "image_too_large" else ""
+        raise InputError(f"{path}: not usable as a reference image: {exc.detail}{key}") from None
+    with face_models(crop_cfg) as (detector, aligner):
+        result = crop_face(image, detector, aligner, crop_cfg, detection_copy(image))
+    reason = getattr(result, "reason", None)
+    if reason in REFERENCE_REFUSED:
+        raise InputError(f"{path}: not usable as a reference image: {result.detail}; "
+                         "pass a photo of the face, e.g. an aligned crop from crop-faces")
+    return image
+
+
 def reference_image_for(identity: str | Path | None, reference_image: str | Path | None,
-                        mlflow_uri: str | None, download_dir: str | Path) -> tuple[np.ndarray, str]:
+                        mlflow_uri: str | None, download_dir: str | Path, crop_cfg=None) -> tuple[np.ndarray, str]:
     """``(image, source path)`` for ``--reference-only``: ``reference_image`` when given (any photo;
-    an aligned face crop works best), else the identity folder's ``reference.png``."""
+    an aligned face crop works best; checked as crop-faces checks photos when ``crop_cfg``, i.e.
+    ``params.crop_faces``, is given: :func:`read_reference_photo`), else the identity folder's
+    ``reference.png`` (an accepted crop train-lora wrote)."""
     from faceid.model.identity import REFERENCE_FILE
 
     if reference_image:
-        return read_image(reference_image), str(reference_image)
+        image = read_image(reference_image) if crop_cfg is None else read_reference_photo(reference_image, crop_cfg)
+        return image, str(reference_image)
     if not identity:
         raise InputError("--reference-only: expected --reference-image PATH (a face photo) or --identity (its reference.png)")
     path = resolve_identity(identity, mlflow_uri, download_dir) / REFERENCE_FILE
@@ -167,13 +213,29 @@ def reference_image_for(identity: str | Path | None, reference_image: str | Path
 # --------------------------------------------------------------------------- pose videos
 
 
+def check_pose_video(path: str | Path) -> dict:
+    """:func:`faceid.pose.video.probe` of a pose video, refused (:class:`InputError` naming the file,
+    its size and the rule) when its frames are larger than the model takes or not multiples of 16:
+    read from the container, before any frame is decoded or any model loads."""
+    from faceid.model.shapes import check_max_size, check_size
+    from faceid.pose.video import probe
+
+    info = probe(path)
+    check_max_size(info["height"], info["width"], f"{path} (pose video)")
+    check_size(info["height"], info["width"], f"{path} (pose video)")
+    return info
+
+
 def load_pose_video(path: str | Path, policy: str) -> tuple[np.ndarray, float, dict]:
     """``(frames [F, H, W, 3] uint8, fps, info)`` with F = 4n+1 per ``policy``; sizes must be
-    multiples of 16 (no silent resize). ``info`` has ``source_frames`` and ``trimmed_frames``."""
+    multiples of 16 and at most the model's (720p: :func:`faceid.model.shapes.check_max_size`),
+    checked on the container before any frame is decoded (no silent resize). ``info`` has
+    ``source_frames`` and ``trimmed_frames``. A long video shows a progress bar while it decodes."""
     from faceid.model.shapes import check_size, frames_to_keep
     from faceid.pose.video import read_video
 
     path = Path(path)
+    check_pose_video(path)
     frames, fps = read_video(path)
     num, height, width = frames.shape[:3]
     check_size(height, width, f"{path} (pose video)")
@@ -278,6 +340,7 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
     """Pose video -> ``output`` (atomic). Returns a manifest row: settings, seed, frames, timings,
     whether a VACE reference image was passed. ``pose``: what :func:`load_pose_video` returned,
     when the caller has already read the video."""
+    from faceid.io import sha256_file
     from faceid.model.generate import as_blend, describe, identity_reference
     from faceid.pose.video import write_video
 
@@ -306,8 +369,8 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
         "fps": float(fps),
-        # of the raw frames: H.264 files of equal frames may differ across processes (encoder threads)
-        "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),
+        "frames_sha256": hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest(),  # the raw frames
+        "output_sha256": sha256_file(output),  # the file (deterministic encoder: equal frames, equal bytes)
         **info,
         "load_s": round(t1 - t0, 4),
         "generate_s": round(t2 - t1, 4),
