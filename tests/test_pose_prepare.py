@@ -229,6 +229,11 @@ def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
     write_video(poses / "mismatch_pose.mp4", frames[:20], 16)  # far too short: rejected
     write_video(poses / "widescreen_pose.mp4", np.zeros((34, 160, 288, 3), np.uint8), 16)
     write_video(poses / "orphan_pose.mp4", frames[:20], 16)
+    # what is not used is said (issue 21 item 3): folders, non-videos, a second pose video of one name
+    (videos / "more").mkdir()
+    (poses / "old").mkdir()
+    (poses / "notes.txt").write_text("not a video")
+    (poses / "same.mp4").write_bytes((poses / "same_pose.mp4").read_bytes())
     (tmp_path / "captions.csv").write_text("name,caption\nsame.mp4,caption from csv\n")
     cfg = dataclasses.replace(cfg, stride=0, max_clips_per_video=1)
     prepare.run(cfg, videos, poses, tmp_path / "out", captions=tmp_path / "captions.csv")
@@ -245,6 +250,10 @@ def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
     assert "no pose video" in rows["lonely"]["reason"]
     assert "without a dance video" in rows["orphan_pose"]["reason"]
     assert "mismatch-00000" not in rows
+    assert rows["more"]["reason"] == f"a folder (videos are read from the top level of {videos} only)"
+    assert rows["old"]["reason"] == f"a folder in the pose videos folder {poses}"
+    assert rows["notes"]["reason"] == f"not a video (extension .txt) in the pose videos folder {poses}"
+    assert rows["same"]["status"] == "rejected" and rows["same"]["reason"].startswith("same_pose.mp4 is the pose video of same")
 
 
 def test_frame_count_and_size_rules(params):

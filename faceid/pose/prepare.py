@@ -229,7 +229,8 @@ def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Pat
     ``pose_dir`` they are looked for beside the dance videos.
     """
     files = sorted(p for p in videos_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    rejects: list[tuple[Path, str]] = []
+    rejects: list[tuple[Path, str]] = [(p, f"a folder (videos are read from the top level of {videos_dir} only)")
+                                       for p in sorted(videos_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     dance, pose_here = [], {}
     for p in files:
         ext = p.suffix.lower()
@@ -245,11 +246,19 @@ def find_inputs(videos_dir: Path, pose_dir: Path | None) -> tuple[list[tuple[Pat
     if pose_dir is not None:
         poses = {}
         for p in sorted(pose_dir.iterdir()):
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."):
-                name = p.stem[: -len(POSE_SUFFIX)] if p.stem.endswith(POSE_SUFFIX) else p.stem
-                if name in poses and poses[name].stem.endswith(POSE_SUFFIX):
-                    continue  # prefer <name>_pose over <name>
-                poses[name] = p
+            if p.name.startswith("."):
+                continue
+            if not p.is_file() or p.suffix.lower() not in VIDEO_EXTENSIONS:  # said, never skipped silently
+                what = "a folder" if p.is_dir() else f"not a video (extension {p.suffix.lower() or 'none'})"
+                rejects.append((p, f"{what} in the pose videos folder {pose_dir}"))
+                continue
+            name = p.stem[: -len(POSE_SUFFIX)] if p.stem.endswith(POSE_SUFFIX) else p.stem
+            if name in poses:  # prefer <name>_pose over <name>
+                keep, drop = (poses[name], p) if poses[name].stem.endswith(POSE_SUFFIX) else (p, poses[name])
+                rejects.append((drop, f"{keep.name} is the pose video of {name} (<name>{POSE_SUFFIX} is preferred)"))
+                poses[name] = keep
+                continue
+            poses[name] = p
     names = {p.stem for p in dance}
     for name, p in sorted(poses.items()):
         if name not in names:
