@@ -124,13 +124,13 @@ def weights_id(size: str, seed: int, components: dict[str, Any]) -> str:
 
 def write_test_weights(output: str | Path, size: str, tiny: TinyModelConfig, seed: int = 0) -> Path:
     """Write the folder atomically (a temporary folder beside ``output``, renamed when complete)."""
-    from diffusers import WanVACEPipeline
-
     from faceid.io import atomic_dir, write_json
     from faceid.outputs import check_folder
 
     # 1. Build the components (random, seeded), once the output is known to be new, empty or test weights
     output = check_folder("make_test_weights", output)  # faceid.outputs
+    from diffusers import WanVACEPipeline
+
     t0 = time.perf_counter()
     _say(f"make-test-weights: building {size} components (seed {seed}) ...")
     components = build_test_components(size, tiny, seed)
