@@ -341,7 +341,7 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
     whether a VACE reference image was passed. ``pose``: what :func:`load_pose_video` returned,
     when the caller has already read the video."""
     from faceid.io import sha256_file
-    from faceid.model.generate import as_blend, describe, identity_reference
+    from faceid.model.generate import RenderError, as_blend, describe, identity_reference
     from faceid.pose.video import write_video
 
     t0 = time.perf_counter()
@@ -350,7 +350,10 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
     blend = as_blend(conditioning)
     with_reference = reference_image is not None or identity_reference(blend, settings.face_scale) is not None
     t1 = time.perf_counter()
-    frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
+    try:
+        frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
+    except RenderError as exc:  # NaN/inf or blank: no file is written
+        raise RenderError(f"{pose_video}: {exc}; {output} not written") from None
     if frames.shape != pose_frames.shape:
         raise FaceidError(f"{pose_video}: generated {frames.shape}, expected the pose video's shape {pose_frames.shape}")
     t2 = time.perf_counter()

@@ -253,6 +253,15 @@ def test_inputs_are_checked_before_ray_or_a_model_starts(world, tmp_path, no_ray
         with pytest.raises(InputError, match=message):
             batch.run(p, output_dir=tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+    # a pose video above 720p fails before Ray or a model starts, naming the file, its size and the limit
+    from faceid.errors import FaceidError
+
+    (tmp_path / "big").mkdir()
+    big = write_pose_video(tmp_path / "big" / "big.mp4", 2, height=736, width=1296)
+    with pytest.raises(FaceidError, match=f"all 1 videos failed .*first: {big} \\(pose video\\): 736x1296 \\(HxW\\) is "
+                                          "larger than the model takes: at most 1280 px on the long side"):
+        batch.run(p, a, tmp_path / "big", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_second_writer_fails_at_once(world, tmp_path, no_ray_no_model):

@@ -530,8 +530,9 @@ def test_a_non_finite_or_blank_render_is_an_error_not_a_video(world, generator, 
 
     ident = generator.identity(str(world["a"]))
     broken = dataclasses.replace(ident, embedding=ident.embedding * 1e30)
-    with pytest.raises(RenderError, match=r"non-finite values \(NaN/inf\) in \d+ of \d+ output values; settings "
-                                          r"face_scale=1, lora_scale=1.*Likely causes: a face_scale or lora_scale far above 1"):
+    with pytest.raises(RenderError, match=rf"{re.escape(str(world['pose']))}: the model produced non-finite values "
+                                          r"\(NaN/inf\) in \d+ of \d+ output values; settings face_scale=1, lora_scale=1.*"
+                                          rf"Likely causes: a face_scale or lora_scale far above 1.*; {re.escape(str(tmp_path / 'o.mp4'))} not written"):
         render_one(generator, broken, world["pose"], tmp_path / "o.mp4", settings_from(world["params"].batch_infer))
     assert not (tmp_path / "o.mp4").exists()
     # blank: the pure rule on frames (a real render and a real pose video are not blank)
