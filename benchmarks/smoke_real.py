@@ -13,11 +13,14 @@ of two identity folders (the trained one and a copy). Then the checks:
 1. the identity card names the test-weights base model (``<profile>@test-weights-<id>``), never
    the bare profile;
 2. the LoRA file loads into a stock ``WanVACEPipeline.from_pretrained(<weights>)`` with
-   ``load_lora_weights`` (an adapter on each of the 30 main blocks' attn2 projections) and changes
+   ``load_lora_weights`` (an adapter on each of the 30 main blocks' attn2 projections, among the
+   real profile's ``main-attn-ffn`` targets) and changes
    its transformer's output;
 3. the face tokens reach every one of the 30 main blocks' cross-attention: during a faceid
    generation, each ``blocks.N.attn2`` receives text + face tokens, and changing the face rows of
-   its context changes its output.
+   its context changes its output; and they start in the text tokens' range (:func:`check_token_scale`):
+   the card's ``face_token_scale`` is the RMS of the run's caption tokens from the real UMT5 layout,
+   and an initialised mapper's tokens are within 20 % of it.
 
 Prints wall time and peak RSS (the whole process tree, Ray workers included, sampled) per step.
 The weights are random: the videos are noise, FaceSim and the gate mean nothing here.
@@ -198,8 +201,35 @@ def check_face_tokens(params, identity_dir: Path, pose_frames) -> dict:
             a, b = block.attn2(hidden, context, None, None), block.attn2(hidden, moved, None, None)
             changes.append((a - b).abs().max().item())
     assert all(c > 0 for c in changes), f"face tokens do not change attn2 output in blocks {[i for i, c in enumerate(changes) if c <= 0]}"
+    scale = check_token_scale(params, pipe, ident)
     del pipe
-    return {"blocks": len(blocks), "context_tokens": n_text + n_face, "min_attn2_change": min(changes)}
+    return {"blocks": len(blocks), "context_tokens": n_text + n_face, "min_attn2_change": min(changes), **scale}
+
+
+def check_token_scale(params, pipe, ident) -> dict:
+    """Face tokens start in the text tokens' range (issue 20) on the real UMT5 layout: the RMS of the
+    run's caption tokens, measured here with this pipeline's text encoder (non-padding rows), matches
+    the card's ``face_token_scale`` (what train-lora measured), and a freshly initialised mapper
+    calibrated to it has token RMS within 20 % of it."""
+    import torch
+
+    from faceid.model.generate import encode_text
+    from faceid.model.mapper import caption_token_rms, initial_mapper
+
+    captions = {params.prepare_pose.default_caption, params.train_lora.photos.default_caption or params.prepare_pose.default_caption}
+    with torch.no_grad():
+        texts = [encode_text(pipe, c)[0].float().cpu() for c in sorted(captions)]
+    text_rms = caption_token_rms(texts)
+    card_scale = ident.card["face_token_scale"]
+    assert abs(card_scale - text_rms) <= 0.05 * text_rms, f"card face_token_scale {card_scale} vs caption RMS {text_rms}"
+    cfg = ident.mapper.config()
+    mapper = initial_mapper(cfg["embed_dim"], cfg["text_dim"], cfg["num_tokens"], cfg["hidden_dim"], seed=0).calibrate(text_rms)
+    with torch.no_grad():
+        tokens = mapper.ungated(ident.embedding[None])
+    token_rms = float(tokens.pow(2).mean(-1).sqrt().mean())
+    assert abs(token_rms - text_rms) <= 0.2 * text_rms, f"face token RMS {token_rms} vs text RMS {text_rms}"
+    assert float(mapper(ident.embedding[None]).abs().max()) == 0.0, "the untrained mapper's gate is not closed"
+    return {"caption_token_rms": text_rms, "face_token_rms_at_init": token_rms, "face_gate": ident.card["face_gate"]}
 
 
 def main() -> None:

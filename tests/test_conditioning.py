@@ -86,7 +86,7 @@ def world(params, tmp_path_factory, one_thread):
     from faceid.model.generate import build_pipeline, encode_text
     from faceid.model.identity import load_identity, save_identity
     from faceid.model.lora import add_lora
-    from faceid.model.mapper import FaceMapper
+    from faceid.model.mapper import FaceMapper, caption_token_rms
     from faceid.train import recipe
     from faceid.train.cache import encode_example
     from faceid.train.examples import IDENTITY, PRIOR
@@ -150,8 +150,12 @@ def world(params, tmp_path_factory, one_thread):
         fresh.transformer.load_state_dict(base_weights)
         torch.manual_seed(tcfg.seed)
         mapper = FaceMapper(128, p.model.tiny.text_dim, tcfg.num_face_tokens, tcfg.mapper_hidden_dim)
+        mapper.calibrate(caption_token_rms(ex["text"] for pool in pools.values() for ex in pool))  # as the recipe does
         add_lora(fresh.transformer, tcfg.lora)
         model = recipe.FaceConditionedDiT(fresh.transformer, mapper)
+        if name == "new":  # the untrained adapter, as training starts it
+            save_identity(out / "start", name="start", card={"base_model": "tiny-pretrained-in-test", "embedder": "dlib"},
+                          mapper=mapper, embedding=emb_a, transformer=fresh.transformer)
         state = {"step": 0, "history": []}
         validation = None
         if held_out is not None:  # measures only: the training itself is the same with or without it
@@ -190,6 +194,7 @@ def world(params, tmp_path_factory, one_thread):
     refs = [{"A": decode(app_a.view(16, 1, 1, 1) * latent_mask(hp)[None]),
              "C": decode(app_c.view(16, 1, 1, 1) * latent_mask(hp)[None])} for hp in held_out]
     return dict(pipe=render, new=load_identity(out / "new"), old=load_identity(out / "old"), held_out=held_out, refs=refs,
+                start=load_identity(out / "start"),
                 new_history=new_state["history"], old_history=old_state["history"], photos=photos, clips=clips_prior,
                 new_model=new_model, validation=validation)
 
@@ -243,6 +248,16 @@ def test_identity_looks_like_the_photos_not_the_dancers(world):
         # ... while the old design (clips as the identity's targets) learns the dancer C
         assert abs(old - blue) < 0.25 * span, (old, red, blue)
         assert old - new > 0.6 * span, (new, old, span)
+
+
+def test_the_untrained_adapter_is_close_to_the_base(world):
+    """Step 0 (the face-token gate closed, LoRA B at zero) renders within 10 % of the change the trained
+    identity makes to the base (face_scale 0) on the held-out poses (issue 20)."""
+    for pose in world["held_out"]:
+        base = gen(world, world["start"], pose, face_scale=0.0).astype(np.float64)
+        start = float(np.abs(gen(world, world["start"], pose) - base).mean())
+        trained = float(np.abs(gen(world, world["new"], pose) - base).mean())
+        assert start < 0.1 * trained, (start, trained)
 
 
 def test_output_follows_the_pose(world):

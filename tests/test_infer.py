@@ -40,6 +40,7 @@ def make_identity(folder: Path, params, name: str, seed: int, reference: np.ndar
     with torch.no_grad():
         for p in list(mapper.parameters()) + [p for n, p in transformer.named_parameters() if "lora_" in n]:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        mapper.gate_param.fill_(1.0 / mapper.gate_multiplier)  # the gate open, as training opens it
     embedding = torch.nn.functional.normalize(torch.randn(128, generator=gen), dim=0)
     card = {"base_model": base_model_id(params.model), "profile": params.model.profile,
             "embedder": params.embed_faces.embedder, "train": {"seed": seed}}

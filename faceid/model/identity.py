@@ -4,7 +4,7 @@ Layout (docs/architecture.md)::
 
     <identity>/
       pytorch_lora_weights.safetensors   diffusers LoRA (transformer.-prefixed keys)
-      face_mapper.safetensors            FaceMapper weights (+ its config as metadata)
+      face_mapper.safetensors            FaceMapper weights (+ its config as metadata: dims, output_scale, gate_multiplier)
       identity_embedding.safetensors     tensor "identity" [D] (the embedding the mapper was trained on)
       identity.json                      the card (below)
       reference.png                      the identity's best aligned face crop (sharp, frontal), RGB
@@ -112,6 +112,9 @@ def save_identity(
         "text_dim": mcfg["text_dim"],
         "num_face_tokens": mcfg["num_tokens"],
         "mapper_hidden_dim": mcfg["hidden_dim"],
+        # face tokens: output scale = the text tokens' RMS measured in the run; the learned gate (0 untrained)
+        "face_token_scale": mcfg["output_scale"],
+        "face_gate": float(mapper.gate.detach().cpu()),
         "files": {"lora": LORA_FILE, "mapper": MAPPER_FILE, "embedding": EMBEDDING_FILE, "train_loss": LOSS_FILE},
     }
     with atomic_dir(folder) as tmp:
@@ -142,7 +145,7 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
 
     from faceid.io import read_json
     from faceid.model.lora import LORA_FILE, RETRAIN, read_weights
-    from faceid.model.mapper import FaceMapper
+    from faceid.model.mapper import FaceMapper, legacy_state
 
     path = Path(path)
     if path.is_file():
@@ -171,7 +174,10 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
     if mcfg.get("embed_dim") != card["embed_dim"] or mcfg.get("text_dim") != card["text_dim"]:
         raise InputError(f"{path}: {MAPPER_FILE} (config {mcfg}) does not match the card (embed_dim {card['embed_dim']}, text_dim {card['text_dim']})")
     try:
-        mapper = FaceMapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"])
+        # files written before the output scale and the gate existed: scale 1, gate open (what they computed)
+        mcfg, mapper_state = legacy_state(mcfg, mapper_state)
+        mapper = FaceMapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"],
+                            output_scale=mcfg["output_scale"], gate_multiplier=mcfg["gate_multiplier"])
         mapper.load_state_dict(mapper_state)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise InputError(f"{path / MAPPER_FILE}: the tensors do not fit the mapper its metadata describes "

@@ -19,7 +19,7 @@ Loss: rectified flow matching as in diffusers' SD3/Wan trainers. For clean laten
 sigma from the shifted training schedule (``FlowMatchEulerDiscreteScheduler``) at a timestep
 drawn by ``train_lora.timestep_sampling`` (``uniform``; ``logit_normal`` as in SD3; or
 ``mid_weighted``: uniform draws with DiffSynth-Studio's bell-shaped loss weight over the
-timestep index): ``x_t = (1 - sigma) x0 + sigma n``; the DiT predicts the velocity ``n - x0``
+timestep value of the shifted schedule): ``x_t = (1 - sigma) x0 + sigma n``; the DiT predicts the velocity ``n - x0``
 (MSE). Latent tokens inside the face box of identity examples weigh ``face_loss_weight`` (the
 loss is normalised by the total weight, so it changes the emphasis, not the scale). With a VACE
 reference image the reference latent stands in front of x0 (as the pipeline puts it in front of
@@ -239,7 +239,7 @@ def train(
     from faceid.model.generate import build_pipeline
     from faceid.model.memory import text_encoder_on_device
     from faceid.model.lora import add_lora, lora_parameters
-    from faceid.model.mapper import initial_mapper
+    from faceid.model.mapper import caption_token_rms, initial_mapper
     from faceid.train.data import embeddings_sha256
     from faceid.train.examples import IDENTITY, build_training_set, summary_text
     from faceid.train.plan import card as plan_card, format_plan, make_plan, summary as plan_summary
@@ -274,15 +274,19 @@ def train(
         print(summary_text(data))
     renderer = None  # rank 0 renders held-out poses with the VAE (and the prompts encoded once)
     if rank == 0 and vcfg.render_every:
-        renderer = Renderer(pipe, held_out_clips[: vcfg.num_clips], embedding, params, device)
+        reference = data.reference["image"] if data.reference["in_training"] else None  # rendered as inference does
+        renderer = Renderer(pipe, held_out_clips[: vcfg.num_clips], embedding, params, device, reference)
     emb = torch.from_numpy(embedding)
     transformer = pipe.transformer
     del pipe
     _free_memory()
 
-    # 5. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT)
+    # 5. Trainable parts: FaceMapper (float32) + LoRA (float32 on the frozen DiT). The mapper's tokens
+    #    start at the RMS of this run's caption tokens (as the loaded text encoder wrote them), behind a
+    #    closed gate: the untrained adapter appends padding-like zero tokens (faceid.model.mapper)
+    text_rms = caption_token_rms(e["text"] for e in data.identity + data.prior)
     mapper = initial_mapper(emb.numel(), comp.text_dim(mcfg), tcfg.num_face_tokens, tcfg.mapper_hidden_dim,
-                            tcfg.seed).to(device)
+                            tcfg.seed).calibrate(text_rms).to(device)
     add_lora(transformer, tcfg.lora)
     for p in lora_parameters(transformer):
         p.data = p.data.float()
@@ -325,6 +329,7 @@ def train(
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
     summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior),
                    latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses, **plan_summary(plan),
+                   face_token_scale=text_rms, face_gate=float(mapper.gate.detach().cpu()),
                    **_validation_summary(validation, kept, summary["seconds"]))
     last_weights = trainable_state(model)
     if rank == 0:

@@ -60,15 +60,20 @@ def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int,
     return batch
 
 
-def timestep_weights(scheme: str, num_timesteps: int) -> torch.Tensor:
-    """Loss weight per timestep index: ones, or DiffSynth-Studio's ``mid_weighted`` bell
-    ``exp(-2 ((i - N/2) / N)^2)``, shifted to 0 at the ends and normalised to mean 1."""
+def timestep_weights(scheme: str, timesteps: torch.Tensor) -> torch.Tensor:
+    """Loss weight per entry of the training schedule (``timesteps``: its timestep *values*,
+    ``sigma * 1000`` of the shifted schedule, as ``noise_scheduler.timesteps``): ones, or
+    ``mid_weighted`` as DiffSynth-Studio computes it (``FlowMatchScheduler.set_timesteps(training=True)``):
+    the bell ``exp(-2 ((t - N/2) / N)^2)`` of the timestep value t, N the schedule's length, shifted to
+    0 at its minimum and normalised to mean 1. On the value, not the index: with shift 3 the
+    schedule crowds high noise, and the weight follows where the noise level actually is."""
+    n = len(timesteps)
     if scheme != "mid_weighted":
-        return torch.ones(num_timesteps)
-    i = torch.arange(num_timesteps, dtype=torch.float64)
-    y = torch.exp(-2 * ((i - num_timesteps / 2) / num_timesteps) ** 2)
+        return torch.ones(n)
+    t = timesteps.detach().to(torch.float64).cpu()
+    y = torch.exp(-2 * ((t - n / 2) / n) ** 2)
     y = y - y.min()
-    return (y * num_timesteps / y.sum()).float()
+    return (y * n / y.sum()).float()
 
 
 def sample_timestep_index(scheme: str, bsz: int, num_timesteps: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,7 +111,6 @@ def loss_at(model: nn.Module, batch: dict, noise_scheduler, noise: torch.Tensor,
     (training draws them in :func:`flow_matching_loss`; validation fixes them, ``faceid.train.validation``)."""
     x0 = clean_latents(batch)
     n_ref = int(batch.get("ref_frames", 0))
-    n_train = noise_scheduler.config.num_train_timesteps
     timesteps = noise_scheduler.timesteps[idx]
     sigmas = noise_scheduler.sigmas[idx].view(-1, 1, 1, 1, 1)
     noisy = (1.0 - sigmas) * x0 + sigmas * noise
@@ -120,7 +124,7 @@ def loss_at(model: nn.Module, batch: dict, noise_scheduler, noise: torch.Tensor,
     err = ((pred.float() - to(target)) ** 2)[:, :, n_ref:]
     weight = to(batch["weight"]).unsqueeze(1)  # [B, 1, f, h, w]
     per_sample = (err * weight).sum(dim=(1, 2, 3, 4)) / (weight.sum(dim=(1, 2, 3, 4)) * err.shape[1])
-    return (per_sample * to(timestep_weights(timestep_sampling, n_train)[idx])).mean()
+    return (per_sample * to(timestep_weights(timestep_sampling, noise_scheduler.timesteps)[idx])).mean()
 
 
 def training_scheduler(flow_shift: float):
