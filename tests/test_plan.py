@@ -107,6 +107,18 @@ def test_small_face_views_bring_headshots_to_full_body_clip_sizes(plans):
         assert min(p.view_face_px[:-3]) > 1.5 * clips["max"]
 
 
+def test_clips_of_the_person_are_identity_examples_of_their_own_size(params, headshots, fullbody, plans):
+    """Routed with the calibrated threshold, the standing clips show the person: their frames count as
+    identity examples (covering themselves), and the plan warns that stage 2 has no motion prior."""
+    plan = pl.make_plan(plan_params(params, **{"train_lora.clip_identity_threshold": 0.0}), *headshots, fullbody)
+    trained = [c.clip_id for c in plan.clips]
+    assert [r.role for r in plan.routes] == ["identity"] * len(trained)
+    frames = sum(len(plan.clip_face_px[c]) for c in trained)
+    assert plan.face_sizes["identity_examples"]["n"] == plans[0].face_sizes["identity_examples"]["n"] + frames
+    assert plan.face_sizes["coverage"] > 0 and plan.schedule.passes_per_photo < plans[0].schedule.passes_per_photo
+    assert any(w.startswith("no prior clip") for w in plan.warnings)
+
+
 def test_a_small_face_view_shows_the_face_at_the_planned_size(plans):
     """In the pixels: a face detector finds the face of the zoomed-out view at the planned height and
     place; the fill outside the photo is flat and out of the loss box; the pose keeps the head."""

@@ -333,6 +333,9 @@ def make_plan(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, wo
                         f"({face_sizes['clips']['min']}-{face_sizes['clips']['max']} px); {hint}")
     if not any(r.role == IDENTITY for r in routes):
         warnings.append("no identity clip: no clip shows the person (routing), the face is learnt from photos only")
+    if all(role[c.clip_id] == IDENTITY for c in clips):
+        warnings.append("no prior clip: every training clip shows the person, so stage 2 has no motion prior of "
+                        "other people (add dance clips of others, or lower train_lora.holdout_clips)")
     return Plan(resolved, embedding, meta, used, photo_embs, outliers, best.name, holdout, photos, clips,
                 held_out_clips, routes, clip_px, face_sizes, schedule, est, warnings)
 
