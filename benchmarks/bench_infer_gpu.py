@@ -316,7 +316,7 @@ def run_all(args, device: torch.device, out: str | None) -> None:
 
     # 6. Report
     tokens = video_tokens(pipe.transformer.config, args.frames, args.height, args.width)
-    flop = forward_flop(pipe.transformer.config, tokens, text_tokens, args.lora_rank)
+    flop = forward_flop(pipe.transformer.config, tokens, text_tokens, args.lora_rank, params.train_lora.lora.targets)
     text = report(args, device, results, sdpa, vae, flop, tokens, text_len(pipe), format_holdings(holdings(pipe)))
     print(text, flush=True)
     if out:

@@ -7,7 +7,7 @@
 The transformer comes from a Wan2.1-VACE-1.3B diffusers folder through the real profile's own
 loader (``load_real_components``; random test weights from ``faceid make-test-weights`` time like
 real ones), in the profile's dtype (bf16 on CUDA). On it: the LoRA and FaceMapper of
-configs/wan2.1-vace-1.3b.yaml (rank 64 on the main blocks' attn2; mapper 128 -> 1024 -> 4 x 4096:
+configs/wan2.1-vace-1.3b.yaml (rank 32 on the main blocks' attention and FFN; mapper 128 -> 1024 -> 4 x 4096:
 the profile embeds faces with dlib, 128-D, so the mapper input follows ``embed_faces.embedder``).
 The step is the recipe's own (``recipe.make_batch``, ``flow_matching_loss`` with its autocast and
 timestep sampling, backward, clipping, AdamW) on one cached-latent-shaped example at
@@ -143,7 +143,8 @@ def main() -> None:
     for frames in args.frames:
         ex = example(transformer, text_tokens, dim, frames, args.height, args.width)
         tokens = video_tokens(transformer.config, frames, args.height, args.width)
-        flop = forward_flop(transformer.config, tokens, text_tokens + params.train_lora.num_face_tokens, params.train_lora.lora.rank)
+        flop = forward_flop(transformer.config, tokens, text_tokens + params.train_lora.num_face_tokens, params.train_lora.lora.rank,
+                            params.train_lora.lora.targets)
         for ckpt in settings:
             row = {"frames": frames, "tokens": tokens, "forward_flop": flop["total"],
                    **bench(transformer, params, device, amp_dtype, ex, args.steps, ckpt, dim)}

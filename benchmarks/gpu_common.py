@@ -52,16 +52,27 @@ def video_tokens(config, frames: int, height: int, width: int, vae_scale=(4, 8))
     return ((frames - 1) // vae_scale[0] + 1) // pt * (height // vae_scale[1] // ph) * (width // vae_scale[1] // pw)
 
 
-def forward_flop(config, tokens: int, text_tokens: int, lora_rank: int = 0) -> dict[str, float]:
+def forward_flop(config, tokens: int, text_tokens: int, lora_rank: int = 0,
+                 lora_targets: str = "main-cross-attn") -> dict[str, float]:
     """Matmul FLOP of one transformer forward (2 per multiply-add): per block, self-attention
     projections 8Ld^2 + scores/values 4L^2 d, cross-attention 4Ld^2 + 4Td^2 + 4LTd, FFN 4L d ffn;
     ``main`` = the 30 main blocks (the issue's 2.8e14 figure at 480x832x81), ``total`` adds the 15
-    VACE blocks (+ their output projections); ``lora`` = rank-r LoRA on the main attn2 projections."""
+    VACE blocks (+ their output projections); ``lora`` = rank-r LoRA on the projections of the
+    ``lora_targets`` preset (faceid/model/lora.py): 2 n r (d_in + d_out) per adapted Linear on n tokens."""
     d, ffn, L, T = config.num_attention_heads * config.attention_head_dim, config.ffn_dim, tokens, text_tokens
     block = 8 * L * d * d + 4 * L * L * d + 4 * L * d * d + 4 * T * d * d + 4 * L * T * d + 4 * L * d * ffn
     main = config.num_layers * block
     vace = len(config.vace_layers) * (block + 2 * L * d * d)
-    lora = config.num_layers * 2 * 2 * (L + T) * 2 * d * lora_rank if lora_rank else 0
+
+    def lin(n: int, d_in: int, d_out: int) -> int:
+        return 2 * n * lora_rank * (d_in + d_out)
+
+    attn1, attn2 = 4 * lin(L, d, d), 2 * lin(L, d, d) + 2 * lin(T, d, d)
+    ffn_lora = lin(L, d, ffn) + lin(L, ffn, d)
+    per_main = {"main-cross-attn": attn2, "main-attn": attn1 + attn2, "main-attn-ffn": attn1 + attn2 + ffn_lora,
+                "vace-attn": 0, "all-attn": attn1 + attn2}[lora_targets]
+    per_vace = attn1 + attn2 if lora_targets in ("vace-attn", "all-attn") else 0
+    lora = config.num_layers * per_main + len(config.vace_layers) * per_vace if lora_rank else 0
     return {"main": float(main), "total": float(main + vace), "lora": float(lora),
             "main_blocks": config.num_layers, "vace_blocks": len(config.vace_layers)}
 

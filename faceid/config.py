@@ -133,8 +133,8 @@ class LoraConfig:
     rank: int
     alpha: int
     dropout: float
-    # main-cross-attn | main-attn | vace-attn | all-attn
-    targets: Literal["main-cross-attn", "main-attn", "vace-attn", "all-attn"]
+    # main-cross-attn | main-attn | main-attn-ffn | vace-attn | all-attn (faceid/model/lora.py)
+    targets: Literal["main-cross-attn", "main-attn", "main-attn-ffn", "vace-attn", "all-attn"]
 
 
 @dataclass(frozen=True)
@@ -170,12 +170,12 @@ class ValidationConfig:
     # Steps between held-out losses (also at step 0 and the last step); validate_every and render_every
     # both 0 = validation off: nothing is held out and the last step is kept.
     validate_every: int
-    holdout_photos: int  # photos never trained on (identity loss); 0 = the last augmented view of each photo instead
+    # photos never trained on (identity loss), when at least faceid.train.validation.MIN_TRAINING_PHOTOS
+    # stay in training; else (or 0) the last augmented view of every photo is held out instead
+    holdout_photos: int
     num_timesteps: int  # fixed, evenly spaced timesteps (with fixed noise) of the held-out loss
     render_every: int  # steps between renders of held-out poses (identity and face_scale 0) + FaceSim; 0 = off
-    num_clips: int  # held-out clips rendered (<= train_lora.holdout_clips)
-    num_inference_steps: int
-    guidance_scale: float
+    num_clips: int  # held-out clips rendered (<= train_lora.holdout_clips), with render_validation's settings
     # auto: FaceSim of the renders once a face is detected in them, else the held-out identity loss
     criterion: Literal["auto", "facesim", "identity_loss"]
     patience: int  # validations without improvement that stop a stage; 0 = never stop early
@@ -216,7 +216,11 @@ class TrainLoraConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
+    # FaceSim(identity) must be >= this; 0 = the embedder's same-person threshold
+    # (faceid.faces.embed.outlier_threshold: embed_faces.outlier_threshold or the embedder's calibrated default)
+    min_facesim: float
     min_facesim_gain: float  # FaceSim(identity) - FaceSim(base) must be >= this
+    min_face_detection_rate: float  # share of the identity videos' frames with a detected face must be >= this
     min_pose_pck: float
     tolerance: float  # FaceSim(identity) must be >= FaceSim(reference_only) - this
 
@@ -410,9 +414,6 @@ def _validate(obj: Any, prefix: str) -> None:
 
 
 def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
-    from faceid.errors import InputError
-    from faceid.model.checks import check_guidance, check_steps
-
     for name in ("validate_every", "holdout_photos", "render_every", "patience"):
         if getattr(obj, name) < 0:
             raise ConfigError(f"{prefix}.{name}: expected >= 0 (0 = off), got {getattr(obj, name)}")
@@ -421,11 +422,6 @@ def _validate_validation(obj: ValidationConfig, prefix: str) -> None:
                           f"got {obj.num_timesteps}")
     if obj.num_clips < 1:
         raise ConfigError(f"{prefix}.num_clips: expected >= 1, got {obj.num_clips}")
-    try:
-        check_steps(f"{prefix}.num_inference_steps", obj.num_inference_steps)
-        check_guidance(f"{prefix}.guidance_scale", obj.guidance_scale)
-    except InputError as exc:
-        raise ConfigError(str(exc)) from None
     if obj.criterion == "facesim" and not obj.render_every:
         raise ConfigError(f"{prefix}.criterion: facesim is measured on renders, but render_every is 0; "
                           "set render_every > 0 or criterion: auto | identity_loss")
@@ -484,7 +480,8 @@ _RANGES: dict[type, dict[str, tuple[str, Any]]] = {
                       "batch_size": _GE1, "grad_clip": (">= 0 (0 = no clipping)", lambda v: v >= 0),
                       "weight_decay": _GE0, "seed": _GE0, "checkpoint_every": (">= 1 (steps between checkpoints)", lambda v: v >= 1),
                       "num_workers": (">= 1 (Ray Train workers)", lambda v: v >= 1), "face_dropout": _SHARE, "cache_dir": _PATH},
-    GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0},
+    GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0, "min_face_detection_rate": _UNIT,
+                 "min_facesim": ("a cosine in [0, 1) (0 = the embedder's same-person threshold)", lambda v: 0 <= v < 1)},
     RenderValidationConfig: {"num_clips": _GE1},
     BatchInferConfig: {"num_workers": (">= 1 (Ray Data workers)", lambda v: v >= 1)},
     TrackingConfig: {"local_store": _PATH, "experiment": _NAME, "register_alias": _NAME, "validated_alias": _NAME,

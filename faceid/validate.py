@@ -20,6 +20,9 @@ Per video, per arm and on average (``faceid.faces.similarity``, ``faceid.pose.me
 
 The gate (``render_validation.gate``), every check on the averages:
 
+- ``facesim``: FaceSim(identity) >= ``min_facesim`` (0 = the embedder's same-person threshold,
+  ``faceid.faces.embed.outlier_threshold``): the render shows *the* person, not just someone closer;
+- ``face_detection_rate``: the identity videos' share of frames with a detected face >= ``min_face_detection_rate``;
 - ``facesim_gain``: FaceSim(identity) - FaceSim(base) >= ``min_facesim_gain``;
 - ``vs_reference_only``: FaceSim(identity) >= FaceSim(reference_only) - ``tolerance`` (not
   applicable, not failed, when the reference_only arm is skipped);
@@ -98,20 +101,36 @@ def _check(value: float | None, threshold: float, unmeasurable: str, failed: str
             "reason": None if ok else failed.format(value=value)}
 
 
-def evaluate_gate(arms: dict[str, dict | None], gate) -> dict:
+def gate_facesim(gate, same_person_threshold: float) -> float:
+    """The absolute FaceSim the gate asks for: ``gate.min_facesim``, or with 0 the embedder's
+    same-person threshold (:func:`faceid.faces.embed.outlier_threshold`)."""
+    return gate.min_facesim if gate.min_facesim > 0 else same_person_threshold
+
+
+def evaluate_gate(arms: dict[str, dict | None], gate, same_person_threshold: float) -> dict:
     """``arms``: the averaged metrics of ``base``, ``reference_only`` (None when skipped) and
-    ``identity``; ``gate`` = ``render_validation.gate``. A value that is not measurable fails its
-    check; the check of a skipped arm is ``not_applicable``. Passes when no check failed."""
+    ``identity``; ``gate`` = ``render_validation.gate``; ``same_person_threshold``: the embedder's
+    (what ``min_facesim: 0`` stands for). A value that is not measurable fails its check; the check
+    of a skipped arm is ``not_applicable``. Passes when no check failed."""
     ident, base, ref = arms["identity"], arms["base"], arms.get("reference_only")
+    min_facesim = gate_facesim(gate, same_person_threshold)
 
     def diff(other: dict) -> float | None:
         a, b = ident.get("facesim"), other.get("facesim")
         return None if a is None or b is None else a - b
 
-    checks = {"facesim_gain": _check(
+    checks = {"facesim": _check(
+        ident.get("facesim"), min_facesim,
+        "FaceSim not measurable (no face detected in the identity videos)",
+        f"FaceSim {{value:.4f}} < min_facesim {min_facesim:g} (the same-person threshold)")}
+    checks["face_detection_rate"] = _check(
+        ident.get("face_detection_rate"), gate.min_face_detection_rate,
+        "face detection rate not measurable (no identity video)",
+        f"face detection rate {{value:.4f}} < min_face_detection_rate {gate.min_face_detection_rate:g}")
+    checks["facesim_gain"] = _check(
         diff(base), gate.min_facesim_gain,
         "FaceSim not measurable (no face detected in the identity or base videos)",
-        f"FaceSim gain over base {{value:.4f}} < min_facesim_gain {gate.min_facesim_gain:g}")}
+        f"FaceSim gain over base {{value:.4f}} < min_facesim_gain {gate.min_facesim_gain:g}")
     if ref is None:
         checks["vs_reference_only"] = {"status": "not_applicable", "value": None, "threshold": -gate.tolerance,
                                        "reason": "reference_only arm skipped (no reference.png)"}
@@ -126,6 +145,7 @@ def evaluate_gate(arms: dict[str, dict | None], gate) -> dict:
     reasons = [c["reason"] for c in checks.values() if c["status"] == "failed"]
     return {"passed": not reasons, "facesim_gain": checks["facesim_gain"]["value"],
             "facesim_vs_reference_only": checks["vs_reference_only"]["value"],
+            "min_facesim": min_facesim, "min_face_detection_rate": gate.min_face_detection_rate,
             "min_facesim_gain": gate.min_facesim_gain, "tolerance": gate.tolerance, "min_pose_pck": gate.min_pose_pck,
             "checks": checks, "reasons": reasons}
 
@@ -203,7 +223,7 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
     """Render the three arms, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``.
     Every input is checked before a model is built. ``lock_wait``: seconds to wait for another run
     writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
-    from faceid.faces.embed import load_identity_embedding
+    from faceid.faces.embed import load_identity_embedding, outlier_threshold
     from faceid.faces.similarity import FaceSimScorer
     from faceid.io import atomic_dir, output_lock, write_json
     from faceid.model.identity import REFERENCE_FILE, load_identity
@@ -255,7 +275,8 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
                 else:
                     summary[arm] = aggregate([{k: x for k, x in m[arm].items() if k != "per_frame_facesim"}
                                               for m in per_clip.values()])
-            gate = evaluate_gate({arm: None if arm in skipped else summary[arm] for arm in ARMS}, cfg.gate)
+            gate = evaluate_gate({arm: None if arm in skipped else summary[arm] for arm in ARMS}, cfg.gate,
+                                 outlier_threshold(params.embed_faces))
             result = {
                 "identity_name": identity.name,
                 "metric": scorer.metric,
@@ -294,7 +315,8 @@ def flat_metrics(result: dict) -> dict[str, float]:
             continue
         out.update({f"{arm}.{k}": float(v) for k, v in result[arm].items() if v is not None})
     gate = result["gate"]
-    for key in ("facesim_gain", "facesim_vs_reference_only", "min_facesim_gain", "tolerance", "min_pose_pck"):
+    for key in ("facesim_gain", "facesim_vs_reference_only", "min_facesim", "min_face_detection_rate", "min_facesim_gain",
+                "tolerance", "min_pose_pck"):
         if gate[key] is not None:
             out[f"gate.{key}"] = float(gate[key])
     for name, check in gate["checks"].items():

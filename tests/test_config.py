@@ -59,7 +59,10 @@ def test_every_dataclass_field_is_in_params_yaml(repo):
         ("train_lora.validation.keep=first", "train_lora.validation.keep: expected one of 'best' | 'last'"),
         ("train_lora.validation.criterion=facesim", "train_lora.validation.criterion: facesim is measured on renders, "
                                                     "but render_every is 0"),
-        ("train_lora.validation.guidance_scale=0.5", "train_lora.validation.guidance_scale: expected a finite number >= 1"),
+        # training renders use render_validation's settings: one setting, no copy under validation
+        ("train_lora.validation.guidance_scale=3.0", "unknown key(s) train_lora.validation.guidance_scale"),
+        ("render_validation.gate.min_facesim=1.2", "render_validation.gate.min_facesim: expected a cosine in [0, 1)"),
+        ("render_validation.gate.min_face_detection_rate=2", "render_validation.gate.min_face_detection_rate: expected a value in [0, 1]"),
         ("train_lora.validation.render_every=5", None),  # fine: 1 held-out clip, 1 rendered
         ("train_lora.validation.num_clips=2", None),  # fine while render_every is 0
     ],

@@ -98,6 +98,8 @@ def test_lora_targets():
     assert hit["main-attn"] == ["blocks.3.attn2.to_q", "blocks.3.attn1.to_k"]
     assert hit["vace-attn"] == ["vace_blocks.1.attn2.to_out.0"]
     assert hit["all-attn"] == names[:3]
+    # the real profile's: DiffSynth-Studio's Wan LoRA (self- and cross-attention + FFN of the main blocks)
+    assert hit["main-attn-ffn"] == ["blocks.3.attn2.to_q", "blocks.3.attn1.to_k", "blocks.0.ffn.net.2"]
 
 
 def test_identity_folder_roundtrip_reproduces_outputs(params, pipe, identity_dir):

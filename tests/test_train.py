@@ -193,6 +193,12 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     assert str(mv.version) == summary["model_version"]
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["train_lora.stage1.steps"] == "6"
+    # the plan (faceid.train.plan): passes per photo as a metric; face sizes and the schedule in examples.json
+    assert summary["passes_per_photo"] > 0
+    assert run.data.metrics["passes_per_photo"] == pytest.approx(summary["passes_per_photo"])
+    examples = json.loads(Path(client.download_artifacts(run.info.run_id, "examples.json", str(tmp_path))).read_text())
+    assert examples["plan"]["schedule"]["stage1_steps"] == 6 and examples["plan"]["face_sizes"]["clips"]["n"] == 0
+    assert any("no clip face measured" in w for w in examples["plan"]["warnings"])  # synthetic clips: no keypoints
     history = client.get_metric_history(run.info.run_id, "stage2_loss")
     assert [m.step for m in history] == list(range(7, 13))
     # validation: the time series beside the training loss, one value per step (step 8 ran twice: before the
@@ -358,7 +364,7 @@ def test_best_step_is_kept_and_early_stop_fires_after_patience(params, inputs, t
     from faceid.model.identity import load_identity
     from faceid.train import launch, recipe
 
-    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=5.0,
+    p = small_params(params, tmp_path, train_lora__stage1__learning_rate=0.01, train_lora__stage2__learning_rate=20.0,
                      train_lora__checkpoint_every=2, train_lora__validation__validate_every=2,
                      train_lora__validation__patience=2, train_lora__photos__views=1, train_lora__cache_dir=shared_cache)
     weights: dict[int, dict] = {}  # step -> trainable tensors of its checkpoint
@@ -373,7 +379,8 @@ def test_best_step_is_kept_and_early_stop_fires_after_patience(params, inputs, t
     losses = {r["step"]: r["identity_loss"] for r in rows}
     best = min((s for s in losses if s > 0), key=losses.get)
     # the constructed run: better in stage 1, worse once stage 2's learning rate hits
-    assert losses[2] < losses[0] and best <= 6 and losses[10] > losses[best]
+    # (from step 4: the first steps open the face-token gate, closed at step 0: faceid.model.mapper)
+    assert losses[6] < losses[4] < losses[0] and best <= 6 and losses[10] > losses[best]
     # early stop: two validations without improvement (steps 8 and 10) end stage 2 at step 10
     stop = summary["early_stop"]["stage2"]
     assert stop["step"] == 10 and "no improvement for 2 validation(s)" in stop["reason"] and "patience=2" in stop["reason"]
@@ -399,7 +406,7 @@ def test_best_step_is_kept_and_early_stop_fires_after_patience(params, inputs, t
     assert summary["validation_seconds"] > 0 and 0 < summary["validation_share"] < 1
 
 
-def test_holdout_plan_keeps_two_photos_to_train_on_or_holds_out_a_view():
+def test_holdout_plan_keeps_three_photos_to_train_on_or_holds_out_a_view():
     from dataclasses import dataclass
 
     from faceid.errors import InputError
@@ -413,14 +420,15 @@ def test_holdout_plan_keeps_two_photos_to_train_on_or_holds_out_a_view():
 
     names = ["a", "b", "c", "d"]
     assert plan_holdout(names, "d", Cfg(), views=2).photos == ("c",)  # the last by name, never the reference
-    assert plan_holdout(names, "a", Cfg(holdout_photos=2), views=2).photos == ("c", "d")
-    three = plan_holdout(names[:3], "a", Cfg(), views=2)  # 3 photos: the product's minimum, 2 stay in training
-    assert three.photos == ("c",) and three.view is None
-    two = plan_holdout(names[:2], "a", Cfg(), views=4)  # too few: the last augmented view of each photo instead
-    assert two.photos == () and two.view == 3 and "at least 2 must stay in training" in two.note
+    assert plan_holdout(names + ["e"], "a", Cfg(holdout_photos=2), views=2).photos == ("d", "e")
+    four = plan_holdout(names, "a", Cfg(), views=2)  # 4 photos: one held out, 3 (the product's minimum) trained on
+    assert four.photos == ("d",) and four.view is None
+    # 3 photos (issue 20: a 3-photo identity trains on all 3): the last augmented view of each photo instead
+    three = plan_holdout(names[:3], "a", Cfg(), views=4)
+    assert three.photos == () and three.view == 3 and "at least 3 must stay in training" in three.note
     assert plan_holdout(names, "a", Cfg(holdout_photos=0), views=2).view == 1
     with pytest.raises(InputError, match=r"photos.views=1 has no augmented view.*turn validation off"):
-        plan_holdout(names[:2], "a", Cfg(), views=1)
+        plan_holdout(names[:3], "a", Cfg(), views=1)
     assert plan_holdout(names, "a", Cfg(validate_every=0), views=1).photos == ()  # validation off: nothing held out
 
 
@@ -538,3 +546,96 @@ def test_killed_driver_leaves_no_ray_process_and_the_rerun_resumes(params, input
                          tmp_path / "identity")
     assert summary["resumed_from"] is not None and summary["resumed_from"] >= 2 and summary["steps"] == 12
     assert (tmp_path / "identity" / "identity.json").is_file()
+
+
+def test_validation_renders_as_inference_does(params, inputs, tmp_path, one_thread):
+    """Training's renders (faceid.train.validation.Renderer) are what `faceid infer` renders for the
+    identity saved at that step: render_validation's steps, guidance and seed, and the reference image
+    as VACE reference_images when the identity is trained with it (issue 20); without it they differ."""
+    from faceid.model.base_model import base_model_id
+    from faceid.model.generate import build_pipeline, generate_video
+    from faceid.model.identity import load_identity, save_identity
+    from faceid.model.lora import add_lora
+    from faceid.model.mapper import FaceMapper
+    from faceid.pose.video import read_video
+    from faceid.train.data import load_clips, load_embedding
+    from faceid.train.step import FaceConditionedDiT
+    from faceid.train.validation import Renderer
+
+    p = small_params(params, tmp_path, render_validation__num_inference_steps=2, render_validation__guidance_scale=2.5,
+                     render_validation__seed=5)
+    cpu = torch.device("cpu")
+    pipe = build_pipeline(p.model, cpu)
+    pipe.set_progress_bar_config(disable=True)
+    crops, emb_dir, clips_dir = inputs
+    embedding, _ = load_embedding(emb_dir)
+    clip = load_clips(clips_dir)[0]
+    add_lora(pipe.transformer, p.train_lora.lora)
+    gen = torch.Generator().manual_seed(0)
+    mapper = FaceMapper(embedding.size, p.model.tiny.text_dim, p.train_lora.num_face_tokens)
+    with torch.no_grad():
+        for name, prm in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=gen) * 0.2)
+        mapper.gate_param.fill_(1.0 / mapper.gate_multiplier)
+    model = FaceConditionedDiT(pipe.transformer, mapper).eval()
+    from PIL import Image
+
+    reference = np.asarray(Image.open(sorted(Path(crops).glob("crops/*/*.png"))[0]).convert("RGB"))
+    card = {"base_model": base_model_id(p.model), "embedder": "dlib",
+            "reference_image": {"file": "reference.png", "source": "x", "in_training": True}}
+    folder = save_identity(tmp_path / "ident", name="ident", card=card, mapper=mapper, embedding=embedding,
+                           transformer=pipe.transformer, reference=reference)
+    renders = {}
+    for with_reference in (True, False):
+        renderer = Renderer(pipe, [clip], embedding, p, cpu, reference if with_reference else None)
+        try:
+            with torch.no_grad():
+                renders[with_reference] = renderer._generate(model, renderer.clips[0], identity=True)
+        finally:
+            renderer.close()
+    fresh = build_pipeline(p.model, cpu)
+    fresh.set_progress_bar_config(disable=True)
+    pose = read_video(clip.pose_path)[0][: clip.num_frames]
+    rv = p.render_validation
+    inferred = generate_video(fresh, load_identity(folder), pose, clip.caption, face_scale=rv.face_scale, lora_scale=1.0,
+                              guidance_scale=rv.guidance_scale, num_inference_steps=rv.num_inference_steps, seed=rv.seed)
+    assert np.abs(renders[True].astype(int) - inferred).max() <= 1
+    assert np.abs(renders[False].astype(int) - inferred).mean() > 1.0  # the reference image matters
+    # render_validation.face_scale scales the face tokens and the LoRA as generate_video does (then the LoRA is back at 1)
+    half = small_params(params, tmp_path, render_validation__num_inference_steps=2, render_validation__guidance_scale=2.5,
+                        render_validation__seed=5, render_validation__face_scale=0.5)
+    renderers = [Renderer(pipe, [clip], embedding, cfg, cpu, reference) for cfg in (half, p)]
+    try:
+        with torch.no_grad():
+            rendered, after = (r._generate(model, r.clips[0], identity=True) for r in renderers)
+    finally:
+        for r in renderers:
+            r.close()
+    inferred = generate_video(fresh, load_identity(folder), pose, clip.caption, face_scale=0.5, lora_scale=1.0,
+                              guidance_scale=rv.guidance_scale, num_inference_steps=rv.num_inference_steps, seed=rv.seed)
+    assert np.abs(rendered.astype(int) - inferred).max() <= 1 and np.array_equal(after, renders[True])
+
+
+def test_the_best_render_step_counts_only_renders_with_a_face(params, one_thread):
+    """FaceSim of a validation point is the mean over the held-out renders that show a face; a render
+    step where no render shows one cannot be the best by FaceSim, however low its loss (issue 20)."""
+    import dataclasses
+
+    from faceid.model.base_model import build_components
+    from faceid.model.mapper import FaceMapper
+    from faceid.train.step import FaceConditionedDiT, training_scheduler
+    from faceid.train.validation import Validation, mean_measured
+
+    assert mean_measured([0.9, None, 0.8]) == pytest.approx(0.85) and mean_measured([None, None]) is None
+    cfg = dataclasses.replace(params.train_lora.validation, render_every=2, criterion="facesim")
+    model = FaceConditionedDiT(build_components(params.model)["transformer"], FaceMapper(128, params.model.tiny.text_dim, 4))
+    state: dict = {}
+    v = Validation(cfg, {}, state, seed=0, final_step=10, noise_scheduler=training_scheduler(3.0), device=torch.device("cpu"),
+                   amp_dtype=None, timestep_sampling="uniform")
+    v._update({"step": 2, "rendered": True, "identity_loss": 0.01, "facesim": None}, model, "stage1")
+    assert state["best"] is None and v.best_weights is None  # no face in any render: not a candidate
+    v._update({"step": 4, "rendered": True, "identity_loss": 0.5, "facesim": mean_measured([None, 0.7])}, model, "stage1")
+    assert state["best"]["step"] == 4 and state["best"]["value"] == pytest.approx(0.7)
+    v._update({"step": 6, "rendered": True, "identity_loss": 0.001, "facesim": None}, model, "stage1")
+    assert state["best"]["step"] == 4

@@ -35,20 +35,34 @@ def test_metrics_aggregate_and_gate(params):
     agg = aggregate([m, no_face])
     assert agg["facesim"] == 0.8 and agg["pose_pck"] == 0.5 and agg["num_videos"] == 2
 
-    gate = params.render_validation.gate  # min_facesim_gain 0.0, min_pose_pck 0.0, tolerance 0.02
-    assert gate.tolerance == 0.02
+    import dataclasses
 
-    def check(identity, base=0.6, reference_only=0.7, pck=0.5):
+    tiny = params.render_validation.gate  # min_facesim 0 (the embedder's threshold), detection >= 0.5, gain >= 0
+    assert (tiny.min_facesim, tiny.min_face_detection_rate, tiny.min_facesim_gain, tiny.tolerance) == (0.0, 0.5, 0.0, 0.02)
+    gate = dataclasses.replace(tiny, min_facesim=0.65)  # the rules other than the same-person threshold
+
+    def check(identity, base=0.6, reference_only=0.7, pck=0.5, detected=0.75, g=gate, threshold=0.9):
         ref = None if reference_only is None else {"facesim": reference_only}
         return evaluate_gate({"base": {"facesim": base}, "reference_only": ref,
-                              "identity": {"facesim": identity, "pose_pck": pck}}, gate)
+                              "identity": {"facesim": identity, "pose_pck": pck, "face_detection_rate": detected}}, g, threshold)
 
     ok = check(0.69)  # above base; within the tolerance of reference-only
     assert ok["passed"] and ok["facesim_gain"] == pytest.approx(0.09) and ok["facesim_vs_reference_only"] == pytest.approx(-0.01)
-    assert {k: c["status"] for k, c in ok["checks"].items()} == {"facesim_gain": "passed", "vs_reference_only": "passed",
+    assert {k: c["status"] for k, c in ok["checks"].items()} == {"facesim": "passed", "face_detection_rate": "passed",
+                                                                "facesim_gain": "passed", "vs_reference_only": "passed",
                                                                 "pose_pck": "passed"}
-    assert check(0.6, reference_only=0.6)["passed"]  # gain 0 >= min_facesim_gain 0
-    below_base = check(0.55, reference_only=0.5)
+    # min_facesim 0 = the embedder's same-person threshold: 0.69 beats the base but is not the same person
+    stranger = check(0.69, g=tiny)
+    assert not stranger["passed"] and stranger["reasons"] == ["FaceSim 0.6900 < min_facesim 0.9 (the same-person threshold)"]
+    assert check(0.95, reference_only=0.9, g=tiny)["passed"] and tiny.min_facesim == 0.0
+    # a face on too few frames: the mean FaceSim is a few lucky frames
+    rare = check(0.69, detected=0.25)
+    assert not rare["passed"] and rare["reasons"] == ["face detection rate 0.2500 < min_face_detection_rate 0.5"]
+    # a real-profile gain: above base by less than min_facesim_gain fails
+    small_gain = check(0.69, base=0.66, g=dataclasses.replace(gate, min_facesim_gain=0.05))
+    assert not small_gain["passed"] and small_gain["reasons"] == ["FaceSim gain over base 0.0300 < min_facesim_gain 0.05"]
+    assert check(0.6, reference_only=0.6, g=dataclasses.replace(gate, min_facesim=0.5))["passed"]  # gain 0 >= min_facesim_gain 0
+    below_base = check(0.55, reference_only=0.5, g=dataclasses.replace(gate, min_facesim=0.5))
     assert not below_base["passed"] and below_base["reasons"] == ["FaceSim gain over base -0.0500 < min_facesim_gain 0"]
     behind_ref = check(0.67)
     assert not behind_ref["passed"] and behind_ref["checks"]["vs_reference_only"]["status"] == "failed"
@@ -57,7 +71,7 @@ def test_metrics_aggregate_and_gate(params):
     assert skipped["passed"] and skipped["checks"]["vs_reference_only"]["status"] == "not_applicable"
     assert skipped["facesim_vs_reference_only"] is None
     no_face = check(None)
-    assert not no_face["passed"] and all("not measurable" in r for r in no_face["reasons"]) and len(no_face["reasons"]) == 2
+    assert not no_face["passed"] and all("not measurable" in r for r in no_face["reasons"]) and len(no_face["reasons"]) == 3
     assert "pose PCK not measurable" in check(0.8, pck=None)["reasons"][0]
 
 
@@ -139,7 +153,9 @@ def test_three_arms_outputs_and_metrics_json(world, validation):
     for arm in ("base", "reference_only", "identity"):
         assert written[arm]["num_videos"] == 2 and "skipped" not in written[arm]
     gate = written["gate"]
-    assert set(gate["checks"]) == {"facesim_gain", "vs_reference_only", "pose_pck"} and gate["tolerance"] == 0.02
+    assert set(gate["checks"]) == {"facesim", "face_detection_rate", "facesim_gain", "vs_reference_only", "pose_pck"}
+    assert gate["tolerance"] == 0.02 and gate["min_facesim"] == 0.90  # dlib's same-person threshold
+    assert not gate["passed"]  # the tiny model renders no face (README): its gate never passes
     assert all(c["status"] in ("passed", "failed") for c in gate["checks"].values())
     assert gate["passed"] == (not gate["reasons"]) == all(c["status"] == "passed" for c in gate["checks"].values())
 

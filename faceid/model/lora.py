@@ -1,12 +1,19 @@
 """LoRA on the Wan-VACE transformer's attention, through peft (``transformer.add_adapter``).
 
-Targets (``params.train_lora.lora.targets``), all ``to_q, to_k, to_v, to_out.0`` projections:
+Targets (``params.train_lora.lora.targets``), the attention presets on the ``to_q, to_k, to_v,
+to_out.0`` projections:
 
-- ``main-cross-attn`` (default): cross-attention (``attn2``) of the main DiT blocks. The face
-  tokens reach the model only through cross-attention, so this is where a LoRA helps the model
-  *read* them (the IP-Adapter / Lynx recipe), with the fewest parameters; the VACE branch keeps
-  doing pose control untouched.
+- ``main-cross-attn`` (the tiny profile's): cross-attention (``attn2``) of the main DiT blocks.
+  The face tokens reach the model only through cross-attention, so this is where a LoRA helps the
+  model *read* them (the IP-Adapter / Lynx recipe), with the fewest parameters (rank 64 on the
+  1.3B: 23.6 M); the VACE branch keeps doing pose control untouched.
 - ``main-attn``: self- and cross-attention of the main blocks.
+- ``main-attn-ffn`` (the real profile's): self- and cross-attention and the feed-forward
+  (``ffn.net.0.proj``, ``ffn.net.2``) of the main blocks: what DiffSynth-Studio's Wan LoRA
+  trains (``q,k,v,o,ffn.0,ffn.2`` of the DiT, rank 32: 43.7 M on the 1.3B). Cross-attention
+  reads the face tokens; drawing that face (its shape and texture at 3-4 patches in a full-body
+  frame, kept across frames) is what the self-attention and FFN weights do, so they adapt too
+  (README "The identity adapter"). VACE blocks stay frozen: pose control is the base model's.
 - ``vace-attn``: attention of the VACE control blocks (DiffSynth-Studio's VACE recipe; adapts
   how control is injected, not how the face tokens are read).
 - ``all-attn``: both branches.
@@ -29,6 +36,7 @@ _PROJ = r"(to_q|to_k|to_v|to_out\.0)"
 TARGET_REGEX = {
     "main-cross-attn": rf"^blocks\.\d+\.attn2\.{_PROJ}$",
     "main-attn": rf"^blocks\.\d+\.attn[12]\.{_PROJ}$",
+    "main-attn-ffn": rf"^blocks\.\d+\.(attn[12]\.{_PROJ}|ffn\.net\.0\.proj|ffn\.net\.2)$",
     "vace-attn": rf"^vace_blocks\.\d+\.attn[12]\.{_PROJ}$",
     "all-attn": rf"^(blocks|vace_blocks)\.\d+\.attn[12]\.{_PROJ}$",
 }

@@ -8,7 +8,7 @@ The real profile's parts (weights only; activations come on top):
 | UMT5-XXL text encoder | 5.68 B (1.05 B of it the 256k-token table) | 11.4 GB bf16 | only to encode prompts |
 | Wan-VACE transformer | 2.15 B (main blocks 1.39 B, VACE 0.73 B) | 4.3 GB bf16 | every denoising / training step |
 | Wan VAE | 127 M | 0.5 GB float32 | control/target encode, final decode |
-| LoRA rank 64, main attn2 (30 x 4 projections) | 23.6 M | 94 MB float32 (+ 189 MB AdamW state) | identity |
+| LoRA rank 32, main attention + FFN (30 x 10 projections, ``main-attn-ffn``) | 43.7 M | 175 MB float32 (+ 350 MB AdamW state) | identity |
 | FaceMapper 128 -> 1024 -> 4 x 4096 | 17.0 M | 68 MB float32 | identity |
 
 So the text encoder is the largest part and the least used: with ``model.text_encoder_offload``

@@ -15,8 +15,11 @@ measures the adapter while it trains, on examples it never trains on, and keeps 
   across steps and runs; separately ``identity_loss`` and ``prior_loss``.
 - **Renders** (:class:`Renderer`) every ``render_every`` steps and at the last step: the first
   ``num_clips`` held-out poses with the identity and with face_scale 0 (the base model: rendered
-  once a run), FaceSim of each to the identity embedding when a face is detected, a contact sheet
-  (pose | base | identity) per clip.
+  once a run), in the inference configuration (``render_validation``'s steps, guidance, seed and
+  face_scale; the reference image when the identity is trained with one), FaceSim of each to the
+  identity embedding when a face is detected, a contact sheet (pose | base | identity) per clip.
+  The point's FaceSim is the mean over the clips whose render shows a face (None when none does:
+  such a step cannot be the best by FaceSim).
 - **Best step** by ``criterion``: ``identity_loss`` (lower is better), ``facesim`` (render steps
   only; higher is better), or ``auto``: FaceSim once a render shows a detectable face, the
   identity loss before (:func:`rank_key`). Step 0 is never the best. Its weights are kept in
@@ -45,7 +48,11 @@ import torch
 
 from faceid.errors import InputError
 
-MIN_TRAINING_PHOTOS = 2
+# A photo is held out only when at least this many stay in training: 3 is the fewest photos an identity
+# is made of (crop_faces / embed_faces min_photos), and each of so few photos carries a view of the face
+# (angle, expression, light) the others lack. A 3-photo identity trains on all 3 and holds out the last
+# augmented view of each instead; a 4-photo identity holds one photo out.
+MIN_TRAINING_PHOTOS = 3
 METRICS = ("identity_loss", "prior_loss", "facesim", "facesim_base")  # per point; None = not measured
 # validation point key -> MLflow metric (beside stage1_loss / stage2_loss)
 VALIDATION_METRICS = {"identity_loss": "val_identity_loss", "prior_loss": "val_prior_loss", "facesim": "val_facesim",
@@ -137,20 +144,27 @@ def heldout_loss(model, examples: list[dict], noise_scheduler, *, seed: int, num
 
 
 class Renderer:
-    """Renders held-out poses with the adapter being trained (rank 0). Prompts are encoded once;
+    """Renders held-out poses with the adapter being trained (rank 0), as a user renders the identity:
+    the settings of ``render_validation`` (steps, guidance, seed, face_scale: the configuration
+    whose numbers the gate judges), the identity's reference image as VACE ``reference_images`` when
+    it is trained with one (``reference``; ``train_lora.reference_image``), and the same
+    conditioning as :func:`faceid.model.generate.generate_video` (``[text | face tokens]`` against
+    ``[negative text | null face]``, tokens and LoRA scaled by face_scale). Prompts are encoded once;
     then a pipeline of the training transformer, the VAE and the inference scheduler (no text
-    encoder) renders ``[text | face tokens]`` with the LoRA on, and ``[text]`` with it off
-    (face_scale 0, the base model exactly, as ``faceid.model.generate`` renders it)."""
+    encoder) renders with the LoRA on, and ``[text]`` with it off (face_scale 0, the base model
+    exactly, no reference image, as ``generate_video`` renders it)."""
 
-    def __init__(self, pipe, clips: list, embedding: np.ndarray, params, device: torch.device):
+    def __init__(self, pipe, clips: list, embedding: np.ndarray, params, device: torch.device, reference=None):
         from diffusers import WanVACEPipeline
 
         from faceid.faces.similarity import FaceSimScorer
-        from faceid.model.generate import encode_text
+        from faceid.model.generate import check_reference_image, encode_text
         from faceid.pose.video import read_video
 
-        cfg = params.train_lora.validation
-        self.steps, self.guidance, self.seed = cfg.num_inference_steps, cfg.guidance_scale, params.train_lora.seed
+        cfg = params.render_validation  # the inference configuration render-validation gates on
+        self.steps, self.guidance, self.seed, self.face_scale = (cfg.num_inference_steps, cfg.guidance_scale, cfg.seed,
+                                                                 cfg.face_scale)
+        self.reference = None if reference is None else check_reference_image(reference)
         self.device = device
         self.embedding = torch.from_numpy(np.asarray(embedding, np.float32))[None]
         self.clips = []
@@ -170,21 +184,29 @@ class Renderer:
 
     def _generate(self, model, clip: dict, identity: bool) -> np.ndarray:
         from faceid.model.generate import denoise
+        from faceid.model.mapper import scale_face
 
         transformer = self.pipe.transformer
-        cond, uncond = clip["text"], clip["negative"]
+        cond, uncond, reference = clip["text"], clip["negative"], None
+        identity = identity and self.face_scale > 0  # face_scale 0 is the base exactly, as generate_video has it
         if identity:
-            face = model.mapper(self.embedding.to(self.device))
+            null = model.mapper.null_tokens(1)
+            face = scale_face(model.mapper(self.embedding.to(self.device)), null, self.face_scale)
             cond = torch.cat([cond, face.to(cond.dtype)], dim=1)
             if uncond is not None:
-                uncond = torch.cat([uncond, model.mapper.null_tokens(1).to(uncond.dtype)], dim=1)
+                uncond = torch.cat([uncond, null.to(uncond.dtype)], dim=1)
+            reference = self.reference
+            if self.face_scale != 1.0:
+                transformer.set_adapters(["default"], [self.face_scale])
         else:
             transformer.disable_adapters()
         try:
-            return denoise(self.pipe, clip["pose"], cond, uncond, self.steps, self.guidance, self.seed)
+            return denoise(self.pipe, clip["pose"], cond, uncond, self.steps, self.guidance, self.seed, reference)
         finally:
             if not identity:
                 transformer.enable_adapters()
+            elif self.face_scale != 1.0:
+                transformer.set_adapters(["default"], [1.0])
 
     def render(self, model, folder: Path) -> dict:
         """Render every clip (identity; the base once), write ``<clip>.mp4``, ``<clip>_base.mp4`` and
@@ -211,14 +233,18 @@ class Renderer:
                 write_video(folder / f"{clip['id']}_base.mp4", base, clip["fps"])
                 Image.fromarray(frames_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
 
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return float(np.mean(values)) if values else None
-
-        return {"facesim": mean(ident_scores), "facesim_base": mean(base_scores), "face_detection_rate": mean(rates)}
+        return {"facesim": mean_measured(ident_scores), "facesim_base": mean_measured(base_scores),
+                "face_detection_rate": mean_measured(rates)}
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def mean_measured(values) -> float | None:
+    """Mean over the renders where the value was measured (FaceSim: a face was detected); None when
+    none was: such a step does not compete on FaceSim (:func:`rank_key` ranks it ``-inf``)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 # --------------------------------------------------------------------------- best step, early stop
