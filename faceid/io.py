@@ -189,9 +189,11 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: file not found (expected a JSON file)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def write_parquet(path: str | Path, rows: list[dict], schema: Any = None) -> None:

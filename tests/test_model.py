@@ -324,3 +324,22 @@ def test_tiny_tokenizer_gives_the_same_ids_in_every_process(params, repo):
         out = subprocess.run([sys.executable, "-c", code, str(repo / "params.yaml")], capture_output=True, text=True, check=True)
         assert json.loads(out.stdout.strip().splitlines()[-1]) == here
     assert 2 not in here  # no <unk>: every character of the prompt is in the vocabulary
+
+
+def test_a_damaged_latent_cache_entry_is_encoded_again(pipe, tmp_path, capsys):
+    """The latent cache is faceid's own: an entry that cannot be read (truncated by a full disk or a
+    killed copy) is encoded again and replaced, with a line saying so, instead of stopping training."""
+    from faceid.train.cache import Source, cached_examples
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    pose = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    source = Source(example_id="clip0", payload={"clip": "clip0"},
+                    load=lambda: (frames, pose, "a person dancing", None, {}))
+    first = cached_examples(pipe, [source], tmp_path, "tiny", show_progress=False)[0]
+    entry = next(tmp_path.glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # truncated
+    again = cached_examples(pipe, [source], tmp_path, "tiny", show_progress=False)[0]
+    assert not again["cached"] and "cannot be read" in capsys.readouterr().err
+    assert torch.equal(again["target"], first["target"])
+    assert cached_examples(pipe, [source], tmp_path, "tiny", show_progress=False)[0]["cached"]  # replaced, readable

@@ -308,3 +308,15 @@ def test_a_lock_that_cannot_be_made_says_so(tmp_path, capsys):
     rc, err = faceid([*SAMPLE, "sample-data", "--output", str(out)], capsys)
     assert rc == 2 and f"cannot create the lock file {lock_path(out)}" in err
     assert "another" not in err and not out.exists()
+
+
+def test_read_json_names_a_binary_or_unreadable_file(tmp_path):
+    """An identity.json (or any JSON faceid reads) that holds binary bytes is an InputError naming it,
+    not a UnicodeDecodeError traceback."""
+    from faceid.errors import InputError
+    from faceid.io import read_json
+
+    bad = tmp_path / "identity.json"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(InputError, match=r"identity.json: not valid JSON"):
+        read_json(bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,16 @@ def encode_example(pipe, target_frames: np.ndarray, pose_frames: np.ndarray, cap
     }
 
 
+def _read_entry(path: Path, load_file) -> dict | None:
+    """A cache entry's tensors, or None when the file cannot be read (truncated or damaged): the cache
+    is faceid's own, so such an entry is encoded again rather than stopping the run."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError for damaged files
+        print(f"latent cache: {path.name} cannot be read ({type(exc).__name__}); encoding it again", file=sys.stderr)
+        return None
+
+
 def cached_examples(pipe, sources: list[Source], cache_dir: str | Path, base_model: str, show_progress: bool = True,
                     desc: str = "latent cache") -> list[dict]:
     """One example per source: read from the cache or encode and store atomically. Returns dicts of
@@ -91,10 +102,9 @@ def cached_examples(pipe, sources: list[Source], cache_dir: str | Path, base_mod
     it = progress(sources, total=len(sources), desc=desc) if show_progress else sources
     for source in it:
         path = cache_dir / f"{cache_key(source.payload, base_model, text_len(pipe))}.safetensors"
-        cached = path.is_file()
-        if cached:
-            tensors = load_file(str(path))
-        else:
+        tensors = _read_entry(path, load_file) if path.is_file() else None
+        cached = tensors is not None
+        if not cached:  # a miss, or an entry that cannot be read (a disk fault): encoded again, replaced
             target, pose, caption, reference, extra = source.load()
             tensors = encode_example(pipe, target, pose, caption, reference)
             tensors.update({k: torch.as_tensor(np.asarray(v)).float().contiguous() for k, v in extra.items()})
