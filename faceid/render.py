@@ -6,7 +6,10 @@ What the rendering stages share (``faceid.infer``, ``faceid.batch``'s Ray Data w
 - :func:`resolve_identity` — an identity folder or ``models:/faceid-<name>@<alias>`` -> a local folder.
 - :func:`load_identities` — resolve, load and check identities before any model is built.
 - :func:`parse_blend` / :func:`parse_interpolate` — ``a=0.7,b=0.3`` / ``a,b`` from the command line.
-- :func:`load_pose_video` — read, check size and apply the 4n+1 frame policy (``faceid.model.shapes``).
+- :func:`check_pose_video` / :func:`load_pose_video` — size checked from the container (multiples of 16,
+  at most 720p) before decoding; read and apply the 4n+1 frame policy (``faceid.model.shapes``).
+- :func:`read_reference_photo` — a ``--reference-image`` with crop-faces' photo checks (size, blank, a face).
+- :func:`identity_sha256` — the content of an identity folder, for batch-infer's ``made_with``.
 - :func:`reference_image_for` — the photo of ``--reference-only`` (``--reference-image`` or the
   identity folder's ``reference.png``).
 - :class:`Generator` — the pipeline built once, identities loaded (and compatibility-checked) once.
