@@ -189,3 +189,23 @@ def test_a_truncated_file_in_the_weights_folder_names_it_and_the_fix(real_params
     named = copy / damaged if damaged == "model_index.json" else copy / damaged.split("/")[0]
     assert message.startswith(f"{named}: "), message
     assert "incomplete or corrupt: download it again" in message and "make-test-weights" in message
+
+
+def test_face_tokens_start_at_the_text_tokens_rms_on_the_real_layout(real_params):
+    """The real profile's loader and the T5 tokenizer of `make-test-weights` (the UMT5 interface):
+    a mapper calibrated on the captions' tokens starts within 20 % of their RMS, gate closed (issue 20;
+    the same on the 4096-D `--size real` weights in `make smoke-real`, benchmarks/smoke_real.py)."""
+    from faceid.model.generate import build_pipeline, encode_text
+    from faceid.model.mapper import caption_token_rms, initial_mapper
+
+    pipe = build_pipeline(real_params.model)
+    with torch.no_grad():
+        texts = [encode_text(pipe, c)[0].float() for c in ("a person dancing", "a photo of a person")]
+    assert all(0 < int((t.abs().sum(-1) > 0).sum()) < t.shape[0] for t in texts)  # caption rows, then padding
+    text_rms = caption_token_rms(texts)
+    mapper = initial_mapper(128, texts[0].shape[-1], 4, 0, seed=0).calibrate(text_rms)
+    emb = torch.nn.functional.normalize(torch.randn(8, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with torch.no_grad():
+        token_rms = float(mapper.ungated(emb).pow(2).mean(-1).sqrt().mean())
+        assert float(mapper(emb).abs().max()) == 0.0
+    assert abs(token_rms - text_rms) <= 0.2 * text_rms, (token_rms, text_rms)
