@@ -193,3 +193,18 @@ def test_the_real_profile_validates_with_the_settings_users_render_with(repo):
     assert rv.gate.min_facesim_gain > 0 and rv.gate.min_face_detection_rate > 0 and rv.gate.min_facesim == 0.0
     assert (real.train_lora.lora.targets, real.train_lora.lora.rank, real.train_lora.lora.alpha) == ("main-attn-ffn", 32, 32)
     assert real.train_lora.timestep_sampling == "mid_weighted"
+
+
+def test_a_checkpoint_from_before_the_gate_is_refused_with_what_to_do(params):
+    """A Ray checkpoint written before the mapper had a scale and a gate cannot resume this mapper:
+    a TrainingError that says to start afresh, not a state-dict traceback."""
+    from faceid.errors import TrainingError
+    from faceid.model.base_model import build_components
+    from faceid.model.mapper import FaceMapper
+    from faceid.train.step import FaceConditionedDiT, load_trainable_state, trainable_state
+
+    model = FaceConditionedDiT(build_components(params.model)["transformer"], FaceMapper(128, params.model.tiny.text_dim, 4))
+    state = trainable_state(model)
+    load_trainable_state(model, state)  # today's checkpoints resume
+    with pytest.raises(TrainingError, match="older faceid.*delete the checkpoint"):
+        load_trainable_state(model, {k: v for k, v in state.items() if k != "mapper.gate_param"})

@@ -153,8 +153,13 @@ def trainable_state(model: FaceConditionedDiT) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tensor]) -> None:
+    from faceid.errors import TrainingError
     from faceid.model.lora import set_lora_state_dict
 
+    if "mapper.gate_param" not in state:  # written before the face-token scale and gate (faceid.model.mapper)
+        raise TrainingError("checkpoint written by an older faceid (its face mapper has no output scale or gate): it "
+                            "cannot resume this run's mapper; delete the checkpoint (or its Ray run folder) to train "
+                            "from the start")
     model.mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")})
     lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
     if lora:
