@@ -252,13 +252,13 @@ def make_plan(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, wo
     holdout = plan_holdout([r.name for r in used], best.name, tcfg.validation, pcfg.views)
 
     # 2. Clips: routed to identity | prior; their face heights (the target sizes)
-    clips, held_out_clips = split_clips(clips_dir, tcfg.holdout_clips)
-    held_out_clips = held_out_clips if enabled(tcfg.validation) else []
+    clips, kept_out = split_clips(clips_dir, tcfg.holdout_clips)  # kept out of training either way
+    held_out_clips = kept_out if enabled(tcfg.validation) else []  # ... validated on when validation is on
     routes = route_clips(clips + held_out_clips, embedding, params.crop_faces, params.embed_faces,
                          tcfg.clip_identity_threshold)
     role = {r.clip_id: r.role for r in routes}
     clip_px, centres = {}, []
-    for clip in clips + list(split_clips(clips_dir, tcfg.holdout_clips)[1]):
+    for clip in clips + kept_out:  # the clips' face sizes: what the identity will be rendered on
         heights, ctr = np.zeros(0, np.float32), np.zeros((0, 2), np.float32)
         if clip.keypoints_path is not None and clip.keypoints_path.is_file():
             with np.load(clip.keypoints_path, allow_pickle=False) as z:
