@@ -225,10 +225,10 @@ def check_token_scale(params, pipe, ident) -> dict:
     cfg = ident.mapper.config()
     mapper = initial_mapper(cfg["embed_dim"], cfg["text_dim"], cfg["num_tokens"], cfg["hidden_dim"], seed=0).calibrate(text_rms)
     with torch.no_grad():
-        tokens = mapper.ungated(ident.embedding[None])
-    token_rms = float(tokens.pow(2).mean(-1).sqrt().mean())
+        token_rms = float(mapper.ungated(ident.embedding[None]).pow(2).mean(-1).sqrt().mean())
+        closed = float(mapper(ident.embedding[None]).abs().max()) == 0.0
     assert abs(token_rms - text_rms) <= 0.2 * text_rms, f"face token RMS {token_rms} vs text RMS {text_rms}"
-    assert float(mapper(ident.embedding[None]).abs().max()) == 0.0, "the untrained mapper's gate is not closed"
+    assert closed, "the untrained mapper's gate is not closed"
     return {"caption_token_rms": text_rms, "face_token_rms_at_init": token_rms, "face_gate": ident.card["face_gate"]}
 
 
