@@ -332,7 +332,7 @@ def report(args, device, results, sdpa, vae, flop, tokens, text_tokens, held) ->
     bound_step = passes * flop["total"] / (args.peak_tflops * 1e12)
     head = " | ".join(f"s/video @{n}" for n in args.report_steps)
     lines = [
-        f"# Inference: stock diffusers vs faceid's identity path (`benchmarks/bench_infer_gpu.py`)", "",
+        "# Inference: stock diffusers vs faceid's identity path (`benchmarks/bench_infer_gpu.py`)", "",
         f"Machine: {environment_line(device)}.",
         f"Weights: `{args.weights}` (Wan2.1-VACE-1.3B architecture; random test weights time like real ones).",
         f"Video: {args.frames} frames {args.height}x{args.width} -> {tokens} video tokens, {text_tokens} text tokens "

@@ -7,11 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from faceid.errors import InputError
-from test_infer import copy_with_card, make_identity, read, small, write_pose_video
+from test_infer import copy_with_card, make_identity, small, write_pose_video
 from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import struct
 from pathlib import Path
 
 import numpy as np

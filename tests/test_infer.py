@@ -14,6 +14,7 @@ import pytest
 
 from faceid.config import params_from_dict, to_dict
 from faceid.errors import FaceidError, InputError
+from test_pose_video import write_audio_only
 from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -577,18 +578,10 @@ def test_pose_videos_larger_than_the_model_or_without_frames_are_refused(world, 
     """Issue 21 items 4, 8: a pose video above 720p (here 1296x736: more than 1280 px on the long side)
     is refused from its container before any frame is decoded or a model loads, naming the file, its
     size and the limit; a file with no video stream says so."""
-    import av
-
     from faceid.cli import main
 
     big = write_pose_video(tmp_path / "big.mp4", 2, height=736, width=1296)
-    audio = tmp_path / "audio.mp4"
-    with av.open(str(audio), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
+    audio = write_audio_only(tmp_path / "audio.mp4")
     for video, message in [
         (big, f"{big} (pose video): 736x1296 (HxW) is larger than the model takes: at most 1280 px on the long side "
               "and 921600 pixels"),

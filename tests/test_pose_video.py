@@ -177,20 +177,25 @@ def test_same_frames_give_the_same_bytes_with_no_version_or_time_in_the_file(tmp
     assert "creation_time" not in tags and "encoder" not in tags and b"Lavf" not in data
 
 
-def test_no_video_stream_is_named_and_a_long_read_shows_progress(tmp_path, capsys):
-    """Issue 21 item 8: a file with only an audio stream says so; a long video (> LONG_READ_FRAMES)
-    shows a progress bar while it decodes."""
+def write_audio_only(path: Path) -> Path:
+    """An MP4 holding one AAC audio stream and no video stream (a real file, written with PyAV)."""
     import av
 
-    from faceid.pose.video import LONG_READ_FRAMES
-
-    audio = tmp_path / "audio.mp4"
-    with av.open(str(audio), "w") as container:
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("aac", rate=16000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
         frame.sample_rate = 16000
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
+    return path
+
+
+def test_no_video_stream_is_named_and_a_long_read_shows_progress(tmp_path, capsys):
+    """Issue 21 item 8: a file with only an audio stream says so; a long video (> LONG_READ_FRAMES)
+    shows a progress bar while it decodes."""
+    from faceid.pose.video import LONG_READ_FRAMES
+
+    audio = write_audio_only(tmp_path / "audio.mp4")
     for read in (probe, read_video):
         with pytest.raises(InputError, match=f"{audio}: no video stream \\(the file holds 1 audio\\); expected a video"):
             read(audio)

@@ -74,7 +74,7 @@ def peft_config(cfg: LoraConfig):
 def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> int:
     """Add a trainable LoRA adapter (B initialised at zero: the model is unchanged); return its size."""
     transformer.add_adapter(peft_config(cfg), adapter_name=adapter_name)
-    return sum(p.numel() for n, p in transformer.named_parameters() if f"lora_" in n and f".{adapter_name}." in n)
+    return sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n and f".{adapter_name}." in n)
 
 
 def lora_parameters(transformer) -> list:
