@@ -397,7 +397,7 @@ def format_plan(plan: Plan, identity: str) -> str:
     lines += ["schedule:",
               f"  stage 1: {sc.stage1_steps} steps; stage 2: {sc.stage2_steps} steps "
               f"(identity_share {tcfg.identity_share:g}, batch {tcfg.batch_size} x {tcfg.num_workers} worker(s))",
-              f"  passes per photo: {sc.passes_per_photo:.0f} (per identity example {sc.passes_per_example:.1f})",
+              f"  passes per photo: {sc.passes_per_photo:.3g} (per identity example {sc.passes_per_example:.1f})",
               f"  {sc.why}"]
     mins = est["seconds"] / 60
     lines += [f"estimate on {est['device']} (from {est['source']}): ~{mins:.0f} min of training steps"

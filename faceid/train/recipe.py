@@ -505,7 +505,7 @@ def format_summary(identity: str, s: dict, output_dir) -> str:
     lines = [f"train-lora {identity}: {s['steps_trained']} steps in {s['seconds']:.1f} s "
              f"({s['samples_per_s']:.2f} samples/s, peak memory {s['peak_memory_mb']:.0f} MiB)"]
     if "passes_per_photo" in s:
-        lines.append(f"  passes per photo: {s['passes_per_photo']:.0f} (planned {s['planned_stage1_steps']} + "
+        lines.append(f"  passes per photo: {s['passes_per_photo']:.3g} (planned {s['planned_stage1_steps']} + "
                      f"{s['planned_stage2_steps']} steps)")
     if "face_size_coverage" in s:
         lines.append(f"  face sizes (px, min/median/max): clips {s['clips_face_px_min']:.0f}/{s['clips_face_px_median']:.0f}/"
