@@ -32,8 +32,10 @@ A value that cannot be measured fails its check, with the reason. When the gate 
 identity is registered in MLflow, its version gets the alias ``tracking.validated_alias``.
 
 Output ``<out>/``: ``metrics.json`` (DVC metrics), ``videos/<clip>.mp4`` (identity),
-``<clip>_base.mp4`` and ``<clip>_reference_only.mp4``, ``side_by_side/<clip>.mp4``
-(pose | base | reference-only | identity) and ``sheets/<clip>.png`` (rows likewise). Every input is
+``<clip>_base.mp4`` and ``<clip>_reference_only.mp4``, ``sheets/<clip>.png`` (rows: pose, base,
+reference-only, identity; the renders' pixels), ``side_by_side/<clip>.mp4`` (pose | base | reference-only |
+identity, each panel labelled, scaled to a watchable size: :mod:`faceid.preview`) and its contact sheet
+``side_by_side/<clip>.png``. Every input is
 checked before a model is built; ``<out>`` is locked for the run (:func:`faceid.io.output_lock`).
 """
 
@@ -188,10 +190,12 @@ def _video_name(clip_id: str, arm: str) -> str:
 
 def _render_clip(generator, arms: dict[str, tuple], scorer, estimator, clip: dict, settings, out: Path) -> dict:
     """Render every arm (``arm -> (conditioning, reference image)``) for one clip; measure; write
-    the videos, the side-by-side video and the contact sheet."""
+    the videos, the contact sheet, and the side-by-side preview with its contact sheet beside it
+    (scaled and labelled for watching: :mod:`faceid.preview`; the metrics use the renders as they are)."""
     from faceid.pose.metrics import pose_fidelity
     from faceid.pose.video import read_video, write_video
-    from faceid.render import frames_sheet, side_by_side
+    from faceid.preview import write_preview
+    from faceid.render import frames_sheet
 
     pose_frames, fps = read_video(clip["pose_path"])
     ref_kps = np.load(clip["keypoints_path"])["keypoints"]
@@ -205,9 +209,9 @@ def _render_clip(generator, arms: dict[str, tuple], scorer, estimator, clip: dic
         face = scorer.score(frames)
         pose = pose_fidelity(estimator.estimate(frames), ref_kps, threshold=PCK_THRESHOLD)
         metrics[arm] = {**video_metrics(face, pose), "per_frame_facesim": face["per_frame"]}
-    panels = [pose_frames] + [videos[arm] for arm in ARMS if arm in videos]
-    _write_png(out / "sheets" / f"{name}.png", frames_sheet(panels, SHEET_FRAMES))
-    write_video(out / "side_by_side" / f"{name}.mp4", side_by_side(*panels), fps)
+    panels = {"pose": pose_frames, **{arm: videos[arm] for arm in ARMS if arm in videos}}
+    _write_png(out / "sheets" / f"{name}.png", frames_sheet(list(panels.values()), SHEET_FRAMES))
+    write_preview(out / "side_by_side" / f"{name}.mp4", out / "side_by_side" / f"{name}.png", panels, fps)
     return metrics
 
 

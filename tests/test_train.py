@@ -212,7 +212,7 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     # renders of the held-out clip (identity, face_scale 0) + contact sheet per render step (and the last)
     for step in (8, 12):
         files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"validation/step_{step:06d}")}
-        assert files == {"c2.mp4", "c2_base.mp4", "c2.png"}, step
+        assert files == {"c2.mp4", "c2_base.mp4", "c2_side_by_side.mp4", "c2.png"}, step
     assert run.data.tags["kept_step"] == str(kept["step"]) and run.info.status == "FINISHED"
     from faceid.tracking import download_identity
 
@@ -615,6 +615,20 @@ def test_validation_renders_as_inference_does(params, inputs, tmp_path, one_thre
     inferred = generate_video(fresh, load_identity(folder), pose, clip.caption, face_scale=0.5, lora_scale=1.0,
                               guidance_scale=rv.guidance_scale, num_inference_steps=rv.num_inference_steps, seed=rv.seed)
     assert np.abs(rendered.astype(int) - inferred).max() <= 1 and np.array_equal(after, renders[True])
+    # a render step's folder: the renders as they are, the side-by-side preview (pose | base | identity, labelled,
+    # enlarged by nearest neighbour) and its contact sheet beside it (issue 24)
+    from previews import check_preview
+
+    renderer = Renderer(pipe, [clip], embedding, p, cpu, reference)
+    try:
+        with torch.no_grad():
+            renderer.render(model, tmp_path / "step")
+    finally:
+        renderer.close()
+    assert read_video(tmp_path / "step" / f"{clip.clip_id}.mp4")[0].shape == renders[True].shape  # the render at its size
+    step = {"pose": pose, "base": renderer.base[clip.clip_id][0], "identity": renders[True]}
+    assert check_preview(tmp_path / "step" / f"{clip.clip_id}_side_by_side.mp4", tmp_path / "step" / f"{clip.clip_id}.png",
+                         step) == 8  # 32 px renders: x8
 
 
 def test_the_best_render_step_counts_only_renders_with_a_face(params, one_thread):

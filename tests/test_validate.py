@@ -14,6 +14,7 @@ from PIL import Image
 
 from faceid.errors import ConfigError, InputError
 from test_infer import copy_with_card, make_identity, small
+from previews import check_preview
 from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -87,6 +88,33 @@ def test_clip_selection_and_images():
     assert side_by_side(v, v[:5], v, v).shape == (5, 16, 96, 3)
 
 
+def test_previews_are_enlarged_exactly_labelled_and_deterministic(tmp_path):
+    """Preview videos (faceid.preview): a tiny render enlarged by an integer factor, nearest neighbour
+    (each render pixel a k x k block: the render comes back exactly), a label drawn only in its box;
+    real-size renders reduced to MAX_SIDE; the same frames give the same bytes (video and sheet)."""
+    from faceid.preview import MAX_SIDE, label_box, preview_panels, preview_scale, preview_video, write_preview
+
+    rng = np.random.default_rng(0)
+    panels = {n: rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8) for n in ("pose", "base", "reference_only", "identity")}
+    plain, k = preview_panels(panels, labels=False)
+    labelled, _ = preview_panels(panels)
+    assert k == 4 and preview_video(panels).shape == (5, 256, 1024, 3)
+    for (name, render), big, marked in zip(panels.items(), plain, labelled):
+        assert np.array_equal(big[:, ::k, ::k], render)  # downsampling by k gives the render back
+        assert np.array_equal(big, render.repeat(k, 1).repeat(k, 2))  # and every block is one pixel
+        x0, y0, x1, y1 = label_box(256, {"reference_only": "reference-only"}.get(name, name))
+        changed = np.argwhere((marked != big).any(axis=(0, 3)))
+        assert len(changed) > 0 and changed.min(0).tolist() >= [y0, x0] and changed.max(0).tolist() < [y1, x1], name
+    assert preview_scale(64, 64, 1) == 8  # one panel: the frame's long side still >= 512
+    assert preview_scale(256, 448, 4) == 1  # already watchable: kept
+    real = preview_video({n: np.zeros((2, 480, 832, 3), np.uint8) for n in panels})
+    assert max(real.shape[1:3]) <= MAX_SIDE and real.shape[1] % 2 == 0 and real.shape[2] % 2 == 0
+    for out in ("a", "b"):
+        write_preview(tmp_path / out / "x.mp4", tmp_path / out / "x.png", panels, 16)
+    for name in ("x.mp4", "x.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -121,6 +149,7 @@ def validation(world):
 
 def test_three_arms_outputs_and_metrics_json(world, validation):
     from faceid.pose.video import probe, read_video
+    from faceid.validate import _clip_rows
 
     out, result = validation
     written = json.loads((out / "metrics.json").read_text())
@@ -137,11 +166,10 @@ def test_three_arms_outputs_and_metrics_json(world, validation):
         # three different renders (H.264: compare with a margin)
         for a, b in (("base", "reference_only"), ("base", "identity"), ("reference_only", "identity")):
             assert np.abs(videos[a] - videos[b]).mean() > 1.0, (a, b)
-        # pose | base | reference-only | identity
-        panels = read_video(out / "side_by_side" / f"{clip}.mp4")[0].astype(int)
-        assert panels.shape == (9, 64, 4 * 64, 3)
-        for k, arm in enumerate(("base", "reference_only", "identity"), start=1):
-            assert np.abs(panels[:, :, 64 * k: 64 * (k + 1)] - videos[arm]).mean() < 6.0, arm
+        # pose | base | reference-only | identity: the preview, enlarged x4 (nearest) and labelled, its sheet beside it
+        pose = read_video(next(r["pose_path"] for r in _clip_rows(world["root"] / "clips") if r["clip_id"] == clip))[0]
+        assert check_preview(out / "side_by_side" / f"{clip}.mp4", out / "side_by_side" / f"{clip}.png",
+                             {"pose": pose, **{arm: videos[arm] for arm in ("base", "reference_only", "identity")}}) == 4
         sheet = np.asarray(Image.open(out / "sheets" / f"{clip}.png"))
         assert sheet.shape[0] == 4 * 64 + 3 * 2  # four rows
         per_video = result["videos"][clip]
@@ -190,6 +218,34 @@ def test_metrics_logged_to_mlflow_and_alias_follows_the_gate(world, validation):
     assert (aliases.get("validated") == version) == result["gate"]["passed"]
 
 
+def test_mlflow_numbers_are_true_and_runs_traceable(world, validation):
+    """Issue 24: a number that could not be measured is absent from the run (never a 0) with a tag
+    saying why; the run's name has the identity and a hash, Source and Created by are set; the
+    registered version names its training run, its validation run and the side-by-side videos."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    out, result = validation
+    client = MlflowClient(world["uri"])
+    run = client.get_run(result["mlflow"]["run_id"])
+    unmeasured = [(arm, k) for arm in ("base", "reference_only", "identity") for k, v in result[arm].items() if v is None]
+    assert ("base", "facesim") in unmeasured  # the tiny model renders no face: "n/a" in the terminal
+    for arm, key in unmeasured:
+        assert f"{arm}.{key}" not in run.data.metrics and run.data.tags[f"not_measured.{arm}.{key}"], (arm, key)
+    assert run.data.tags["not_measured.base.facesim"] == "no face detected in any frame"
+    assert not any(k.startswith("not_measured.") and k.split(".", 1)[1] in run.data.metrics for k in run.data.tags)
+    assert re.fullmatch(r"render-validation obama [0-9a-f]{7}", run.info.run_name)
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    mv = client.get_model_version("faceid-obama", world["registered"]["model_version"])
+    training = world["registered"]["mlflow_run_id"]
+    assert mv.tags["training_run_id"] == training and mv.tags["validation_run_id"] == run.info.run_id
+    videos = mv.tags["validation_side_by_side"].split()
+    assert videos == [f"side_by_side/{c}.mp4" for c in result["clips"]]
+    assert set(videos) <= {f.path for f in client.list_artifacts(run.info.run_id, "side_by_side")}
+    assert training in mv.description and run.info.run_id in mv.description and videos[0] in mv.description
+
+
 def test_a_passing_gate_sets_the_validated_alias_on_this_version_only(world, validation, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -226,7 +282,7 @@ def test_without_reference_png_the_reference_only_arm_is_skipped(world, tmp_path
     clip = result["clips"][0]
     assert list(written["videos"][clip]) == ["base", "identity"]
     assert not (tmp_path / "out" / "videos" / f"{clip}_reference_only.mp4").exists()
-    assert probe(tmp_path / "out" / "side_by_side" / f"{clip}.mp4")["width"] == 3 * 64  # pose | base | identity
+    assert probe(tmp_path / "out" / "side_by_side" / f"{clip}.mp4")["width"] == 3 * 4 * 64  # pose | base | identity, x4
     flat = validate.flat_metrics(result)
     assert flat["reference_only.skipped"] == 1.0 and "gate.vs_reference_only.passed" not in flat
     assert not any(k.startswith("reference_only.") and k != "reference_only.skipped" for k in flat)

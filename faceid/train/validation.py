@@ -17,7 +17,8 @@ measures the adapter while it trains, on examples it never trains on, and keeps 
   ``num_clips`` held-out poses with the identity and with face_scale 0 (the base model: rendered
   once a run), in the inference configuration (``render_validation``'s steps, guidance, seed and
   face_scale; the reference image when the identity is trained with one), FaceSim of each to the
-  identity embedding when a face is detected, a contact sheet (pose | base | identity) per clip.
+  identity embedding when a face is detected, a labelled side-by-side preview video (pose | base |
+  identity, scaled to a watchable size) and its contact sheet per clip.
   The point's FaceSim is the mean over the clips whose render shows a face (None when none does:
   such a step cannot be the best by FaceSim).
 - **Best step** by ``criterion``: ``identity_loss`` (lower is better), ``facesim`` (render steps
@@ -209,13 +210,13 @@ class Renderer:
                 transformer.set_adapters(["default"], [1.0])
 
     def render(self, model, folder: Path) -> dict:
-        """Render every clip (identity; the base once), write ``<clip>.mp4``, ``<clip>_base.mp4`` and
-        ``<clip>.png`` (pose | base | identity) into ``folder``; return the mean FaceSim of each arm
-        over the clips where it is measurable (None when no render shows a face)."""
-        from PIL import Image
-
+        """Render every clip (identity; the base once), write ``<clip>.mp4`` and ``<clip>_base.mp4``
+        (the renders), ``<clip>_side_by_side.mp4`` (pose | base | identity, labelled and scaled to a
+        watchable size, :mod:`faceid.preview`) and its contact sheet ``<clip>.png`` into ``folder``;
+        return the mean FaceSim of each arm over the clips where it is measurable (None when no
+        render shows a face), measured on the renders, not on the preview."""
         from faceid.pose.video import write_video
-        from faceid.render import frames_sheet  # pose | base | identity rows, as render-validation lays them out
+        from faceid.preview import write_preview  # pose | base | identity, as render-validation lays them out
 
         ident_scores, base_scores, rates = [], [], []
         with torch.no_grad():
@@ -231,7 +232,8 @@ class Renderer:
                 rates.append(face["detection_rate"])
                 write_video(folder / f"{clip['id']}.mp4", frames, clip["fps"])
                 write_video(folder / f"{clip['id']}_base.mp4", base, clip["fps"])
-                Image.fromarray(frames_sheet([clip["pose"], base, frames])).save(folder / f"{clip['id']}.png")
+                write_preview(folder / f"{clip['id']}_side_by_side.mp4", folder / f"{clip['id']}.png",
+                              {"pose": clip["pose"], "base": base, "identity": frames}, clip["fps"])
 
         return {"facesim": mean_measured(ident_scores), "facesim_base": mean_measured(base_scores),
                 "face_detection_rate": mean_measured(rates)}
