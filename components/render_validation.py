@@ -16,12 +16,17 @@ def render_validation(
     params_path: str = "",
     profile: str = "",
     mlflow_uri: str = "",
+    kfp_run: str = "",
+    kfp_task: str = "",
 ):
-    """``validation``: metrics.json, videos/, sheets/, side_by_side/; ``metrics``: the numbers for the KFP UI."""
+    """``validation``: metrics.json, videos/, sheets/, side_by_side/; ``metrics``: the numbers for the KFP UI.
+    ``kfp_run`` / ``kfp_task``: the pipeline passes its run and task name (KFP placeholders) for the MLflow run."""
     from faceid import stages
     from faceid_components import log_metrics, mlflow_uri as tracking_uri, stage_params
 
     params = stage_params(params_path, profile)
     result = stages.render_validation(params, identity_dir.path, clips.path, embeddings.path, validation.path,
-                                      mlflow_uri=tracking_uri(mlflow_uri, params))
+                                      mlflow_uri=tracking_uri(mlflow_uri, params),
+                                      origin={"source": "kfp render_validation", "kfp_run": kfp_run,
+                                              "kfp_task": kfp_task})
     log_metrics(metrics, result)

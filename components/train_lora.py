@@ -22,12 +22,16 @@ def train_lora(
     stage2_steps: int = -1,
     ray_address: str = "",
     mlflow_uri: str = "",
+    kfp_run: str = "",
+    kfp_task: str = "",
 ):
-    """``identity_dir``: LoRA + face mapper + identity card. "" / -1 = the value in params.yaml."""
+    """``identity_dir``: LoRA + face mapper + identity card. "" / -1 = the value in params.yaml.
+    ``kfp_run`` / ``kfp_task``: the pipeline passes its run and task name (KFP placeholders) for the MLflow run."""
     from faceid import stages
     from faceid_components import mlflow_uri as tracking_uri, ray_address as address, stage_params
 
     params = stage_params(params_path, profile, {"train_lora.stage1.steps": stage1_steps,
                                                  "train_lora.stage2.steps": stage2_steps})
     stages.train_lora(params, identity, crops.path, embeddings.path, clips.path, identity_dir.path,
-                      ray_address=address(ray_address, params), mlflow_uri=tracking_uri(mlflow_uri, params))
+                      ray_address=address(ray_address, params), mlflow_uri=tracking_uri(mlflow_uri, params),
+                      origin={"source": "kfp train_lora", "kfp_run": kfp_run, "kfp_task": kfp_task})

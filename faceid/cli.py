@@ -64,14 +64,15 @@ def _cmd_train_lora(params, args) -> None:
         return
     stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
                       ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),
-                      lock_wait=args.lock_wait)
+                      lock_wait=args.lock_wait, origin=_origin("train-lora"))
 
 
 def _cmd_render_validation(params, args) -> None:
     from faceid import stages
 
     stages.render_validation(params, Path(args.identity), Path(args.clips), Path(args.reference), Path(args.output),
-                             mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
+                             mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait,
+                             origin=_origin("render-validation"))
 
 
 def _cmd_infer(params, args) -> None:
@@ -130,6 +131,12 @@ def _mlflow_uri(params, args) -> str:
     from faceid.tracking import resolve_uri
 
     return resolve_uri(getattr(args, "mlflow_uri", None), params.tracking, os.environ)
+
+
+def _origin(command: str) -> dict:
+    """Where this command runs, for its MLflow run's tags: the command, and the DVC stage when
+    ``dvc repro`` runs it (DVC sets ``$DVC_STAGE``)."""
+    return {"source": f"faceid {command}", "dvc_stage": os.environ.get("DVC_STAGE", "")}
 
 
 def _ray_address(params, args) -> str:

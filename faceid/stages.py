@@ -59,9 +59,11 @@ def prepare_pose(params, videos: Path, output: Path, *, pose_videos: Path | None
 
 
 def train_lora(params, identity: str, crops: Path, embeddings: Path, clips: Path, output: Path, *,
-               ray_address: str = "", mlflow_uri: str = "", lock_wait: float = 0.0, plan: bool = False) -> dict:
+               ray_address: str = "", mlflow_uri: str = "", lock_wait: float = 0.0, plan: bool = False,
+               origin: dict | None = None) -> dict:
     """Two-stage identity training on Ray Train, logged and registered in MLflow (:mod:`faceid.train.launch`).
-    ``plan``: only print what the run would do (:func:`faceid.train.plan.run`): no model, no training, nothing written."""
+    ``plan``: only print what the run would do (:func:`faceid.train.plan.run`): no model, no training, nothing written.
+    ``origin``: where the door runs (command, KFP run, DVC stage: :data:`faceid.tracking.ORIGIN_TAGS`), for the MLflow run."""
     from faceid.train import launch
 
     if plan:
@@ -71,16 +73,17 @@ def train_lora(params, identity: str, crops: Path, embeddings: Path, clips: Path
 
     return launch.run(params, identity=identity, crops_dir=Path(crops), embeddings_dir=Path(embeddings),
                       clips_dir=Path(clips), output_dir=Path(output), ray_address=ray_address, mlflow_uri=mlflow_uri,
-                      lock_wait=lock_wait)
+                      lock_wait=lock_wait, origin=origin)
 
 
 def render_validation(params, identity: Path, clips: Path, reference: Path, output: Path, *,
-                      mlflow_uri: str = "", lock_wait: float = 0.0) -> dict:
-    """Held-out clips rendered in three arms, FaceSim / pose metrics, the validation gate (:mod:`faceid.validate`)."""
+                      mlflow_uri: str = "", lock_wait: float = 0.0, origin: dict | None = None) -> dict:
+    """Held-out clips rendered in three arms, FaceSim / pose metrics, the validation gate (:mod:`faceid.validate`).
+    ``origin``: as for :func:`train_lora`."""
     from faceid import validate
 
     return validate.run(params, identity_dir=Path(identity), clips_dir=Path(clips), reference=Path(reference),
-                        output_dir=Path(output), mlflow_uri=mlflow_uri, lock_wait=lock_wait)
+                        output_dir=Path(output), mlflow_uri=mlflow_uri, lock_wait=lock_wait, origin=origin)
 
 
 def infer(params, pose_video: Path, output: Path, settings, *, identity: str | None = None, blend: str | None = None,

@@ -109,9 +109,48 @@ def client(tracking_uri: str):
 # --------------------------------------------------------------------------- runs
 
 
+# What a door knows about where a stage runs (``origin``, a plain dict the doors build): key -> tag.
+# ``source``: the command ("faceid train-lora"); ``kfp_run``: the KFP run's name
+# (``dsl.PIPELINE_JOB_NAME_PLACEHOLDER``); ``kfp_task``: its task; ``dvc_stage``: ``$DVC_STAGE``.
+ORIGIN_TAGS = {"source": "mlflow.source.name", "kfp_run": "kfp.run", "kfp_task": "kfp.task", "dvc_stage": "dvc.stage"}
+
+
+def short_hash(*parts) -> str:
+    """7 hex digits of the JSON of ``parts``: what tells two runs of one identity apart in a run name."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:7]
+
+
+def run_name(command: str, identity: str, digest: str, origin: Mapping[str, str] | None = None) -> str:
+    """``train-lora obama 3f2a9c1``: the command, the identity, and the KFP run when inside one, else
+    ``digest`` (a short hash of the resolved config and input data: the same inputs, the same name)."""
+    return f"{command} {identity} {(origin or {}).get('kfp_run') or digest}"
+
+
+def run_tags(tags: Mapping[str, str], origin: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``tags`` with what the MLflow UI shows as Source and Created by (``mlflow.source.*``,
+    ``mlflow.user``, the git commit: MLflow's own run-context resolution, as ``mlflow.start_run``
+    does, so that a run created through the client -- train-lora's, which Ray workers log into --
+    has them too) and the ``origin`` the door passed (:data:`ORIGIN_TAGS`; empty values left out;
+    ``mlflow.source.type`` JOB inside KFP)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    origin = {k: v for k, v in (origin or {}).items() if v}
+    unknown = set(origin) - set(ORIGIN_TAGS)
+    if unknown:
+        raise ValueError(f"origin: unknown keys {sorted(unknown)} (expected {sorted(ORIGIN_TAGS)})")
+    out = resolve_tags(dict(tags))
+    out.update({ORIGIN_TAGS[k]: str(v) for k, v in origin.items()})
+    if origin.get("kfp_run"):
+        out["mlflow.source.type"] = "JOB"
+    return out
+
+
 def open_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str], resume_tag: str) -> str:
     """The unfinished run tagged ``resume_tag`` (``key=value``) that a killed command left (its rerun
-    goes on in it), else a new run named ``run_name``. Returns its id."""
+    goes on in it), else a new run named ``run_name`` with ``tags`` (see :func:`run_tags`). Returns its id."""
     key, value = resume_tag.split("=", 1)
     mlflow_client = client(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
@@ -120,6 +159,16 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, 
     if found and found[0].info.status != "FINISHED":
         return found[0].info.run_id
     return mlflow_client.create_run(exp_id, run_name=run_name, tags={**tags, key: value}).info.run_id
+
+
+# A model version's description: train-lora's part, then this heading and render-validation's part
+# (replaced by each validation of that version).
+VALIDATION_NOTE = "\n\nValidation:"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's address of a run, relative to the UI (works in a model version's description)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def end_run(tracking_uri: str, run_id: str, status: str, stage: str) -> None:

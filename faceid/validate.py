@@ -223,10 +223,11 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir: Path, mlflow_uri: str | None = None,
-        lock_wait: float = 0.0) -> dict:
+        lock_wait: float = 0.0, origin: dict | None = None) -> dict:
     """Render the three arms, measure and gate; write ``output_dir`` atomically; log to MLflow when ``mlflow_uri``.
     Every input is checked before a model is built. ``lock_wait``: seconds to wait for another run
-    writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
+    writing ``output_dir`` (:func:`faceid.io.output_lock`). ``origin``: what the door knows of where
+    it runs (:data:`faceid.tracking.ORIGIN_TAGS`), as run tags."""
     from faceid.faces.embed import load_identity_embedding, outlier_threshold
     from faceid.faces.similarity import FaceSimScorer
     from faceid.io import atomic_dir, output_lock, write_json
@@ -294,7 +295,7 @@ def run(params, identity_dir: Path, clips_dir: Path, reference: Path, output_dir
 
         # 6. MLflow: metrics, videos, sheets; alias when the gate passes
         if mlflow_uri:
-            result["mlflow"] = log_to_mlflow(params, identity, output_dir, result, mlflow_uri)
+            result["mlflow"] = log_to_mlflow(params, identity, output_dir, result, mlflow_uri, origin)
     verdict = "PASSED" if gate["passed"] else "FAILED (" + "; ".join(gate["reasons"]) + ")"
     scores = ", ".join(f"{arm} " + ("skipped" if arm in skipped else _fmt(summary[arm]["facesim"])) for arm in ARMS)
     print(f"render-validation {identity.name}: {len(clips)} clip(s){'' if held_out else ' (not held out: every clip was trained on)'}, "
@@ -335,8 +336,23 @@ def flat_metrics(result: dict) -> dict[str, float]:
     return out
 
 
-def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: str) -> dict:
-    """One MLflow run tagged with the identity; the alias ``validated`` only when the gate passes."""
+def not_measured(result: dict) -> dict[str, str]:
+    """Tags ``not_measured.<arm>.<metric>`` -> why, for each averaged number that could not be measured
+    (left out of the metrics, never logged as 0; the terminal prints it as n/a)."""
+    why = {"facesim": "no face detected in any frame", "facesim_min": "no face detected in any frame",
+           "facesim_std": "no face detected in any frame",
+           "facesim_jitter": "no two consecutive frames with a face",
+           "pose_pck": "no reference pose to compare", "pose_error": "no joint found in both poses",
+           "pose_detection_rate": "no reference pose to compare"}
+    return {f"not_measured.{arm}.{k}": why.get(k, "not measurable")
+            for arm in ARMS if not result[arm].get("skipped") for k, v in result[arm].items() if v is None}
+
+
+def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: str, origin: dict | None = None) -> dict:
+    """One MLflow run ``render-validation <identity> <hash of card, settings and clips>`` tagged with
+    the identity; numbers not measurable are absent (tagged ``not_measured.*`` with the reason). The
+    registered version of this identity folder gets tags and a description naming this run and its
+    side-by-side videos; the alias ``validated`` only when the gate passes."""
     import mlflow
 
     from faceid import tracking
@@ -344,11 +360,13 @@ def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: 
 
     client = tracking.client(mlflow_uri)
     passed = result["gate"]["passed"]
+    digest = tracking.short_hash(identity.card, flatten(params.render_validation), result["clips"])
+    tags = {"stage": "render_validation", "identity": identity.name, "base_model": identity.card["base_model"],
+            "embedder": identity.card["embedder"], "gate": "passed" if passed else "failed",
+            "held_out": str(result["held_out"]).lower(), **not_measured(result)}
     with tracking.using(mlflow_uri, params.tracking.experiment) as exp_id, \
-            mlflow.start_run(run_name=f"render-validation-{identity.name}", experiment_id=exp_id) as run:
-        mlflow.set_tags({"stage": "render_validation", "identity": identity.name, "base_model": identity.card["base_model"],
-                         "embedder": identity.card["embedder"], "gate": "passed" if passed else "failed",
-                         "held_out": str(result["held_out"]).lower()})
+            mlflow.start_run(run_name=tracking.run_name("render-validation", identity.name, digest, origin),
+                             experiment_id=exp_id, tags=tracking.run_tags(tags, origin)) as run:
         mlflow.log_params(flatten(params.render_validation, "render_validation"))
         mlflow.log_metrics(flat_metrics(result))
         mlflow.log_artifacts(str(output_dir))  # metrics.json, videos/, sheets/ (PNGs show in the UI), side_by_side/
@@ -359,8 +377,16 @@ def log_to_mlflow(params, identity, output_dir: Path, result: dict, mlflow_uri: 
         print(f"render-validation {identity.name}: no registered version {name}@{params.tracking.register_alias} "
               "for this identity folder; alias not changed")
         return out
-    client.set_model_version_tag(name, version, "validation_gate", "passed" if passed else "failed")
-    client.set_model_version_tag(name, version, "validation_run_id", run.info.run_id)
+    videos = [f"side_by_side/{clip}.mp4" for clip in result["clips"]]
+    for key, value in (("validation_gate", "passed" if passed else "failed"), ("validation_run_id", run.info.run_id),
+                       ("validation_run_name", run.info.run_name), ("validation_side_by_side", " ".join(videos))):
+        client.set_model_version_tag(name, version, key, value)
+    described = client.get_model_version(name, version).description or ""
+    link = tracking.run_link(run.info.experiment_id, run.info.run_id)
+    client.update_model_version(name, version, description=(
+        f"{described.split(tracking.VALIDATION_NOTE)[0]}{tracking.VALIDATION_NOTE} gate {'passed' if passed else 'failed'} in "
+        f"[{run.info.run_name}]({link}) (run `{run.info.run_id}`); side-by-side videos (pose | base | "
+        f"reference-only | identity) in its artifacts: {', '.join(videos)}."))
     if passed:
         client.set_registered_model_alias(name, params.tracking.validated_alias, version)
         out["alias"] = params.tracking.validated_alias

@@ -48,11 +48,13 @@ def train_pipeline(
         identity=identity,
         params_path=params_path, profile=profile, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
         ray_address=ray_address, mlflow_uri=mlflow_uri,
+        kfp_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
     ))
     validated = on_gpu(render_validation(
         identity_dir=trained.outputs["identity_dir"], clips=clips.outputs["clips"],
         embeddings=embeddings.outputs["embeddings"], params_path=params_path, profile=profile,
         mlflow_uri=mlflow_uri,
+        kfp_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_task=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
     ), memory="32Gi")
 
     Outputs = NamedTuple("Outputs", identity_dir=Model, validation=Dataset)

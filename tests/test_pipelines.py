@@ -61,7 +61,13 @@ def test_train_pipeline_dag(compiled):
         "params_path": "", "profile": "", "stage1_steps": -1, "stage2_steps": -1, "ray_address": "", "mlflow_uri": "",
     }
     assert set(ir["root"]["outputDefinitions"]["artifacts"]) == {"identity_dir", "validation"}
-    train_inputs = ir["root"]["dag"]["tasks"]["train-lora"]["inputs"]["parameters"]
+    train_inputs = dict(ir["root"]["dag"]["tasks"]["train-lora"]["inputs"]["parameters"])
+    # the KFP run and task that made an MLflow run (its tags, its name): KFP fills the placeholders
+    for task in ("train-lora", "render-validation"):
+        given = ir["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
+        assert {k: given[k]["runtimeValue"]["constant"] for k in ("kfp_run", "kfp_task")} == {
+            "kfp_run": "{{$.pipeline_job_name}}", "kfp_task": "{{$.pipeline_task_name}}"}
+    del train_inputs["kfp_run"], train_inputs["kfp_task"]
     assert {k: v["componentInputParameter"] for k, v in train_inputs.items()} == {
         k: k for k in ["identity", "params_path", "profile", "stage1_steps", "stage2_steps", "ray_address", "mlflow_uri"]}
 

@@ -193,19 +193,22 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
     assert str(mv.version) == summary["model_version"]
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["train_lora.stage1.steps"] == "6"
-    # the plan (faceid.train.plan): passes per photo as a metric; face sizes and the schedule in examples.json
+    # the plan (faceid.train.plan): passes per photo in summary.json (single values: no one-point metrics);
+    # face sizes and the schedule in examples.json
     assert summary["passes_per_photo"] > 0
-    assert run.data.metrics["passes_per_photo"] == pytest.approx(summary["passes_per_photo"])
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert logged["passes_per_photo"] == pytest.approx(summary["passes_per_photo"]) and logged["steps"] == 12
+    assert not {"passes_per_photo", "seconds", "steps"} & set(run.data.metrics)
     examples = json.loads(Path(client.download_artifacts(run.info.run_id, "examples.json", str(tmp_path))).read_text())
     assert examples["plan"]["schedule"]["stage1_steps"] == 6 and examples["plan"]["face_sizes"]["clips"]["n"] == 0
     assert any("no clip face measured" in w for w in examples["plan"]["warnings"])  # synthetic clips: no keypoints
-    history = client.get_metric_history(run.info.run_id, "stage2_loss")
+    history = client.get_metric_history(run.info.run_id, "loss/train_stage2")
     assert [m.step for m in history] == list(range(7, 13))
     # validation: the time series beside the training loss, one value per step (step 8 ran twice: before the
     # kill and after the resume from step 4)
     rows = launch.read_validation_table(tmp_path / "identity")
     for key in ("identity_loss", "prior_loss"):
-        series = client.get_metric_history(run.info.run_id, f"val_{key}")
+        series = client.get_metric_history(run.info.run_id, f"loss/val_{key.removesuffix('_loss')}")
         assert sorted(m.step for m in series) == [0, 4, 8, 12]
         csv = {r["step"]: r[key] for r in rows}  # 6 significant digits
         assert {m.step: m.value for m in series} == pytest.approx(csv, rel=1e-5)
@@ -214,6 +217,19 @@ def test_ray_run_killed_resumes_and_registers_model(params, inputs, tmp_path, ra
         files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"validation/step_{step:06d}")}
         assert files == {"c2.mp4", "c2_base.mp4", "c2_side_by_side.mp4", "c2.png"}, step
     assert run.data.tags["kept_step"] == str(kept["step"]) and run.info.status == "FINISHED"
+    # issue 24: the model's metrics (MLflow shows them on the version) are the kept step's, not step 0's; the
+    # version leads to its run; the run has a name that tells it apart, a Source and a Created by
+    [output] = run.outputs.model_outputs
+    assert mv.source == f"models:/{output.model_id}" and output.step == kept["step"] > 0
+    model = client.get_logged_model(output.model_id)
+    assert {m.step for m in model.metrics} == {kept["step"]}
+    at_kept = {m.key: m.value for m in model.metrics}
+    assert at_kept["loss/val_identity"] == pytest.approx({r["step"]: r["identity_loss"] for r in rows}[kept["step"]], rel=1e-5)
+    assert mv.tags["training_run_id"] == run.info.run_id and mv.tags["kept_step"] == str(kept["step"])
+    assert run.info.run_id in mv.description and f"Kept step {kept['step']} of 12" in mv.description
+    assert run.info.run_name == f"train-lora synth {Path(summary['ray_run']).name.rsplit('-', 1)[1][:7]}"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"]
     from faceid.tracking import download_identity
 
     local = download_identity(f"models:/faceid-synth@{p.tracking.register_alias}", uri, tmp_path / "dl")

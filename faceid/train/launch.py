@@ -9,14 +9,20 @@
   retried from it (``FailureConfig``). The identity folder comes back inside the final checkpoint.
 - One writer: the identity folder and the Ray run folder are locked for the run
   (:func:`faceid.io.output_lock`); a second identical command fails at once instead of sharing them.
-- MLflow: the run is opened here before training (a rerun after a kill continues the unfinished
-  run of the same Ray run name); rank 0 logs each validation point into it while it trains
-  (:func:`faceid.tracking.validation_logger`: held-out losses and FaceSim as metrics at their step, renders and
-  contact sheets under ``validation/step_NNNNNN/``). After training this process logs flattened
-  params, per-step losses and learning rates of both stages, the validation series (steps not
-  logged yet), throughput, peak memory, validation time, the identity card and loss tables as
-  artifacts, the kept step as tags, and the identity folder (without ``last/``) as a registered
-  model ``faceid-<identity>`` with alias ``params.tracking.register_alias``.
+- MLflow: the run ``train-lora <identity> <7 hex of the Ray run's config + data hash>`` (the KFP run
+  instead of the hash inside KFP; Source, Created by and the door's KFP run / DVC stage as tags:
+  :func:`faceid.tracking.run_tags`) is opened here before training (a rerun after a kill continues
+  the unfinished run of the same Ray run name); rank 0 logs each validation point into it while it
+  trains (:func:`faceid.tracking.validation_logger`: ``loss/val_identity``, ``loss/val_prior``,
+  ``facesim/val``, ``facesim/val_base`` at their step, renders and contact sheets under
+  ``validation/step_NNNNNN/``). After training this process logs flattened params, per-step losses
+  and learning rates of both stages (``loss/train_stage1``, ``loss/train_stage2``, ``lr/stage1``...:
+  the "loss" section of the UI holds train and validation curves together), the validation series
+  (steps not logged yet), the single-value figures (seconds, memory, counts) as ``summary.json``,
+  the identity card and loss tables as artifacts, the kept step as tags, and the identity folder
+  (without ``last/``) as a registered model ``faceid-<identity>`` with alias
+  ``params.tracking.register_alias``, logged at the kept step (its metrics are that step's) and
+  described with a link to this run.
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips
 
 
 def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
-        ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None, lock_wait: float = 0.0) -> dict:
+        ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None, lock_wait: float = 0.0,
+        origin: dict | None = None) -> dict:
     """Train ``identity``, write ``output_dir`` (the identity folder), log to MLflow; return the summary.
     ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume.
-    ``lock_wait``: seconds to wait for another run writing the same folders (:func:`faceid.io.output_lock`)."""
+    ``lock_wait``: seconds to wait for another run writing the same folders (:func:`faceid.io.output_lock`).
+    ``origin``: what the door knows of where it runs (:data:`faceid.tracking.ORIGIN_TAGS`), as run tags."""
     from faceid.io import output_lock
 
     # 1. Check inputs here, before any worker starts
@@ -66,7 +74,7 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
     storage = Path(params.ray.storage_path).resolve()
     with output_lock("train-lora", output_dir, lock_wait), output_lock("train-lora", storage / name, lock_wait):
         return _train(params, identity, crops_dir, embeddings_dir, clips_dir, output_dir, name, storage,
-                      ray_address, mlflow_uri, fail_at_step)
+                      ray_address, mlflow_uri, fail_at_step, origin)
 
 
 def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> list:
@@ -85,7 +93,8 @@ def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path
 
 
 def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
-           name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None) -> dict:
+           name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None,
+           origin: dict | None) -> dict:
     """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow (the run opened first)."""
     from faceid import tracking
     from faceid.config import to_dict
@@ -103,12 +112,15 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
     config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
-    run_id = tracking.open_run(mlflow_uri, params.tracking.experiment, run_name=f"train-lora-{identity}",
-                               tags={"stage": "train_lora", "identity": identity}, resume_tag=f"ray_run={name}") if mlflow_uri else None
+    # "train-lora obama 3f2a9c1": the Ray run name's hash of config + data (or the KFP run)
+    run_id = tracking.open_run(mlflow_uri, params.tracking.experiment,
+                               run_name=tracking.run_name("train-lora", identity, name.rsplit("-", 1)[1][:7], origin),
+                               tags=tracking.run_tags({"stage": "train_lora", "identity": identity}, origin),
+                               resume_tag=f"ray_run={name}") if mlflow_uri else None
     if run_id:  # rank 0 logs validation points into this run while it trains
         config["mlflow"] = {"uri": mlflow_uri, "run_id": run_id}
     try:
-        return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id)
+        return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id, origin)
     except BaseException:
         if run_id:
             tracking.end_run(mlflow_uri, run_id, "FAILED", "train-lora")
@@ -116,7 +128,7 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
 
 
 def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Path, ray_address: str, mlflow_uri: str,
-                 config: dict, run_id: str | None) -> dict:
+                 config: dict, run_id: str | None, origin: dict | None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -162,7 +174,7 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
 
     # 4. MLflow (driver only)
     if mlflow_uri:
-        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id))
+        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id, origin=origin))
     return metrics
 
 
@@ -224,9 +236,21 @@ def read_loss_table(identity_dir: Path) -> list[dict]:
     return rows
 
 
-def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str, run_id: str | None = None) -> dict:
-    """One MLflow run (``run_id``: the one :func:`faceid.tracking.open_run` opened, else a new one): params,
-    per-step metrics, validation series, summary, artifacts, registered model + alias."""
+# the loss curves: one chart section per prefix in the MLflow UI ("loss/", "lr/"), steps = global steps
+TRAIN_LOSS_METRIC = "loss/train_{stage}"  # stage1 / stage2, beside loss/val_identity, loss/val_prior
+LR_METRIC = "lr/{stage}"
+SUMMARY_FILE = "summary.json"  # the single-value figures (seconds, memory, counts): one artifact, not one-point metrics
+
+
+def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str, run_id: str | None = None,
+                  origin: dict | None = None) -> dict:
+    """One MLflow run (``run_id``: the one :func:`faceid.tracking.open_run` opened, else a new one
+    named ``train-lora <identity> <hash of the card's config and data>``): params, per-step losses
+    and learning rates (``loss/train_stage1``, ``lr/stage1``...) beside the validation series
+    (``loss/val_identity``, ``facesim/val``...), the summary as ``summary.json``, artifacts, and the
+    registered model + alias. The logged model is logged at the kept step, so the metrics MLflow
+    attaches to it (and shows on the model version) are that step's, not step 0's. The model
+    version's tags and description name the training run."""
     import tempfile
     import time
 
@@ -240,34 +264,36 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     card = read_json(identity_dir / CARD_FILE)
     model_name = tracking.registered_model_name(identity)
     client = tracking.client(mlflow_uri)
+    kept = card.get("kept") or {}
     with tracking.using(mlflow_uri, params.tracking.experiment) as exp_id:
-        resume_or_new = {"run_id": run_id} if run_id else {"run_name": f"train-lora-{identity}", "experiment_id": exp_id}
+        digest = tracking.short_hash(card.get("train_config_hash"), card.get("data"))
+        resume_or_new = {"run_id": run_id} if run_id else {
+            "run_name": tracking.run_name("train-lora", identity, digest, origin), "experiment_id": exp_id,
+            "tags": tracking.run_tags({}, origin)}
         with mlflow.start_run(**resume_or_new) as run:
-            kept = card.get("kept") or {}
             mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
                              "embedder": card["embedder"], "kept_step": str(kept.get("step")),
-                             "kept_why": str(kept.get("why"))[:5000]})
+                             "last_step": str(kept.get("last_step")), "kept_why": str(kept.get("why"))[:5000]})
             # every photo and clip with its role (identity | prior | excluded) and FaceSim score
             # and the plan: face sizes (clips vs identity examples, coverage), schedule, passes per photo
             mlflow.log_dict({"examples": card.get("examples", []), "loss": card.get("loss", {}),
                              "plan": card.get("plan", {})}, "examples.json")
+            mlflow.log_dict(json.loads(json.dumps(summary, default=str)), SUMMARY_FILE)
             flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
             keys = sorted(flat)
             for i in range(0, len(keys), 100):
                 mlflow.log_params({k: flat[k] for k in keys[i : i + 100]})
             now = int(time.time() * 1000)
             rows = read_loss_table(identity_dir)
-            step_metrics = [Metric(f"{r['stage']}_loss", r["loss"], now, r["step"]) for r in rows]
-            step_metrics += [Metric(f"{r['stage']}_lr", r["lr"], now, r["step"]) for r in rows]
+            step_metrics = [Metric(TRAIN_LOSS_METRIC.format(stage=r["stage"]), r["loss"], now, r["step"]) for r in rows]
+            step_metrics += [Metric(LR_METRIC.format(stage=r["stage"]), r["lr"], now, r["step"]) for r in rows]
             points = read_validation_table(identity_dir)
             for key, name in VALIDATION_METRICS.items():  # the points rank 0 has not logged live
                 done = {m.step for m in client.get_metric_history(run.info.run_id, name)}
                 step_metrics += [Metric(name, r[key], now, r["step"]) for r in points
-                                 if r[key] is not None and r["step"] not in done]
+                                 if r[key] is not None and r["step"] not in done]  # None: not measured, absent
             for i in range(0, len(step_metrics), 1000):
                 client.log_batch(run.info.run_id, metrics=step_metrics[i : i + 1000])
-            mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
             mlflow.log_artifact(str(identity_dir / CARD_FILE))
             mlflow.log_artifact(str(identity_dir / LOSS_FILE), artifact_path=str(Path(LOSS_FILE).parent))
             if (identity_dir / VALIDATION_FILE).is_file():
@@ -282,9 +308,26 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
                         python_model=str(Path(__file__).resolve().parents[1] / "model" / "mlflow_model.py"),
                         artifacts={"identity": str(model_dir)},
                         registered_model_name=model_name,
+                        step=int(kept.get("step") or 0),  # MLflow links the metrics of this step to the model
                     )
             version = str(info.registered_model_version)
             client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
+            _describe_version(client, model_name, version, run.info, kept)
     print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
           f"@{params.tracking.register_alias}")
     return {"mlflow_run_id": run.info.run_id, "model_name": model_name, "model_version": version}
+
+
+def _describe_version(client, model_name: str, version: str, run_info, kept: dict) -> None:
+    """The model version leads to its training run: tags ``training_run_id`` / ``training_run_name``
+    / ``kept_step``, and a description with a link (render-validation appends its own part)."""
+    from faceid import tracking
+
+    for key, value in (("training_run_id", run_info.run_id), ("training_run_name", run_info.run_name),
+                       ("kept_step", str(kept.get("step")))):
+        client.set_model_version_tag(model_name, version, key, value)
+    link = tracking.run_link(run_info.experiment_id, run_info.run_id)
+    text = (f"Trained by [{run_info.run_name}]({link}) (run `{run_info.run_id}`). Kept step {kept.get('step')} "
+            f"of {kept.get('last_step')}: {kept.get('why')}. Its metrics on this page are that step's."
+            f"{tracking.VALIDATION_NOTE} not yet run (faceid render-validation adds its run and side-by-side videos here).")
+    client.update_model_version(model_name, version, description=text)

@@ -55,9 +55,9 @@ from faceid.errors import InputError
 # augmented view of each instead; a 4-photo identity holds one photo out.
 MIN_TRAINING_PHOTOS = 3
 METRICS = ("identity_loss", "prior_loss", "facesim", "facesim_base")  # per point; None = not measured
-# validation point key -> MLflow metric (beside stage1_loss / stage2_loss)
-VALIDATION_METRICS = {"identity_loss": "val_identity_loss", "prior_loss": "val_prior_loss", "facesim": "val_facesim",
-                      "facesim_base": "val_facesim_base"}
+# validation point key -> MLflow metric (beside loss/train_stage1 / loss/train_stage2: one chart section per prefix)
+VALIDATION_METRICS = {"identity_loss": "loss/val_identity", "prior_loss": "loss/val_prior", "facesim": "facesim/val",
+                      "facesim_base": "facesim/val_base"}
 
 OnPoint = Callable[[dict, "Path | None"], None]  # (point, folder of renders or None)
 
