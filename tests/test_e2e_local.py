@@ -91,6 +91,11 @@ def test_local_kfp_run_registers_a_model_version(tmp_path):
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params.get("train_lora.stage2.steps") == "2"  # the pipeline parameter reached the stage
+    # the MLflow runs name the KFP run that made them (KFP's placeholders, filled by the local runner too)
+    assert run.info.run_name == f"train-lora obama {runs[0].name}" and run.data.tags["kfp.run"] == runs[0].name
+    assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mlflow.source.name"] == "kfp train_lora"
+    validation = client.get_run(version.tags["validation_run_id"])
+    assert validation.data.tags["kfp.run"] == runs[0].name and validation.data.tags["kfp.task"] == "render-validation"
 
 
 def _ran_stages(out: str) -> set[str]:
@@ -118,6 +123,14 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     assert (clone / "data/work/obama/validation/metrics.json").is_file()
     assert (clone / "data/work/obama/identity/metrics/train_loss.csv").is_file()
     assert "validation/metrics.json" in _run(dvc + ["metrics", "show"], clone, env)
+    # the MLflow runs name the DVC stage that made them ($DVC_STAGE, which dvc repro sets) and the command
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("faceid").experiment_id])
+    assert {(r.data.tags.get("dvc.stage"), r.data.tags["mlflow.source.name"]) for r in runs} == {
+        ("train_lora", "faceid train-lora"), ("render_validation", "faceid render-validation")}
 
     second = _run(dvc + ["repro"], clone, env)
     assert _ran_stages(second) == set() and "up to date" in second
