@@ -58,8 +58,8 @@ def scale_frames(frames: np.ndarray, factor: int | float) -> np.ndarray:
 
 
 def _font(width: int) -> tuple[float, int]:
-    scale = min(max(width / 480, 0.4), 1.2)  # "reference-only" fits a 256-px panel at 0.53
-    return scale, 1 if scale < 0.8 else 2
+    scale = min(max(width / 320, 0.4), 1.5)  # "reference-only" (~260 px at 1.0) fits a 256-px panel at 0.8
+    return scale, 1 if scale < 0.7 else 2
 
 
 def label_box(width: int, text: str) -> tuple[int, int, int, int]:
