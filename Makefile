@@ -8,7 +8,7 @@ FACEID := $(VENV)/bin/faceid
 STAMP := $(VENV)/.faceid-installed
 REAL_TEST_WEIGHTS := .cache/test-weights/real/model_index.json
 
-.PHONY: install demo test test-extended repro infer compile bench bench-gpu smoke-real clean
+.PHONY: install demo test test-extended repro infer compile bench bench-gpu smoke-real review-screenshots clean
 
 install: $(STAMP)
 
@@ -65,6 +65,12 @@ $(REAL_TEST_WEIGHTS): | install
 # batch-infer with a blend) plus checks; not in CI: 15 min on 2 idle cores (27 on busy ones), ~16 GiB of RAM.
 smoke-real: install $(REAL_TEST_WEIGHTS)
 	$(PY) benchmarks/smoke_real.py --weights $(dir $(REAL_TEST_WEIGHTS))
+
+# The MLflow UI pictures of docs/review.md, from a fresh training run in a temporary store (~3 min);
+# not in CI: needs Debian's chromium (apt-get install chromium). After `make demo`, `$(PY) docs/screenshots.py`
+# takes them from mlruns/ instead.
+review-screenshots: install
+	$(PY) docs/screenshots.py --demo
 
 clean:
 	rm -rf .kfp mlruns .ray_results data/work
