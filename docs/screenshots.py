@@ -58,6 +58,8 @@ def find_pages(uri: str, experiment: str, alias: str) -> list[tuple[str, str]]:
     """``[(png name, URL fragment)]`` of the pages docs/review.md refers to."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # MLflow would create it
+        sys.exit(f"{uri}: no such store; run `make demo` first (or pass --demo)")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -150,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if not chromium:
         sys.exit("screenshots: chromium not found; install Debian's: apt-get install -y chromium")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="faceid-screenshots-") as tmp:
         tmp = Path(tmp)
         uri = run_demo(tmp) if args.demo else args.store
         pages = find_pages(uri, args.experiment, args.alias)
+        out.mkdir(parents=True, exist_ok=True)
         port = free_port()
         server = start_server(uri, port, tmp / "mlflow-server.log")
         try:
