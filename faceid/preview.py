@@ -88,16 +88,17 @@ def label_frames(frames: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
-def preview_panels(panels: dict[str, np.ndarray], labels: bool = True) -> tuple[list[np.ndarray], int | float]:
+def preview_panels(panels: dict[str, np.ndarray], labels: bool = True, columns: int = 0) -> tuple[list[np.ndarray], int | float]:
     """Each panel (``name -> [F, H, W, 3]``, in order, the same H x W) cut to the shortest, scaled by
-    :func:`preview_scale` and labelled (``LABELS[name]``, or the name); returns them and the factor."""
+    :func:`preview_scale` (for ``columns`` panels in a row; 0 = as many as there are panels) and
+    labelled (``LABELS[name]``, or the name); returns them and the factor."""
     videos = [np.asarray(v) for v in panels.values()]
     sizes = {v.shape[1:] for v in videos}
     if len(sizes) != 1:
         raise ValueError(f"preview panels differ in size: {sorted(sizes)}")
     length = min(len(v) for v in videos)
     height, width = videos[0].shape[1:3]
-    factor = preview_scale(height, width, len(videos))
+    factor = preview_scale(height, width, columns or len(videos))
     scaled = [scale_frames(v[:length], factor) for v in videos]
     if labels:
         scaled = [label_frames(v, LABELS.get(name, name)) for name, v in zip(panels, scaled)]
@@ -111,10 +112,14 @@ def preview_video(panels: dict[str, np.ndarray], labels: bool = True) -> np.ndar
 
 def preview_sheet(panels: dict[str, np.ndarray], num_frames: int = SHEET_FRAMES) -> np.ndarray:
     """The contact sheet of a preview: one row per panel of ``num_frames`` evenly spaced frames,
-    scaled and labelled as in the video (:func:`faceid.render.frames_sheet` at the preview's size)."""
+    labelled as in the video, scaled as a video of that many panels side by side (the same factor as
+    the video for tiny renders; real-size rows reduced to :data:`MAX_SIDE`)."""
     from faceid.render import frames_sheet
 
-    return frames_sheet(preview_panels(panels)[0], num_frames, gap=SHEET_GAP)
+    length = min(len(v) for v in panels.values())
+    idx = np.linspace(0, length - 1, min(num_frames, length)).round().astype(int)
+    rows, _ = preview_panels({name: np.asarray(v)[idx] for name, v in panels.items()}, columns=len(idx))
+    return frames_sheet(rows, len(idx), gap=SHEET_GAP)
 
 
 def write_preview(video_path, sheet_path, panels: dict[str, np.ndarray], fps: float) -> None:

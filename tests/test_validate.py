@@ -92,7 +92,8 @@ def test_previews_are_enlarged_exactly_labelled_and_deterministic(tmp_path):
     """Preview videos (faceid.preview): a tiny render enlarged by an integer factor, nearest neighbour
     (each render pixel a k x k block: the render comes back exactly), a label drawn only in its box;
     real-size renders reduced to MAX_SIDE; the same frames give the same bytes (video and sheet)."""
-    from faceid.preview import MAX_SIDE, label_box, preview_panels, preview_scale, preview_video, write_preview
+    from faceid.preview import (MAX_SIDE, SHEET_FRAMES, SHEET_GAP, label_box, preview_panels, preview_scale, preview_sheet,
+                                preview_video, write_preview)
 
     rng = np.random.default_rng(0)
     panels = {n: rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8) for n in ("pose", "base", "reference_only", "identity")}
@@ -107,8 +108,10 @@ def test_previews_are_enlarged_exactly_labelled_and_deterministic(tmp_path):
         assert len(changed) > 0 and changed.min(0).tolist() >= [y0, x0] and changed.max(0).tolist() < [y1, x1], name
     assert preview_scale(64, 64, 1) == 8  # one panel: the frame's long side still >= 512
     assert preview_scale(256, 448, 4) == 1  # already watchable: kept
-    real = preview_video({n: np.zeros((2, 480, 832, 3), np.uint8) for n in panels})
-    assert max(real.shape[1:3]) <= MAX_SIDE and real.shape[1] % 2 == 0 and real.shape[2] % 2 == 0
+    real = {n: np.zeros((9, 480, 832, 3), np.uint8) for n in panels}
+    video = preview_video(real)
+    assert max(video.shape[1:3]) <= MAX_SIDE and video.shape[1] % 2 == 0 and video.shape[2] % 2 == 0
+    assert preview_sheet(real).shape[1] <= MAX_SIDE + SHEET_FRAMES * SHEET_GAP  # 8 frames a row, reduced too
     for out in ("a", "b"):
         write_preview(tmp_path / out / "x.mp4", tmp_path / out / "x.png", panels, 16)
     for name in ("x.mp4", "x.png"):
