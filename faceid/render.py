@@ -397,9 +397,3 @@ def frames_sheet(videos: list[np.ndarray], num_frames: int = 8, gap: int = 2) ->
         for c, i in enumerate(idx):
             sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = video[i]
     return sheet
-
-
-def side_by_side(*videos: np.ndarray) -> np.ndarray:
-    """``[F, H, sum(W), 3]``: the videos next to each other, cut to the shortest."""
-    length = min(len(v) for v in videos)
-    return np.concatenate([v[:length] for v in videos], axis=2)

@@ -77,7 +77,7 @@ def test_metrics_aggregate_and_gate(params):
 
 
 def test_clip_selection_and_images():
-    from faceid.render import frames_sheet, side_by_side
+    from faceid.render import frames_sheet
     from faceid.validate import select_clips
 
     rows = [{"clip_id": c} for c in ("c2", "c0", "c1")]
@@ -85,7 +85,6 @@ def test_clip_selection_and_images():
     assert select_clips(rows, {"c0", "c1", "c2"}, 2) == ([{"clip_id": "c1"}, {"clip_id": "c2"}], False)
     v = np.zeros((9, 16, 24, 3), np.uint8)
     assert frames_sheet([v, v, v, v], num_frames=4, gap=2).shape == (4 * 16 + 6, 4 * 24 + 6, 3)
-    assert side_by_side(v, v[:5], v, v).shape == (5, 16, 96, 3)
 
 
 def test_previews_are_enlarged_exactly_labelled_and_deterministic(tmp_path):
