@@ -396,14 +396,6 @@ def _validate(obj: Any, prefix: str) -> None:
         for name in ("scale_jitter", "shift_jitter"):
             if not 0.0 <= getattr(obj, name) < 0.5:
                 raise ConfigError(f"{prefix}.{name}: expected a value in [0, 0.5), got {getattr(obj, name)}")
-        if obj.small_face_views < 0:
-            raise ConfigError(f"{prefix}.small_face_views: expected >= 0 (0 = none), got {obj.small_face_views}")
-    if isinstance(obj, ScheduleConfig):
-        if obj.steps_per_photo < 1 or obj.min_steps < 0:
-            raise ConfigError(f"{prefix}: expected steps_per_photo >= 1 and min_steps >= 0, got "
-                              f"{obj.steps_per_photo} and {obj.min_steps}")
-        if not 0.0 <= obj.stage1_share < 1.0:
-            raise ConfigError(f"{prefix}.stage1_share: expected a share in [0, 1), got {obj.stage1_share}")
     if isinstance(obj, StageConfig) and obj.steps < 0:
         raise ConfigError(f"{prefix}.steps: expected >= 0, got {obj.steps}")
     if isinstance(obj, (BatchInferConfig, RenderValidationConfig)):
@@ -474,6 +466,9 @@ _RANGES: dict[type, dict[str, tuple[str, Any]]] = {
     PreparePoseConfig: {"fps": _GE1, "stride": (">= 0 (0 = num_frames)", lambda v: v >= 0),
                         "max_clips_per_video": (">= 0 (0 = no limit)", lambda v: v >= 0),
                         "min_pose_detection_rate": _UNIT},
+    PhotoExamplesConfig: {"small_face_views": (">= 0 (0 = none)", lambda v: v >= 0)},
+    ScheduleConfig: {"steps_per_photo": _GE1, "min_steps": _GE0,
+                     "stage1_share": ("a share in [0, 1)", lambda v: 0 <= v < 1)},
     StageConfig: {"learning_rate": ("a finite number >= 0", lambda v: v >= 0), "warmup_steps": _GE0},
     LoraConfig: {"alpha": ("> 0 (the LoRA scale is alpha / rank)", lambda v: v > 0), "dropout": _SHARE},
     TrainLoraConfig: {"num_face_tokens": _GE1, "mapper_hidden_dim": (">= 0 (0 = text_dim)", lambda v: v >= 0),
