@@ -61,12 +61,6 @@ class TrainingSet:
         return {IDENTITY: self.identity, PRIOR: self.prior}
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    from faceid.train.photos import read_rgb
-
-    return read_rgb(path)
-
-
 def _sha256_array(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
 
@@ -81,7 +75,7 @@ def _photo_sources(plan, params, budget: int, size: tuple[int, int], reference, 
     from faceid.pose.prepare import DRAW_MIN_CONFIDENCE
     from faceid.train.cache import Source
     from faceid.train.data import latent_face_mask
-    from faceid.train.photos import VERSION, make_example, make_small_face_example
+    from faceid.train.photos import VERSION, make_example, make_small_face_example, read_rgb
 
     records = {r.name: r for r in plan.records}
     sources = []
@@ -96,7 +90,7 @@ def _photo_sources(plan, params, budget: int, size: tuple[int, int], reference, 
                 payload["size"] = list(size)
 
             def load(rec=rec, view=view, caption=caption, ref_image=ref_image, kps=pp.keypoints, source=pp.pose_source):
-                photo = _read_rgb(rec.photo_path)
+                photo = read_rgb(rec.photo_path)
                 if view.face_px:
                     ex = make_small_face_example(photo, rec.box, kps, size, view, DRAW_MIN_CONFIDENCE)
                 else:
@@ -152,6 +146,7 @@ def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, sho
     from faceid.faces.crop import choose_reference
     from faceid.faces.embed import l2_normalize
     from faceid.train.cache import cached_examples
+    from faceid.train.photos import read_rgb
 
     tcfg = params.train_lora
     vae_scale = int(pipe.vae_scale_factor_spatial)
@@ -175,7 +170,7 @@ def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, sho
             row["held_out_view"] = holdout.view
     others = [r for r in used if r is not best and r.name not in holdout.photos]  # a held-out photo is no reference
     second = choose_reference(others) if others else best
-    images = {r.name: _read_rgb(r.crop_path) for r in {best.name: best, second.name: second}.values()}
+    images = {r.name: read_rgb(r.crop_path) for r in {best.name: best, second.name: second}.values()}
     shas = {n: _sha256_array(im) for n, im in images.items()}
     reference = {"name": best.name, "image": images[best.name], "in_training": tcfg.reference_image}
 

@@ -185,11 +185,9 @@ def check_trained(identity_dir: Path, seed: int, identity: str) -> None:
     initialisation). Else ``TrainingError``: no identity folder is written and no alias moves.
     (Config load already refuses a run without steps or learning rate: this checks the outcome.)"""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from faceid.model.identity import MAPPER_FILE
-    from faceid.model.lora import LORA_FILE
+    from faceid.model.lora import LORA_FILE, read_weights
     from faceid.model.mapper import initial_mapper
 
     rows = read_loss_table(identity_dir)
@@ -197,12 +195,11 @@ def check_trained(identity_dir: Path, seed: int, identity: str) -> None:
     if not any(r["lr"] > 0 for r in rows):
         raise TrainingError(f"train-lora {identity}: no optimizer step with a learning rate > 0 ran "
                             f"({len(rows)} step(s) logged); {fix}")
-    with safe_open(str(identity_dir / MAPPER_FILE), framework="pt") as f:
-        mcfg = json.loads((f.metadata() or {})["config"])
+    mapper, meta = read_weights(identity_dir / MAPPER_FILE)
+    mcfg = json.loads(meta["config"])
     with torch.random.fork_rng(devices=[]):
         start = initial_mapper(mcfg["embed_dim"], mcfg["text_dim"], mcfg["num_tokens"], mcfg["hidden_dim"], seed)
-    mapper = load_file(str(identity_dir / MAPPER_FILE))
-    lora = load_file(str(identity_dir / LORA_FILE))
+    lora = read_weights(identity_dir / LORA_FILE)[0]
     moved = set(mapper) != set(start.state_dict()) or any(
         not torch.equal(mapper[k], v) for k, v in start.state_dict().items())
     moved = moved or any(bool(v.abs().sum()) for k, v in lora.items() if "lora_B" in k)
