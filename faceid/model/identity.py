@@ -43,6 +43,7 @@ VALIDATION_COLUMNS = ("step", "stage", "identity_loss", "prior_loss", "facesim",
 LAST_SUBDIR = "last"
 REFERENCE_FILE = "reference.png"
 CARD_VERSION = 1
+SHARED_KIND = "shared"  # card "kind" of an adapter trained on many people (faceid.train.shared)
 
 
 @dataclass
@@ -194,7 +195,7 @@ def load_identity(path: str | Path, model_cfg=None, embedder: str | None = None,
                 reference = np.asarray(im.convert("RGB"))
         except OSError as exc:
             raise InputError(f"{path / REFERENCE_FILE}: unreadable reference image ({exc})") from None
-    if (card.get("reference_image") or {}).get("in_training") and reference is None:
+    if (card.get("reference_image") or {}).get("in_training") and reference is None and card.get("kind") != SHARED_KIND:
         raise InputError(f"{path}: the card says the adapter was trained with {REFERENCE_FILE}, but the file is missing")
     identity = Identity(name=card["name"], path=path, card=card, embedding=embedding.to(torch.float32), mapper=mapper,
                         reference=reference)
@@ -226,3 +227,35 @@ def _check_rgb(image, where: str) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise InputError(f"{where}: expected a uint8 RGB array [H, W, 3], got {image.dtype} {image.shape}")
     return np.ascontiguousarray(image)
+
+
+# --------------------------------------------------------------------------- shared adapters (train-shared)
+
+def is_shared(identity: Identity) -> bool:
+    return identity.card.get("kind") == SHARED_KIND
+
+
+def zero_shot(adapter: Identity, embedding, name: str, reference=None, source: dict | None = None) -> Identity:
+    """A person the shared ``adapter`` never trained on, rendered from their own embedding (embed-faces'
+    mean) through the adapter's one mapper and LoRA: an :class:`Identity` whose weights are the
+    adapter's (its ``path``) and whose embedding and reference image are the person's. ``source``:
+    where the embedding came from (recorded on the card). Blends and interpolations of such identities
+    mix embeddings through the same mapper (``faceid.model.generate``)."""
+    import torch
+
+    if not is_shared(adapter):
+        raise InputError(f"{adapter.path}: not a shared adapter (its card has no kind {SHARED_KIND!r}); a person's "
+                         "identity folder renders only that person: pass it with --identity alone")
+    emb = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(-1)
+    if emb.shape != (adapter.card["embed_dim"],):
+        raise InputError(f"{name}: a {emb.numel()}-D embedding; the shared adapter {adapter.path} maps "
+                         f"{adapter.card['embed_dim']}-D ones ({adapter.card['embedder']})")
+    if not torch.isfinite(emb).all():
+        raise InputError(f"{name}: the embedding holds NaN/inf values")
+    if adapter.reference_in_training and reference is None:
+        raise InputError(f"{name}: the shared adapter {adapter.path} was trained with each person's reference image; "
+                         "this person has none (rerun embed-faces, which writes reference.png, or pass --reference-image)")
+    card = {**adapter.card, "name": name, "zero_shot": {"adapter": str(adapter.path), "adapter_name": adapter.name,
+                                                        **(source or {})}}
+    return Identity(name=name, path=adapter.path, card=card, embedding=emb, mapper=adapter.mapper,
+                    reference=None if reference is None else _check_rgb(reference, f"{name}: reference image"))

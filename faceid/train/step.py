@@ -164,3 +164,27 @@ def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tenso
     lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
     if lora:
         set_lora_state_dict(model.transformer, lora)
+
+
+def load_adapter(model: FaceConditionedDiT, adapter, lora_cfg) -> None:
+    """Start ``model``'s mapper and LoRA from a trained adapter (``train-lora --init-from``: a shared
+    adapter, :mod:`faceid.train.shared`): its mapper weights (output scale and gate included) and its
+    LoRA tensors. The adapter's LoRA must be the one configured (targets, rank, alpha) and its mapper
+    the same shape: anything else is an :class:`~faceid.errors.InputError` naming the difference."""
+    from faceid.config import to_dict
+    from faceid.errors import InputError
+    from faceid.model.lora import read_weights, set_lora_state_dict
+
+    where, card = adapter.path, adapter.card
+    if card.get("lora") != to_dict(lora_cfg):
+        raise InputError(f"{where}: --init-from adapter has LoRA {card.get('lora')}, this run trains {to_dict(lora_cfg)} "
+                         "(train_lora.lora must match the adapter's)")
+    own, theirs = model.mapper, adapter.mapper
+    shape = ("embed_dim", "text_dim", "num_tokens", "hidden_dim")
+    if [getattr(own, k) for k in shape] != [getattr(theirs, k) for k in shape]:
+        raise InputError(f"{where}: --init-from adapter's face mapper is {[getattr(theirs, k) for k in shape]} "
+                         f"({', '.join(shape)}), this run's is {[getattr(own, k) for k in shape]}")
+    own.output_scale, own.gate_multiplier = theirs.output_scale, theirs.gate_multiplier
+    own.load_state_dict(theirs.state_dict())
+    lora = read_weights(adapter.lora_path)[0]
+    set_lora_state_dict(model.transformer, {k.removeprefix("transformer."): v.float() for k, v in lora.items()})
