@@ -106,11 +106,11 @@ def summarize(rows: list[dict]) -> dict:
 class Worker:
     """A Ray Data callable class: builds the pipeline once per worker, renders one job per call."""
 
-    def __init__(self, params, settings, mlflow_uri: str | None):
+    def __init__(self, params, settings, mlflow_uri: str | None, adapter: str | None = None):
         from faceid.render import Generator
 
         self.params, self.settings = params, settings
-        self.generator = Generator(params, mlflow_uri=mlflow_uri)
+        self.generator = Generator(params, mlflow_uri=mlflow_uri, adapter=adapter)
         self.generator.pipe.set_progress_bar_config(disable=True)
         self._interpolations: dict[tuple, list] = {}
         self._scorers: dict[str, object] = {}
@@ -165,8 +165,10 @@ class Worker:
 # --------------------------------------------------------------------------- Ray
 
 
-def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None, finished) -> None:
-    """Render ``jobs`` on Ray Data workers; ``finished(row)`` is called with each manifest row as it arrives."""
+def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: str | None, finished,
+             adapter: str | None = None) -> None:
+    """Render ``jobs`` on Ray Data workers; ``finished(row)`` is called with each manifest row as it arrives.
+    ``adapter``: the shared adapter people are rendered through (zero-shot), if any."""
     import ray
 
     from faceid import ray_session
@@ -176,7 +178,7 @@ def _run_ray(params, jobs: list[dict], settings, ray_address: str, mlflow_uri: s
         cfg = params.batch_infer
         ds = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map(
             Worker,
-            fn_constructor_kwargs={"params": params, "settings": settings, "mlflow_uri": mlflow_uri},
+            fn_constructor_kwargs={"params": params, "settings": settings, "mlflow_uri": mlflow_uri, "adapter": adapter},
             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
             num_cpus=1,
             num_gpus=1 if cfg.use_gpu else 0,
@@ -204,13 +206,15 @@ def run(
     mlflow_uri: str | None = None,
     settings=None,
     lock_wait: float = 0.0,
+    adapter: str | None = None,
 ) -> dict:
     """Generate a video per pose video into ``output_dir`` (resumable); write ``manifest.parquet``.
     ``settings``: :class:`faceid.render.Settings` built at the door (None: ``batch_infer`` as it is).
     Registry identities are pinned to the version their alias names now: every worker renders the
     same version, downloaded once per machine (``tracking.download_dir``).
     Fails, leaving ``output_dir`` as it was, when no video is generated and none exists already.
-    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`)."""
+    ``lock_wait``: seconds to wait for another run writing ``output_dir`` (:func:`faceid.io.output_lock`).
+    ``adapter``: a shared adapter (``train-shared``); identities are then people's embed-faces outputs (zero-shot)."""
     from faceid import tracking
     from faceid.io import output_lock
     from faceid.outputs import check_folder, in_place
@@ -220,7 +224,7 @@ def run(
     #    output, apart from every input: faceid.outputs), settings, pose videos, identities
     #    (compatibility with the base model); one writer per output folder
     pose_videos = Path(pose_videos)
-    named = [identity, *([r for r, _ in parse_blend(blend)] if blend else []), *(interpolate or "").split(",")]
+    named = [identity, *([r for r, _ in parse_blend(blend)] if blend else []), *(interpolate or "").split(","), adapter]
     output_dir = check_folder("batch_infer", output_dir, [pose_videos, pose_videos.parent if pose_videos.suffix == ".parquet"
                                                           else None, *(r.strip() for r in named if r)])
     settings = settings or settings_from(params.batch_infer)
@@ -241,7 +245,9 @@ def run(
         spec, refs = {"identity": ref}, [ref]
     else:
         raise InputError("batch-infer: expected --identity, --blend or --interpolate")
-    load_identities(refs, params, mlflow_uri)
+    if adapter:  # people rendered zero-shot through one shared adapter (pinned like the identities)
+        spec["adapter"] = pinned(adapter)
+    load_identities(refs, params, mlflow_uri, adapter=spec.get("adapter"))
     with output_lock("batch-infer", output_dir, lock_wait), in_place("batch_infer", output_dir):
         return _generate(params, items, spec, output_dir, settings, ray_address, mlflow_uri)  # failed: as it was
 
@@ -287,7 +293,7 @@ def _generate(params, items: list[dict], spec: dict, output_dir: Path, settings,
             write_parquet(output_dir / MANIFEST, [{c: r.get(c) for c in columns} for r in done])
 
     if todo:
-        _run_ray(params, todo, settings, ray_address, mlflow_uri, finished)
+        _run_ray(params, todo, settings, ray_address, mlflow_uri, finished, spec.get("adapter"))
 
     # 4. Nothing usable (every video failed, none existed): fail, output folder untouched. Else the
     #    manifest in job order (same columns on every row), a summary, one line per failure and per trim
@@ -339,7 +345,13 @@ def made_with_fingerprints(params, jobs: list[dict], spec: dict, settings, mlflo
     from faceid.render import identity_sha256, resolve_identity
 
     refs = spec.get("interpolate") or [r for r, _ in spec.get("blend", [])] or [spec["identity"]]
-    identities = {str(r): identity_sha256(resolve_identity(r, mlflow_uri, params.tracking.download_dir)) for r in refs}
+    if spec.get("adapter"):  # zero-shot: people's embeddings through the shared adapter
+        from faceid.train.data import embeddings_sha256
+
+        identities = {str(r): embeddings_sha256(r) for r in refs}
+        identities["adapter"] = identity_sha256(resolve_identity(spec["adapter"], mlflow_uri, params.tracking.download_dir))
+    else:
+        identities = {str(r): identity_sha256(resolve_identity(r, mlflow_uri, params.tracking.download_dir)) for r in refs}
     common = {"settings": dataclasses.asdict(settings), "identities": identities,
               "frame_count_policy": params.batch_infer.frame_count_policy, "model": dataclasses.asdict(params.model)}
     pose_sha = {}

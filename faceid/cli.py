@@ -60,11 +60,19 @@ def _cmd_train_lora(params, args) -> None:
 
     if args.plan:  # print what the run would do: no model, no Ray, no MLflow, nothing written
         stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips),
-                          Path(args.output), plan=True)
+                          Path(args.output), plan=True, init_from=args.init_from, mlflow_uri=_mlflow_uri(params, args))
         return
     stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
                       ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),
-                      lock_wait=args.lock_wait, origin=_origin("train-lora"))
+                      lock_wait=args.lock_wait, origin=_origin("train-lora"), init_from=args.init_from)
+
+
+def _cmd_train_shared(params, args) -> None:
+    from faceid import stages
+
+    stages.train_shared(params, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
+                        ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),
+                        lock_wait=args.lock_wait, plan=args.plan, origin=_origin("train-shared"))
 
 
 def _cmd_render_validation(params, args) -> None:
@@ -90,7 +98,7 @@ def _cmd_infer(params, args) -> None:
     stages.infer(params, Path(args.pose_video), Path(args.output), settings, identity=args.identity, blend=args.blend,
                  reference_only=args.reference_only,
                  reference_image=Path(args.reference_image) if args.reference_image else None,
-                 mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
+                 mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait, adapter=args.adapter)
 
 
 def _cmd_batch_infer(params, args) -> None:
@@ -100,7 +108,7 @@ def _cmd_batch_infer(params, args) -> None:
     settings = settings_from(params.batch_infer, face_scale=args.face_scale, lora_scale=args.lora_scale)
     stages.batch_infer(params, Path(args.pose_videos), Path(args.output), settings, identity=args.identity,
                        blend=args.blend, interpolate=args.interpolate, ray_address=_ray_address(params, args),
-                       mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait)
+                       mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait, adapter=args.adapter)
 
 
 def _cmd_make_test_weights(params, args) -> None:
@@ -210,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", action="store_true",
                        help="print what the run would do (examples, face-size coverage, steps and passes per photo, "
                             "estimated time and memory, warnings) and exit: loads no diffusion model, writes nothing")
+        p.add_argument("--init-from", help="start mapper and LoRA from a shared adapter (train-shared output folder or "
+                                           "models:/faceid-<name>@<alias>); trains train_lora.init_from_share of the steps")
+
+    p = add("train-shared", _cmd_train_shared, "one identity adapter for many people (zero-shot rendering, a start "
+                                                "for train-lora --init-from), the train-lora recipe on Ray Train")
+    p.add_argument("--crops", required=True, help="crop-faces output of a folder of people (<crops>/<person>/)")
+    p.add_argument("--embeddings", required=True, help="embed-faces output of it (<embeddings>/<person>/)")
+    p.add_argument("--clips", required=True, help="prepare-pose output folder")
+    p.add_argument("--output", required=True, help="adapter folder to write")
+    p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
+    p.add_argument("--mlflow-uri", help=mlflow_help)
+    p.add_argument("--plan", action="store_true", help="print the plan (people, held out, clips per person, steps) and exit")
 
     p = add("render-validation", _cmd_render_validation, "render held-out clips, compute FaceSim/pose metrics, gate the alias")
     p.add_argument("--identity", required=True, help="identity folder from train-lora")
@@ -220,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     face_scale_help = "identity strength, >= 0: scales face tokens and LoRA; 0 = the base model (default batch_infer.face_scale)"
     lora_scale_help = "scales the LoRA alone, >= 0 (default batch_infer.lora_scale)"
+    adapter_help = ("a shared adapter (train-shared output folder or models:/faceid-<name>@<alias>): --identity, --blend "
+                    "and --interpolate then name people's embed-faces output folders, rendered with no training")
     p = add("infer", _cmd_infer, "generate one video for an identity and a pose video")
     p.add_argument("--identity", help="identity folder or models:/faceid-<name>@<alias>")
     p.add_argument("--pose-video", required=True)
@@ -229,13 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-only", action="store_true",
                    help="training-free baseline: base VACE with a reference image, no adapter, no face tokens")
     p.add_argument("--reference-image", help="photo for --reference-only (an aligned face crop works best); "
-                                             "default: the --identity folder's reference.png")
+                                             "default: the --identity folder's reference.png. With --adapter: the "
+                                             "person's reference, when the adapter was trained with one")
     p.add_argument("--guidance-scale", "--cfg-scale", dest="guidance_scale", type=float,
                    help="classifier-free guidance, >= 1 (default batch_infer.guidance_scale; --cfg-scale: old name)")
     p.add_argument("--steps", type=int, help="denoising steps (default batch_infer.num_inference_steps)")
     p.add_argument("--seed", type=int, help="noise seed (default batch_infer.seed)")
     p.add_argument("--prompt", help="text prompt (default batch_infer.prompt, else the default caption)")
     p.add_argument("--blend", help="mix identities: a=0.7,b=0.3 (names are identity folders or models:/ URIs)")
+    p.add_argument("--adapter", help=adapter_help)
     p.add_argument("--mlflow-uri", help=mlflow_help)
 
     p = add("batch-infer", _cmd_batch_infer, "generate videos for a folder/manifest of pose videos with Ray Data")
@@ -244,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--blend", help="mix identities: a=0.7,b=0.3")
     p.add_argument("--interpolate", help="A,B: a sequence from identity A to B (batch_infer.interpolation_steps)")
+    p.add_argument("--adapter", help=adapter_help)
     p.add_argument("--face-scale", type=float, help=face_scale_help)
     p.add_argument("--lora-scale", type=float, help=lora_scale_help)
     p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -212,6 +213,18 @@ class TrainLoraConfig:
     timestep_sampling: Literal["uniform", "logit_normal", "mid_weighted"]
     reference_image: bool  # pass the identity's best aligned crop as VACE reference_images (train + inference)
     validation: ValidationConfig
+    # train-lora --init-from <shared adapter>: both stages' resolved steps times this (the adapter already
+    # reads faces: a short run adapts it to the person; faceid.train.shared)
+    init_from_share: float
+
+
+@dataclass(frozen=True)
+class TrainSharedConfig:
+    """``faceid train-shared``: one adapter trained on many people (``faceid.train.shared``); the recipe,
+    loss, LoRA, schedule and validation settings are train_lora's."""
+
+    name: str  # the adapter's name: the card's, and the registered model faceid-<name>
+    holdout_identities: int  # whole people (the last by name) kept out of training: zero-shot validation
 
 
 @dataclass(frozen=True)
@@ -280,6 +293,7 @@ class Params:
     embed_faces: EmbedFacesConfig
     prepare_pose: PreparePoseConfig
     train_lora: TrainLoraConfig
+    train_shared: TrainSharedConfig
     render_validation: RenderValidationConfig
     batch_infer: BatchInferConfig
     tracking: TrackingConfig
@@ -474,7 +488,10 @@ _RANGES: dict[type, dict[str, tuple[str, Any]]] = {
     TrainLoraConfig: {"num_face_tokens": _GE1, "mapper_hidden_dim": (">= 0 (0 = text_dim)", lambda v: v >= 0),
                       "batch_size": _GE1, "grad_clip": (">= 0 (0 = no clipping)", lambda v: v >= 0),
                       "weight_decay": _GE0, "seed": _GE0, "checkpoint_every": (">= 1 (steps between checkpoints)", lambda v: v >= 1),
-                      "num_workers": (">= 1 (Ray Train workers)", lambda v: v >= 1), "face_dropout": _SHARE, "cache_dir": _PATH},
+                      "num_workers": (">= 1 (Ray Train workers)", lambda v: v >= 1), "face_dropout": _SHARE, "cache_dir": _PATH,
+                      "init_from_share": ("a share in (0, 1]", lambda v: 0 < v <= 1)},
+    TrainSharedConfig: {"name": ("a name of letters, digits, '-', '_' (the model faceid-<name>)",
+                                 lambda v: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v))), "holdout_identities": _GE0},
     GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0, "min_face_detection_rate": _UNIT,
                  "min_facesim": ("a cosine in [0, 1) (0 = the embedder's same-person threshold)", lambda v: 0 <= v < 1)},
     RenderValidationConfig: {"num_clips": _GE1},

@@ -24,6 +24,7 @@ def run(
     reference_image: str | Path | None = None,
     mlflow_uri: str | None = None,
     lock_wait: float = 0.0,
+    adapter: str | Path | None = None,
 ) -> dict:
     """Generate ``output`` (MP4, the pose video's frame count/size/fps) for ``identity`` (a folder
     or ``models:/`` URI) or a ``blend`` (``a=0.7,b=0.3``, which replaces ``identity``), rendered with
@@ -33,7 +34,9 @@ def run(
     tokens (``settings.face_scale`` / ``lora_scale`` do not apply); the reference image is
     ``reference_image`` (a photo) or the identity's reference.png. Every input is checked before the
     model is built. ``lock_wait``: seconds to wait for another run writing ``output``
-    (:func:`faceid.io.output_lock`)."""
+    (:func:`faceid.io.output_lock`). ``adapter``: a shared adapter (``train-shared``); ``identity`` /
+    the blend's names are then people's embed-faces outputs, rendered with no training (zero-shot), and
+    ``reference_image`` is the person's reference image when the adapter was trained with one."""
     from faceid.io import output_lock
     from faceid.outputs import check_file, is_mp4
 
@@ -44,9 +47,15 @@ def run(
         raise InputError(f"{output}: the output must be an .mp4 file")
     # faceid.outputs: not a folder, not an input, and an existing file only if it is a video (an earlier render)
     blended = [ref for ref, _ in parse_blend(blend)] if blend else []
-    check_file("infer", output, [pose_video, reference_image, identity, *blended], replaceable=is_mp4,
+    check_file("infer", output, [pose_video, reference_image, identity, *blended, adapter], replaceable=is_mp4,
                what="an MP4 video")
-    reference = None
+    reference = person_reference = None
+    if adapter and reference_only:
+        raise InputError("--reference-only uses no identity adapter: --adapter cannot be combined with it")
+    if adapter and reference_image is not None:  # the zero-shot person's own reference image
+        from faceid.render import read_reference_photo
+
+        person_reference, reference_image = read_reference_photo(reference_image, params.crop_faces), None
     if reference_only:
         if blend:
             raise InputError("--reference-only uses no identity adapter: --blend cannot be combined with it")
@@ -58,7 +67,7 @@ def run(
     refs = [] if reference_only else [ref for ref, _ in pairs] if pairs else [identity] if identity else []
     if not reference_only and not refs:
         raise InputError("infer: expected --identity, --blend or --reference-only")
-    identities = load_identities(refs, params, mlflow_uri)
+    identities = load_identities(refs, params, mlflow_uri, adapter=adapter, reference=person_reference)
     t0 = time.perf_counter()
     pose = load_pose_video(pose_video, params.batch_infer.frame_count_policy)
     load_s = time.perf_counter() - t0
@@ -70,7 +79,7 @@ def run(
     with output_lock("infer", output, lock_wait):
         # 2. Model and identity (loaded in step 1); none for --reference-only
         t0 = time.perf_counter()
-        generator = Generator(params, mlflow_uri=mlflow_uri, identities=identities)
+        generator = Generator(params, mlflow_uri=mlflow_uri, identities=identities, adapter=adapter)
         conditioning = None if reference_only else generator.conditioning(identity, pairs)
         setup_s = time.perf_counter() - t0
 

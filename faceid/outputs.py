@@ -116,6 +116,7 @@ LEGACY: dict[str, Callable[[Path], bool]] = {
     and _parquet_columns(f / "manifest.parquet", {"clip_id", "pose_path", "checksum", "status"}),
     "train_lora": lambda f: (f / "face_mapper.safetensors").is_file()
     and is_json_report("card_version")(f / "identity.json"),
+    "train_shared": lambda f: False,  # new with its marker: no earlier version wrote it
     "render_validation": lambda f: is_json_report("gate", "clips")(f / "metrics.json"),
     "batch_infer": lambda f: _parquet_columns(f / "manifest.parquet", {"key", "pose_video", "output", "status"}),
     "make_test_weights": _test_weights,

@@ -140,13 +140,50 @@ def identity_sha256(folder: str | Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def load_identities(refs: list[str | Path], params, mlflow_uri: str | None = None) -> dict[str, Any]:
+def load_identities(refs: list[str | Path], params, mlflow_uri: str | None = None, adapter: str | Path | None = None,
+                    reference=None) -> dict[str, Any]:
     """``{ref: Identity}``: each identity folder or registry name resolved, loaded and checked against
-    the base model (``params.model``), before any model is built (a missing one fails in a moment)."""
+    the base model (``params.model``), before any model is built (a missing one fails in a moment).
+    With a shared ``adapter`` (folder or registry name), each ref is a person's embed-faces output
+    rendered zero-shot through it (:func:`load_person`; ``reference``: the person's reference image)."""
     from faceid.model.identity import load_identity
 
+    if adapter:
+        shared = load_adapter(adapter, params, mlflow_uri)
+        return {str(ref): load_person(ref, shared, reference) for ref in refs}
     return {str(ref): load_identity(resolve_identity(ref, mlflow_uri, params.tracking.download_dir), model_cfg=params.model)
             for ref in refs}
+
+
+def load_adapter(ref: str | Path, params, mlflow_uri: str | None = None):
+    """A shared adapter (``train-shared`` output folder or ``models:/faceid-<name>@<alias>``), checked
+    against the base model; a person's own identity folder is refused (it renders only that person)."""
+    from faceid.model.identity import is_shared, load_identity
+
+    adapter = load_identity(resolve_identity(ref, mlflow_uri, params.tracking.download_dir), model_cfg=params.model)
+    if not is_shared(adapter):
+        raise InputError(f"--adapter {ref}: not a shared adapter (train-shared writes those); a person's identity "
+                         "folder renders only that person: pass it with --identity and no --adapter")
+    return adapter
+
+
+def load_person(embeddings: str | Path, adapter, reference=None):
+    """The person of an embed-faces output folder (their mean embedding), rendered zero-shot through the
+    shared ``adapter`` (:func:`faceid.model.identity.zero_shot`); the embedder must be the adapter's."""
+    from faceid.model.identity import zero_shot
+    from faceid.train.data import embeddings_sha256, load_embedding
+
+    path = Path(embeddings)
+    if not path.is_dir() or not (path / "embeddings.safetensors").is_file():
+        raise InputError(f"{path}: with --adapter, an identity is a person's embed-faces output folder "
+                         "(holding embeddings.safetensors)")
+    embedding, meta = load_embedding(path)
+    if meta.get("embedder") != adapter.card["embedder"]:
+        raise InputError(f"{path}: embedded with {meta.get('embedder')!r}; the shared adapter {adapter.path} maps "
+                         f"{adapter.card['embedder']!r} embeddings (rerun embed-faces with embed_faces.embedder="
+                         f"{adapter.card['embedder']})")
+    return zero_shot(adapter, embedding, path.name, reference,
+                     source={"embeddings": str(path), "embeddings_sha256": embeddings_sha256(path)})
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -261,14 +298,18 @@ def out_of_memory_error(exc: BaseException, pose_frames: np.ndarray) -> FaceidEr
 class Generator:
     """The pipeline, built once (per process or Ray worker), and identities, loaded and checked once."""
 
-    def __init__(self, params, mlflow_uri: str | None = None, device=None, identities: dict | None = None):
-        """``identities``: ``{ref: Identity}`` already loaded and checked (:func:`load_identities`)."""
+    def __init__(self, params, mlflow_uri: str | None = None, device=None, identities: dict | None = None,
+                 adapter: str | Path | None = None):
+        """``identities``: ``{ref: Identity}`` already loaded and checked (:func:`load_identities`).
+        ``adapter``: a shared adapter; identity refs are then people's embed-faces outputs (zero-shot)."""
         from faceid.model.generate import build_pipeline
 
         self.params = params
         self.mlflow_uri = mlflow_uri
+        self.adapter = adapter
         self.pipe = build_pipeline(params.model, device=device)
         self._identities: dict[str, Any] = dict(identities or {})
+        self._adapter = None
 
     def identity(self, ref: str | Path):
         """Load (once) and check against the base model: a mismatch is an :class:`InputError`."""
@@ -276,8 +317,12 @@ class Generator:
 
         key = str(ref)
         if key not in self._identities:
-            folder = resolve_identity(ref, self.mlflow_uri, self.params.tracking.download_dir)
-            self._identities[key] = load_identity(folder, model_cfg=self.params.model)
+            if self.adapter:
+                self._adapter = self._adapter or load_adapter(self.adapter, self.params, self.mlflow_uri)
+                self._identities[key] = load_person(ref, self._adapter)
+            else:
+                folder = resolve_identity(ref, self.mlflow_uri, self.params.tracking.download_dir)
+                self._identities[key] = load_identity(folder, model_cfg=self.params.model)
         return self._identities[key]
 
     def conditioning(self, identity: str | Path | None = None, blend: str | list | None = None):

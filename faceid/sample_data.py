@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -39,6 +40,10 @@ OTHER_PHOTOS = {"biden.jpg": "biden.jpg"}
 VIDEO_SOURCES = ("obama3.jpg", "obama2.jpg", "biden.jpg")
 IDENTITY_NAME = "obama"
 STAGE = "sample_data"
+# <output>/people/<name>/: several people for train-shared (crop-faces / embed-faces on the folder). A person
+# with one real photo gets two more views of it (mirrored; zoomed and tilted) to reach crop_faces.min_photos 3:
+# views of one photo, not other photos of the person (a real shared adapter needs many people's own photos)
+PEOPLE_VIEWS = (("", None), ("_mirror", "mirror"), ("_zoom", "zoom"))
 
 
 def extract_archive_photos(archive: Path) -> dict[str, bytes]:
@@ -75,6 +80,19 @@ def package_photos() -> dict[str, np.ndarray]:
     return {"astronaut": data.astronaut(), "grace_hopper": hopper}
 
 
+def photo_view(photo: np.ndarray, kind: str | None) -> np.ndarray:
+    """A view of a photo for the sample people: as is, mirrored, or zoomed in 15 % and tilted 4 degrees (pure)."""
+    import cv2
+
+    if kind is None:
+        return photo
+    if kind == "mirror":
+        return np.ascontiguousarray(photo[:, ::-1])
+    h, w = photo.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 4.0, 1.15)
+    return cv2.warpAffine(photo, m, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
+
+
 def dance_frames(photo: np.ndarray, num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """Move a photo of a person over a background: sway, bob, zoom and tilt (pure function)."""
     import cv2
@@ -107,7 +125,8 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def run(cfg: SampleDataConfig, output: Path, lock_wait: float = 0.0) -> dict:
-    """Write ``<output>/identities/obama``, ``<output>/others`` and ``<output>/videos`` atomically
+    """Write ``<output>/identities/obama``, ``<output>/others``, ``<output>/people/<name>`` (train-shared)
+    and ``<output>/videos`` atomically
     (one writer at a time: :func:`faceid.io.output_lock`)."""
     from PIL import Image
 
@@ -131,6 +150,13 @@ def run(cfg: SampleDataConfig, output: Path, lock_wait: float = 0.0) -> dict:
         extra = package_photos()
         for name, array in extra.items():
             Image.fromarray(array).save(others / f"{name}.png")
+        people = tmp / "people"  # train-shared's people: the identity's photos, and three views of each other photo
+        shutil.copytree(ident, people / IDENTITY_NAME)
+        singles = {Path(f).stem: _decode(photos[f]) for f in OTHER_PHOTOS} | extra
+        for name, array in sorted(singles.items()):
+            (people / name).mkdir()
+            for suffix, kind in PEOPLE_VIEWS:
+                Image.fromarray(photo_view(array, kind)).save(people / name / f"{name}{suffix}.png")
 
         videos = tmp / "videos"
         videos.mkdir()

@@ -60,20 +60,37 @@ def prepare_pose(params, videos: Path, output: Path, *, pose_videos: Path | None
 
 def train_lora(params, identity: str, crops: Path, embeddings: Path, clips: Path, output: Path, *,
                ray_address: str = "", mlflow_uri: str = "", lock_wait: float = 0.0, plan: bool = False,
-               origin: dict | None = None) -> dict:
+               origin: dict | None = None, init_from: str | None = None) -> dict:
     """Two-stage identity training on Ray Train, logged and registered in MLflow (:mod:`faceid.train.launch`).
     ``plan``: only print what the run would do (:func:`faceid.train.plan.run`): no model, no training, nothing written.
-    ``origin``: where the door runs (command, KFP run, DVC stage: :data:`faceid.tracking.ORIGIN_TAGS`), for the MLflow run."""
+    ``origin``: where the door runs (command, KFP run, DVC stage: :data:`faceid.tracking.ORIGIN_TAGS`), for the MLflow run.
+    ``init_from``: a shared adapter (folder or ``models:/``) to start from (:mod:`faceid.train.shared`)."""
     from faceid.train import launch
 
     if plan:
         from faceid.train import plan as planning
 
-        return planning.run(params, identity, Path(crops), Path(embeddings), Path(clips))
+        if init_from:
+            launch.check_init_from(params, init_from, mlflow_uri)
+        return planning.run(params, identity, Path(crops), Path(embeddings), Path(clips), init_from=bool(init_from))
 
     return launch.run(params, identity=identity, crops_dir=Path(crops), embeddings_dir=Path(embeddings),
                       clips_dir=Path(clips), output_dir=Path(output), ray_address=ray_address, mlflow_uri=mlflow_uri,
-                      lock_wait=lock_wait, origin=origin)
+                      lock_wait=lock_wait, origin=origin, init_from=init_from or None)
+
+
+def train_shared(params, crops: Path, embeddings: Path, clips: Path, output: Path, *, ray_address: str = "",
+                 mlflow_uri: str = "", lock_wait: float = 0.0, plan: bool = False, origin: dict | None = None) -> dict:
+    """One adapter for many people (``<crops>/<person>/``, ``<embeddings>/<person>/``) through the identity recipe,
+    registered as ``faceid-<train_shared.name>`` (:mod:`faceid.train.shared`). ``plan``: only print the plan."""
+    from faceid.train import launch
+
+    if plan:
+        from faceid.train import shared
+
+        return shared.run_plan(params, params.train_shared.name, Path(crops), Path(embeddings), Path(clips))
+    return launch.run_shared(params, Path(crops), Path(embeddings), Path(clips), Path(output), ray_address=ray_address,
+                             mlflow_uri=mlflow_uri, lock_wait=lock_wait, origin=origin)
 
 
 def render_validation(params, identity: Path, clips: Path, reference: Path, output: Path, *,
@@ -88,25 +105,25 @@ def render_validation(params, identity: Path, clips: Path, reference: Path, outp
 
 def infer(params, pose_video: Path, output: Path, settings, *, identity: str | None = None, blend: str | None = None,
           reference_only: bool = False, reference_image: Path | None = None, mlflow_uri: str = "",
-          lock_wait: float = 0.0) -> dict:
+          lock_wait: float = 0.0, adapter: str | None = None) -> dict:
     """One video for an identity (folder or ``models:/``), a blend, or the reference-only baseline,
     rendered with ``settings`` (:class:`faceid.render.Settings`; :mod:`faceid.infer`)."""
     from faceid import infer as module
 
     return module.run(params, Path(pose_video), Path(output), settings, identity=identity, blend=blend,
                       reference_only=reference_only, reference_image=reference_image, mlflow_uri=mlflow_uri,
-                      lock_wait=lock_wait)
+                      lock_wait=lock_wait, adapter=adapter)
 
 
 def batch_infer(params, pose_videos: Path, output: Path, settings, *, identity: str | None = None,
                 blend: str | None = None, interpolate: str | None = None, ray_address: str = "", mlflow_uri: str = "",
-                lock_wait: float = 0.0) -> dict:
+                lock_wait: float = 0.0, adapter: str | None = None) -> dict:
     """Videos for a folder or prepare-pose output of pose videos on Ray Data (:mod:`faceid.batch`)."""
     from faceid import batch
 
     return batch.run(params, identity=identity, pose_videos=Path(pose_videos), output_dir=Path(output), blend=blend,
                      interpolate=interpolate, ray_address=ray_address, mlflow_uri=mlflow_uri, settings=settings,
-                     lock_wait=lock_wait)
+                     lock_wait=lock_wait, adapter=adapter)
 
 
 def make_test_weights(params, output: Path | None, size: str, seed: int = 0) -> Path:

@@ -155,9 +155,11 @@ def slerp(a, b, t: float):
 
 
 def adapter_name(identity: Identity) -> str:
-    """A stable adapter name per identity folder (name + short hash of the resolved path)."""
+    """A stable adapter name per identity folder (name + short hash of the resolved path); people rendered
+    through one shared adapter (``faceid.model.identity.zero_shot``) share its name: one LoRA, loaded once."""
     digest = hashlib.sha256(str(identity.path.resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_]', '_', identity.name)}_{digest}"
+    name = (identity.card.get("zero_shot") or {}).get("adapter_name", identity.name)
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{digest}"
 
 
 def activate_loras(pipe, blend: list[tuple[Identity, float]], scale: float = 1.0) -> list[str]:
@@ -170,15 +172,16 @@ def activate_loras(pipe, blend: list[tuple[Identity, float]], scale: float = 1.0
         if loaded:
             pipe.disable_lora()
         return []
-    names = []
-    for ident, _ in blend:
+    weights: dict[str, float] = {}  # people of one shared adapter: one LoRA, their weights summed
+    for ident, w in blend:
         name = adapter_name(ident)
         if name not in loaded:
             load_lora(pipe, ident.path, name)
             loaded.add(name)
-        names.append(name)
+        weights[name] = weights.get(name, 0.0) + w
+    names = list(weights)
     pipe.enable_lora()
-    pipe.set_adapters(names, adapter_weights=[w * scale for _, w in blend])
+    pipe.set_adapters(names, adapter_weights=[weights[n] * scale for n in names])
     return names
 
 

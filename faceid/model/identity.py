@@ -89,11 +89,14 @@ def save_identity(
     adapter_name: str = "default",
     reference=None,
     validation_rows: list[dict] = (),
+    people: dict | None = None,
 ) -> Path:
     """Write the identity folder atomically. ``card`` holds the training facts (base_model, embedder,
     lora, train_config_hash, data hashes...); dims are filled in from ``mapper``. ``reference``:
     the best aligned face crop ([H, W, 3] uint8 RGB) written as ``reference.png``, or None.
-    ``validation_rows``: the validation points (``VALIDATION_COLUMNS``; None = not measured), if any."""
+    ``validation_rows``: the validation points (``VALIDATION_COLUMNS``; None = not measured), if any.
+    ``people``: a shared adapter's ``{person: mean embedding}`` (trained and held out), saved beside
+    ``identity`` as tensor ``people`` [P, D] with the names in the metadata (:func:`read_people`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -122,8 +125,12 @@ def save_identity(
         save_lora(tmp, transformer, adapter_name)
         mapper_state = {k: v.detach().float().cpu().contiguous() for k, v in mapper.state_dict().items()}
         save_file(mapper_state, str(tmp / MAPPER_FILE), metadata={"config": json.dumps(mcfg)})
-        save_file({"identity": embedding}, str(tmp / EMBEDDING_FILE),
-                  metadata={"embedder": str(card.get("embedder", "")), "dim": str(embedding.numel())})
+        tensors, meta = {"identity": embedding}, {"embedder": str(card.get("embedder", "")), "dim": str(embedding.numel())}
+        if people:
+            names = sorted(people)
+            tensors["people"] = torch.stack([torch.as_tensor(people[n], dtype=torch.float32).reshape(-1) for n in names])
+            meta["people"] = json.dumps(names)
+        save_file(tensors, str(tmp / EMBEDDING_FILE), metadata=meta)
         if reference is not None:
             from PIL import Image
 
@@ -235,6 +242,24 @@ def is_shared(identity: Identity) -> bool:
     return identity.card.get("kind") == SHARED_KIND
 
 
+def read_people(adapter: Identity) -> dict[str, np.ndarray]:
+    """A shared adapter's ``{person: mean embedding}`` (``people`` in ``identity_embedding.safetensors``);
+    {} for a folder without them."""
+    from faceid.model.lora import read_weights
+
+    tensors, meta = read_weights(adapter.path / EMBEDDING_FILE)
+    if "people" not in tensors:
+        return {}
+    try:
+        names = json.loads(meta.get("people", "[]"))
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or len(names) != len(tensors["people"]):
+        raise InputError(f"{adapter.path / EMBEDDING_FILE}: 'people' has {len(tensors['people'])} rows but its metadata "
+                         "names do not match; retrain the shared adapter")
+    return {str(n): tensors["people"][i].numpy() for i, n in enumerate(names)}
+
+
 def zero_shot(adapter: Identity, embedding, name: str, reference=None, source: dict | None = None) -> Identity:
     """A person the shared ``adapter`` never trained on, rendered from their own embedding (embed-faces'
     mean) through the adapter's one mapper and LoRA: an :class:`Identity` whose weights are the
@@ -254,7 +279,7 @@ def zero_shot(adapter: Identity, embedding, name: str, reference=None, source: d
         raise InputError(f"{name}: the embedding holds NaN/inf values")
     if adapter.reference_in_training and reference is None:
         raise InputError(f"{name}: the shared adapter {adapter.path} was trained with each person's reference image; "
-                         "this person has none (rerun embed-faces, which writes reference.png, or pass --reference-image)")
+                         "pass this person's best aligned crop (a crop-faces crop) with --reference-image")
     card = {**adapter.card, "name": name, "zero_shot": {"adapter": str(adapter.path), "adapter_name": adapter.name,
                                                         **(source or {})}}
     return Identity(name=name, path=adapter.path, card=card, embedding=emb, mapper=adapter.mapper,

@@ -137,10 +137,12 @@ def _clip_sources(clips, routes: dict, reference_sha: str | None, reference_imag
     return sources
 
 
-def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, show_progress: bool = True) -> TrainingSet:
+def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, show_progress: bool = True,
+                       clip_ids: set[str] | None = None) -> TrainingSet:
     """Identity and prior examples (cached latents + conditioning) of one identity as ``plan``
     (:func:`faceid.train.plan.make_plan`) decided them, and the held-out validation examples when
-    ``train_lora.validation`` is on; see the module doc."""
+    ``train_lora.validation`` is on; see the module doc. ``clip_ids``: build only these clips (a
+    shared adapter builds each clip once, for the person it shows: :mod:`faceid.train.shared`)."""
     import torch
 
     from faceid.faces.crop import choose_reference
@@ -181,7 +183,7 @@ def build_training_set(pipe, params, plan, cache_dir: Path, base_model: str, sho
     # 3. Clips as routed: identity when they show the identity, else motion prior (held-out clips: what they validate)
     clips, held_out_clips = list(plan.clips), list(plan.held_out_clips)
     held_ids = {c.clip_id for c in held_out_clips}
-    all_clips = clips + held_out_clips
+    all_clips = [c for c in clips + held_out_clips if clip_ids is None or c.clip_id in clip_ids]
     route_list = plan.routes
     routes = {r.clip_id: r for r in route_list}
     for c in all_clips:

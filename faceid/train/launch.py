@@ -38,29 +38,37 @@ from faceid.train.validation import VALIDATION_METRICS
 MAX_FAILURES = 2
 
 
-def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips: list) -> str:
+def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips: list, people: list[str] = (),
+             parent: str = "") -> str:
     """Stable per (identity, config, data): the same command resumes the same Ray run.
-    ``clips``: the training and held-out clips (:func:`faceid.train.data.split_clips`)."""
+    ``clips``: the training and held-out clips (:func:`faceid.train.data.split_clips`); ``people``: a
+    shared run's people (``crops_dir`` / ``embeddings_dir`` hold a folder each); ``parent``: the
+    sha256 of the adapter an ``--init-from`` run starts from."""
     from faceid.config import config_hash
     from faceid.io import sha256_file
     from faceid.train.data import embeddings_sha256
 
     data = sorted(c.checksum for c in clips)
-    emb_id = embeddings_sha256(embeddings_dir) or str(embeddings_dir.resolve())
-    photos_id = sha256_file(crops_dir / "manifest.parquet")
+    folders = [(crops_dir / p, embeddings_dir / p) for p in people] or [(crops_dir, embeddings_dir)]
+    ids = [(embeddings_sha256(e) or str(e.resolve()), sha256_file(c / "manifest.parquet")) for c, e in folders]
     # routing reads crop_faces/embed_faces settings (detector, embedder, padding): part of the data
-    payload = json.dumps([config_hash(params.model, params.train_lora, params.crop_faces, params.embed_faces),
-                          data, emb_id, photos_id], default=str)
-    return f"train-lora-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    cfg = config_hash(params.model, params.train_lora, params.crop_faces, params.embed_faces,
+                      *([params.train_shared] if people else []))
+    payload = json.dumps([cfg, data, ids if people else list(ids[0]), parent], default=str)
+    if not people and not parent:  # the payload of runs before train-shared / --init-from: their runs still resume
+        payload = json.dumps([cfg, data, *ids[0]], default=str)
+    command = "train-shared" if people else "train-lora"
+    return f"{command}-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
 def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
         ray_address: str = "", mlflow_uri: str = "", fail_at_step: int | None = None, lock_wait: float = 0.0,
-        origin: dict | None = None) -> dict:
+        origin: dict | None = None, init_from: str | Path | None = None) -> dict:
     """Train ``identity``, write ``output_dir`` (the identity folder), log to MLflow; return the summary.
     ``fail_at_step`` (tests) kills the worker once after that step's checkpoint to exercise resume.
     ``lock_wait``: seconds to wait for another run writing the same folders (:func:`faceid.io.output_lock`).
-    ``origin``: what the door knows of where it runs (:data:`faceid.tracking.ORIGIN_TAGS`), as run tags."""
+    ``origin``: what the door knows of where it runs (:data:`faceid.tracking.ORIGIN_TAGS`), as run tags.
+    ``init_from``: a shared adapter (folder or ``models:/`` URI) whose mapper and LoRA the run starts from."""
     from faceid.io import output_lock
 
     # 1. Check inputs here, before any worker starts
@@ -68,13 +76,68 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
 
     crops_dir, embeddings_dir = Path(crops_dir), Path(embeddings_dir)
     clips_dir = Path(clips_dir)
-    output_dir = check_folder("train_lora", output_dir, [crops_dir, embeddings_dir, clips_dir])  # faceid.outputs
+    output_dir = check_folder("train_lora", output_dir, [crops_dir, embeddings_dir, clips_dir, init_from])  # faceid.outputs
     clips = _check_inputs(params, crops_dir, embeddings_dir, clips_dir)
-    name = run_name(params, identity, crops_dir, embeddings_dir, clips)
+    parent = check_init_from(params, init_from, mlflow_uri) if init_from else None
+    name = run_name(params, identity, crops_dir, embeddings_dir, clips, parent=parent["sha256"] if parent else "")
     storage = Path(params.ray.storage_path).resolve()
+    extra = {"init_from": parent["path"], "init_from_sha256": parent["sha256"]} if parent else {}
     with output_lock("train-lora", output_dir, lock_wait), output_lock("train-lora", storage / name, lock_wait):
         return _train(params, identity, crops_dir, embeddings_dir, clips_dir, output_dir, name, storage,
-                      ray_address, mlflow_uri, fail_at_step, origin)
+                      ray_address, mlflow_uri, fail_at_step, origin, extra)
+
+
+def run_shared(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path, ray_address: str = "",
+               mlflow_uri: str = "", lock_wait: float = 0.0, origin: dict | None = None) -> dict:
+    """``faceid train-shared``: one adapter (``train_shared.name``) on every person of ``crops_dir`` /
+    ``embeddings_dir`` (a folder each, :mod:`faceid.train.shared`), through the same recipe, launcher,
+    checkpoints and MLflow logging as :func:`run`; written to ``output_dir``, registered as ``faceid-<name>``."""
+    from faceid.io import output_lock
+    from faceid.outputs import check_folder
+    from faceid.train.shared import list_people, split_people
+    from faceid.train.validation import enabled
+
+    crops_dir, embeddings_dir, clips_dir = Path(crops_dir), Path(embeddings_dir), Path(clips_dir)
+    output_dir = check_folder(SHARED, output_dir, [crops_dir, embeddings_dir, clips_dir])  # faceid.outputs
+    people = list_people(crops_dir, embeddings_dir)
+    split_people(people, params.train_shared.holdout_identities, enabled(params.train_lora.validation))
+    clips = []
+    for person in people:
+        clips = _check_inputs(params, crops_dir / person, embeddings_dir / person, clips_dir)
+    name = params.train_shared.name
+    run = run_name(params, name, crops_dir, embeddings_dir, clips, people=people)
+    storage = Path(params.ray.storage_path).resolve()
+    with output_lock("train-shared", output_dir, lock_wait), output_lock("train-shared", storage / run, lock_wait):
+        return _train(params, name, crops_dir, embeddings_dir, clips_dir, output_dir, run, storage,
+                      ray_address, mlflow_uri, None, origin, {"people": True})
+
+
+SHARED = "train_shared"  # the stage's name (faceid.outputs, MLflow tag)
+
+
+def check_init_from(params, ref: str | Path, mlflow_uri: str) -> dict:
+    """``{"path", "sha256"}`` of the ``--init-from`` adapter after checking it can start this run: a shared
+    adapter (``train-shared``) for this base model and embedder, with the configured LoRA and mapper shape."""
+    from faceid.config import to_dict
+    from faceid.model.base_model import text_dim
+    from faceid.model.identity import is_shared, load_identity
+    from faceid.render import identity_sha256, resolve_identity
+
+    folder = resolve_identity(ref, mlflow_uri, params.tracking.download_dir)
+    adapter = load_identity(folder, model_cfg=params.model, embedder=params.embed_faces.embedder)
+    tcfg, card = params.train_lora, adapter.card
+    if not is_shared(adapter):
+        raise InputError(f"--init-from {ref}: not a shared adapter (written by train-shared); a person's identity "
+                         "folder cannot start another person's training")
+    if card.get("lora") != to_dict(tcfg.lora):
+        raise InputError(f"--init-from {ref}: the adapter's LoRA is {card.get('lora')}, train_lora.lora is "
+                         f"{to_dict(tcfg.lora)}; set train_lora.lora to the adapter's")
+    want = {"num_face_tokens": tcfg.num_face_tokens, "mapper_hidden_dim": tcfg.mapper_hidden_dim or text_dim(params.model)}
+    have = {k: card.get(k) for k in want}
+    if have != want:
+        raise InputError(f"--init-from {ref}: the adapter's face mapper has {have}, train_lora asks for {want}; "
+                         "set train_lora to the adapter's")
+    return {"path": str(Path(folder).resolve()), "sha256": identity_sha256(folder)}
 
 
 def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> list:
@@ -94,7 +157,7 @@ def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path
 
 def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, output_dir: Path,
            name: str, storage: Path, ray_address: str, mlflow_uri: str, fail_at_step: int | None,
-           origin: dict | None) -> dict:
+           origin: dict | None, extra: dict) -> dict:
     """Steps 2-4 of :func:`run`: the trainer on Ray, the identity folder, MLflow (the run opened first)."""
     from faceid import tracking
     from faceid.config import to_dict
@@ -108,27 +171,31 @@ def _train(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_d
         "clips_dir": str(clips_dir.resolve()),
         "output_dir": "",  # set per worker (a temporary folder; the driver copies the final checkpoint)
         "final_output_dir": str(output_dir),  # where the identity folder ends up (the summary names it)
+        **extra,  # people: true (train-shared) | init_from (+ its sha256)
     }
+    stage = SHARED if extra.get("people") else "train_lora"
+    command = stage.replace("_", "-")
     config["params"]["train_lora"]["cache_dir"] = str(Path(tcfg.cache_dir).resolve())
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(storage / name / "fault_injected"))
     # "train-lora obama 3f2a9c1": the Ray run name's hash of config + data (or the KFP run)
     run_id = tracking.open_run(mlflow_uri, params.tracking.experiment,
-                               run_name=tracking.run_name("train-lora", identity, name.rsplit("-", 1)[1][:7], origin),
-                               tags=tracking.run_tags({"stage": "train_lora", "identity": identity}, origin),
+                               run_name=tracking.run_name(command, identity, name.rsplit("-", 1)[1][:7], origin),
+                               tags=tracking.run_tags({"stage": stage, "identity": identity}, origin),
                                resume_tag=f"ray_run={name}") if mlflow_uri else None
     if run_id:  # rank 0 logs validation points into this run while it trains
         config["mlflow"] = {"uri": mlflow_uri, "run_id": run_id}
     try:
-        return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id, origin)
+        return _fit_and_log(params, identity, output_dir, name, storage, ray_address, mlflow_uri, config, run_id, origin,
+                            stage)
     except BaseException:
         if run_id:
-            tracking.end_run(mlflow_uri, run_id, "FAILED", "train-lora")
+            tracking.end_run(mlflow_uri, run_id, "FAILED", command)
         raise
 
 
 def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Path, ray_address: str, mlflow_uri: str,
-                 config: dict, run_id: str | None, origin: dict | None) -> dict:
+                 config: dict, run_id: str | None, origin: dict | None, stage: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -169,12 +236,13 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
         with atomic_dir(output_dir) as tmp:
             shutil.copytree(Path(ckpt) / IDENTITY_SUBDIR, tmp, dirs_exist_ok=True)
             readable_tree(tmp)  # the checkpoint's folders are temporary ones (0700): as the user's umask says
-            mark(tmp, "train_lora")
+            mark(tmp, stage)
     metrics["ray_run"] = str(storage / name)
 
     # 4. MLflow (driver only)
     if mlflow_uri:
-        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id, origin=origin))
+        metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id, origin=origin,
+                                     stage=stage))
     return metrics
 
 
@@ -240,7 +308,7 @@ SUMMARY_FILE = "summary.json"  # the single-value figures (seconds, memory, coun
 
 
 def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlflow_uri: str, run_id: str | None = None,
-                  origin: dict | None = None) -> dict:
+                  origin: dict | None = None, stage: str = "train_lora") -> dict:
     """One MLflow run (``run_id``: the one :func:`faceid.tracking.open_run` opened, else a new one
     named ``train-lora <identity> <hash of the card's config and data>``): params, per-step losses
     and learning rates (``loss/train_stage1``, ``lr/stage1``...) beside the validation series
@@ -265,10 +333,10 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
     with tracking.using(mlflow_uri, params.tracking.experiment) as exp_id:
         digest = tracking.short_hash(card.get("train_config_hash"), card.get("data"))
         resume_or_new = {"run_id": run_id} if run_id else {
-            "run_name": tracking.run_name("train-lora", identity, digest, origin), "experiment_id": exp_id,
+            "run_name": tracking.run_name(stage.replace("_", "-"), identity, digest, origin), "experiment_id": exp_id,
             "tags": tracking.run_tags({}, origin)}
         with mlflow.start_run(**resume_or_new) as run:
-            mlflow.set_tags({"stage": "train_lora", "identity": identity, "base_model": card["base_model"],
+            mlflow.set_tags({"stage": stage, "identity": identity, "base_model": card["base_model"],
                              "embedder": card["embedder"], "kept_step": str(kept.get("step")),
                              "last_step": str(kept.get("last_step")), "kept_why": str(kept.get("why"))[:5000]})
             # every photo and clip with its role (identity | prior | excluded) and FaceSim score
@@ -310,7 +378,7 @@ def log_to_mlflow(params, identity: str, identity_dir: Path, summary: dict, mlfl
             version = str(info.registered_model_version)
             client.set_registered_model_alias(model_name, params.tracking.register_alias, version)
             _describe_version(client, model_name, version, run.info, kept)
-    print(f"train-lora {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
+    print(f"{stage.replace('_', '-')} {identity}: MLflow run {run.info.run_id}, model {model_name} v{version} "
           f"@{params.tracking.register_alias}")
     return {"mlflow_run_id": run.info.run_id, "model_name": model_name, "model_version": version}
 

@@ -141,10 +141,13 @@ def coverage(clip_heights, example_heights) -> float | None:
     return float(((c >= e.min()) & (c <= e.max())).mean())
 
 
-def resolve_schedule(tcfg, num_photos: int, views_per_photo: int, identity_clips: int, world_size: int) -> Schedule:
+def resolve_schedule(tcfg, num_photos: int, views_per_photo: int, identity_clips: int, world_size: int,
+                     init_from: bool = False) -> Schedule:
     """Steps of both stages (``tcfg`` = ``train_lora``; see the module doc). ``num_photos`` training
     photos with ``views_per_photo`` training views each, ``identity_clips`` training clips routed to
     the identity, ``world_size`` Ray workers (each step draws ``batch_size`` examples per worker).
+    ``init_from``: the run starts from a shared adapter (``train-lora --init-from``): each stage's
+    steps times ``train_lora.init_from_share`` (at least 1 where the stage trains).
     A schedule that trains nothing is a :class:`ConfigError`."""
     sc, per_step = tcfg.schedule, tcfg.batch_size * world_size
     pool = num_photos * views_per_photo + identity_clips
@@ -163,6 +166,10 @@ def resolve_schedule(tcfg, num_photos: int, views_per_photo: int, identity_clips
         why = (f"train_lora.schedule.mode per_photo: {sc.steps_per_photo} draws x {num_photos} photo(s) = {draws} "
                f"identity draws, {sc.stage1_share:g} of them in stage 1 -> {want1} + {want2} steps "
                f"(at least min_steps {sc.min_steps}, at most stage1/stage2.steps {tcfg.stage1.steps}/{tcfg.stage2.steps})")
+    if init_from:
+        share = tcfg.init_from_share
+        s1, s2 = (max(1, int(round(s * share))) if s > 0 else 0 for s in (s1, s2))
+        why += f"; started from a shared adapter (--init-from): x train_lora.init_from_share {share:g} -> {s1} + {s2} steps"
     if s1 + s2 <= 0 or (sc.mode == "per_photo" and min(s1, s2) <= 0):
         raise ConfigError(f"train_lora: the schedule trains {s1} + {s2} steps ({why}); expected steps > 0 "
                           "(raise train_lora.stage1/stage2.steps or schedule.min_steps)")
@@ -227,9 +234,11 @@ def photo_caption(caption: str, params) -> str:
 # --------------------------------------------------------------------------- the plan
 
 
-def make_plan(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, world_size: int | None = None) -> Plan:
+def make_plan(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, world_size: int | None = None,
+              init_from: bool = False) -> Plan:
     """The plan of one identity's run (module doc). Reads the inputs, routes the clips, estimates the
-    photos' poses; loads no diffusion model and writes nothing."""
+    photos' poses; loads no diffusion model and writes nothing. ``init_from``: the run starts from a
+    shared adapter (:func:`resolve_schedule`)."""
     from faceid.faces.crop import choose_reference, read_photos
     from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, split_clips
     from faceid.train.routing import IDENTITY, route_clips
@@ -308,7 +317,7 @@ def make_plan(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, wo
 
     # 5. Schedule, estimate
     views_trained = len(photos[0].views) - (1 if holdout.view is not None else 0)
-    schedule = resolve_schedule(tcfg, len(training_photos), views_trained, len(id_clips), world)
+    schedule = resolve_schedule(tcfg, len(training_photos), views_trained, len(id_clips), world, init_from)
     resolved = dataclasses.replace(params, train_lora=dataclasses.replace(
         tcfg, stage1=dataclasses.replace(tcfg.stage1, steps=schedule.stage1_steps),
         stage2=dataclasses.replace(tcfg.stage2, steps=schedule.stage2_steps)))
@@ -406,9 +415,9 @@ def format_plan(plan: Plan, identity: str) -> str:
     return "\n".join(lines)
 
 
-def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> dict:
+def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, init_from: bool = False) -> dict:
     """``faceid train-lora --plan``: print what the run would do and return its numbers; loads no
     diffusion model, trains nothing, writes nothing (no lock, no cache, no output folder)."""
-    plan = make_plan(params, crops_dir, embeddings_dir, clips_dir)
+    plan = make_plan(params, crops_dir, embeddings_dir, clips_dir, init_from=init_from)
     print(format_plan(plan, identity))
     return {**summary(plan), "warnings": list(plan.warnings)}

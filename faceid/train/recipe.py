@@ -37,6 +37,12 @@ Determinism and resume: the sample order, noise, sigma and face dropout of globa
 come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint (with the validation
 state and the best weights so far) computes exactly what the uninterrupted run would have.
 
+Many people (``faceid train-shared``, ``config["people"]``): the same recipe on every person's
+identity examples at once, each photo with its own embedding, whole people held out for validation
+(:mod:`faceid.train.shared` plans and builds the data); the output is a shared adapter. One person
+started from a shared adapter (``train-lora --init-from``, ``config["init_from"]``): mapper and LoRA
+start from the adapter's weights and the schedule is ``train_lora.init_from_share`` of the usual.
+
 ``train(config, ...)`` is a plain function (tests call it directly); ``train_loop_per_worker`` is
 the thin adapter Ray Train launches (rank, device, checkpoints and metrics through ``ray.train``).
 """
@@ -230,8 +236,10 @@ def train(
 ) -> dict:
     """Two-stage training of one identity. ``config``: ``params`` (dict of Params), ``identity``,
     ``crops_dir``, ``embeddings_dir``, ``clips_dir``, ``output_dir`` (rank 0 writes the identity
-    folder there). ``checkpoint_dir``: resume from it. ``on_validation(point, renders folder or
-    None)``: called on rank 0 after each validation point. Returns the summary metrics."""
+    folder there); ``people: true``: crops_dir / embeddings_dir hold one folder per person and the
+    output is a shared adapter named ``identity`` (:mod:`faceid.train.shared`); ``init_from``: a shared
+    adapter folder to start from. ``checkpoint_dir``: resume from it. ``on_validation(point, renders
+    folder or None)``: called on rank 0 after each validation point. Returns the summary metrics."""
     from safetensors.torch import save_file
 
     from faceid.config import config_hash, params_from_dict, to_dict
@@ -242,6 +250,7 @@ def train(
     from faceid.model.mapper import caption_token_rms, initial_mapper
     from faceid.train.data import embeddings_sha256
     from faceid.train.examples import IDENTITY, build_training_set, summary_text
+    from faceid.train import shared as many
     from faceid.train.plan import card as plan_card, format_plan, make_plan, summary as plan_summary
     from faceid.train.validation import Renderer, Validation, enabled, kept_without_validation
 
@@ -249,13 +258,19 @@ def train(
     params = params_from_dict(config["params"])
     device = device or comp.resolve_device(params.model)
     t_start = time.perf_counter()
+    people, init_from = bool(config.get("people")), config.get("init_from")
 
     # 2. Plan (no diffusion model yet): photos and views, clips routed, face sizes, schedule; then
     #    executed as printed: its resolved stage steps replace the configured ones from here on
-    plan = make_plan(params, Path(config["crops_dir"]), Path(config["embeddings_dir"]), Path(config["clips_dir"]),
-                     world_size=world_size)
+    inputs = Path(config["crops_dir"]), Path(config["embeddings_dir"]), Path(config["clips_dir"])
+    if people:  # many people, one adapter
+        plan = many.make_plan(params, *inputs, world_size=world_size)
+        render_embedding = plan.render_embedding
+    else:
+        plan = make_plan(params, *inputs, world_size=world_size, init_from=bool(init_from))
+        render_embedding = plan.embedding
     if rank == 0:
-        print(format_plan(plan, config["identity"]))
+        print((many.format_plan if people else format_plan)(plan, config["identity"]))
     params = plan.params
     mcfg, tcfg, vcfg = params.model, params.train_lora, params.train_lora.validation
     torch.manual_seed(tcfg.seed)
@@ -269,13 +284,14 @@ def train(
     #    examples likewise; then free the text encoder and the VAE (rank 0 keeps the VAE to render)
     base_model = comp.base_model_id(mcfg)
     with text_encoder_on_device(pipe):  # an offloaded text encoder visits once for the whole cache fill
-        data = build_training_set(pipe, params, plan, Path(tcfg.cache_dir), base_model, show_progress=rank == 0)
+        data = (many.build_training_set if people else build_training_set)(pipe, params, plan, Path(tcfg.cache_dir),
+                                                                            base_model, show_progress=rank == 0)
     if rank == 0:
         print(summary_text(data))
     renderer = None  # rank 0 renders held-out poses with the VAE (and the prompts encoded once)
     if rank == 0 and vcfg.render_every:
         reference = data.reference["image"] if data.reference["in_training"] else None  # rendered as inference does
-        renderer = Renderer(pipe, held_out_clips[: vcfg.num_clips], embedding, params, device, reference)
+        renderer = Renderer(pipe, held_out_clips[: vcfg.num_clips], render_embedding, params, device, reference)
     emb = torch.from_numpy(embedding)
     transformer = pipe.transformer
     del pipe
@@ -293,6 +309,15 @@ def train(
     if tcfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     model = FaceConditionedDiT(transformer, mapper)
+    parent = None
+    if init_from:  # train-lora --init-from: mapper and LoRA start from the shared adapter (checked by the launcher)
+        from faceid.model.identity import load_identity
+        from faceid.train.step import load_adapter
+
+        adapter = load_identity(init_from, model_cfg=mcfg)
+        load_adapter(model, adapter, tcfg.lora)
+        mapper.to(device)
+        parent = {"path": str(init_from), "name": adapter.name, "sha256": config.get("init_from_sha256", "")}
 
     # 6. Resume from the last checkpoint (if any): weights, optimizer, step, validation state and best weights
     state, resume_optim, best = {"step": 0, "history": [], "resumed_from": None}, None, None
@@ -328,12 +353,15 @@ def train(
     kept = validation.kept(last_step) if validation is not None else kept_without_validation(last_step)
     summary = _summary(state, tcfg, world_size, time.perf_counter() - t_start, device)
     summary.update(identity_examples=len(data.identity), prior_examples=len(data.prior),
-                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses, **plan_summary(plan),
+                   latent_cache_read=data.cache_hits, latent_cache_encoded=data.cache_misses,
+                   **(many.summary(plan) if people else plan_summary(plan)),
                    face_token_scale=text_rms, face_gate=float(mapper.gate.detach().cpu()),
                    **_validation_summary(validation, kept, summary["seconds"]))
     last_weights = trainable_state(model)
     if rank == 0:
         card = {
+            **(many.card(plan) if people else {}),
+            **({"init_from": parent} if parent else {}),
             "base_model": base_model,
             "profile": mcfg.profile,
             "embedder": emb_meta["embedder"],
@@ -344,12 +372,14 @@ def train(
             "loss": {"identity_share": tcfg.identity_share, "face_loss_weight": tcfg.face_loss_weight,
                      "timestep_sampling": tcfg.timestep_sampling, "face_dropout": tcfg.face_dropout,
                      "clip_identity_threshold": tcfg.clip_identity_threshold, "photo_views": tcfg.photos.views},
-            "reference_image": {"file": "reference.png", "source": data.reference["name"],
-                                "in_training": data.reference["in_training"]},
+            "reference_image": ({"file": None, "source": "each person's own (infer --reference-image)",
+                                 "in_training": data.reference["in_training"]} if people else
+                                {"file": "reference.png", "source": data.reference["name"],
+                                 "in_training": data.reference["in_training"]}),
             "examples": data.rows,
-            "plan": plan_card(plan),  # face sizes and coverage, schedule and passes per photo, estimate, warnings
+            "plan": None if people else plan_card(plan),  # face sizes and coverage, schedule and passes per photo, estimate, warnings
             "data": {
-                "embeddings_sha256": embeddings_sha256(config["embeddings_dir"]),
+                "embeddings_sha256": "" if people else embeddings_sha256(config["embeddings_dir"]),
                 "clips": {c.clip_id: c.checksum for c in clips},
                 "identity_clips": sorted(r["id"] for r in data.rows if r["kind"] == "clip" and r["role"] == IDENTITY),
             },
@@ -358,8 +388,9 @@ def train(
             "kept": kept,
         }
         save = dict(name=config["identity"], mapper=mapper, embedding=emb, transformer=transformer,
-                    loss_rows=state["history"], reference=data.reference["image"],
-                    validation_rows=validation.rows() if validation is not None else ())
+                    loss_rows=state["history"], reference=None if people else data.reference["image"],
+                    validation_rows=validation.rows() if validation is not None else (),
+                    people=plan.people_embeddings if people else None)
         _save_kept(Path(config["output_dir"]), model, card, save, kept, validation)
         print(format_summary(config["identity"], summary, config.get("final_output_dir") or config["output_dir"]))
     if report is not None:  # final checkpoint: trainable state + the identity folder (Ray brings it back)
