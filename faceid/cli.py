@@ -60,7 +60,8 @@ def _cmd_train_lora(params, args) -> None:
 
     if args.plan:  # print what the run would do: no model, no Ray, no MLflow, nothing written
         stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips),
-                          Path(args.output), plan=True, init_from=args.init_from, mlflow_uri=_mlflow_uri(params, args))
+                          Path(args.output), plan=True, init_from=args.init_from,
+                          mlflow_uri=_mlflow_uri(params, args) if args.init_from else "")  # a models:/ adapter only
         return
     stages.train_lora(params, args.identity, Path(args.crops), Path(args.embeddings), Path(args.clips), Path(args.output),
                       ray_address=_ray_address(params, args), mlflow_uri=_mlflow_uri(params, args),

@@ -11,7 +11,7 @@ import pytest
 
 from faceid.cli import main
 
-STAGES = ["sample-data", "crop-faces", "embed-faces", "similarity", "prepare-pose", "train-lora",
+STAGES = ["sample-data", "crop-faces", "embed-faces", "similarity", "prepare-pose", "train-lora", "train-shared",
           "render-validation", "infer", "batch-infer", "pipeline"]
 
 

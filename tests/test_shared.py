@@ -154,7 +154,25 @@ def test_misuse_is_one_clear_line_before_any_model(shared, people, repo, tmp_pat
     one = tmp_path / "one_person"
     one.mkdir()
     (one / "obama").symlink_to(emb / "obama")
+    nocrops = tmp_path / "no_crops"  # three people's embeddings, crops of only two
+    nocrops.mkdir()
+    for name in ("astronaut", "biden", "obama"):
+        (nocrops / name).symlink_to(emb / name)
+    some_crops = tmp_path / "some_crops"
+    some_crops.mkdir()
+    for name in ("astronaut", "biden"):
+        (some_crops / name).symlink_to(crops / name)
+    other = tmp_path / "other_embedder"  # a person embedded with another embedder than the adapter's (dlib)
+    other.mkdir()
+    from safetensors.numpy import save_file
+
+    save_file({"identity": np.ones(128, np.float32)}, str(other / "embeddings.safetensors"),
+              metadata={"embedder": "arcface-onnx", "dim": "128"})
     cases = [
+        (["train-shared", "--crops", some_crops, "--embeddings", nocrops, "--clips", shared["clips"], "--output",
+          tmp_path / "g"], "no crop-faces folder for obama"),
+        (["infer", "--adapter", shared["dir"], "--identity", other, "--pose-video", pose, "--output", tmp_path / "h.mp4"],
+         "embedded with 'arcface-onnx'; the shared adapter"),
         (["train-shared", "--crops", crops, "--embeddings", one, "--clips", shared["clips"], "--output", tmp_path / "a"],
          "at least 2 must train"),
         (["train-shared", "--crops", crops, "--embeddings", emb / "obama", "--clips", shared["clips"], "--output",
@@ -173,4 +191,4 @@ def test_misuse_is_one_clear_line_before_any_model(shared, people, repo, tmp_pat
         code = main(["--params", str(repo / "params.yaml"), *map(str, args)])
         out = "".join(capsys.readouterr())
         assert code == 2 and expected in out and "Traceback" not in out, (args, out)
-    assert not any((tmp_path / n).exists() for n in ("a", "b", "c.mp4", "d.mp4", "e", "f"))
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c.mp4", "d.mp4", "e", "f", "g", "h.mp4"))
