@@ -115,7 +115,8 @@ def _cmd_batch_infer(params, args) -> None:
 def _cmd_make_test_weights(params, args) -> None:
     from faceid import stages
 
-    stages.make_test_weights(params, Path(args.output) if args.output else None, args.size, seed=args.seed)
+    stages.make_test_weights(params, Path(args.output) if args.output else None, args.size, seed=args.seed,
+                             text_encoder=args.text_encoder)
 
 
 def _cmd_pipeline(params, args) -> None:
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["real", "tiny"], default="real",
                    help="real: the 1.3B transformer/VAE configs (4.6 GB); tiny: params.yaml model.tiny (CI)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", choices=["test", "umt5-xxl"], default="test",
+                   help="--size real: test = 2-layer UMT5 (114 MB); umt5-xxl = full UMT5-XXL size (11.4 GB bf16, GPU memory checks)")
 
     p = add("pipeline", _cmd_pipeline, "compile, run locally or submit the KFP pipelines (train, infer)")
     psub = p.add_subparsers(dest="pipeline_command", required=True)

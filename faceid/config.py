@@ -73,6 +73,10 @@ class ModelConfig:
     text_encoder_offload: bool
     vae_tiling: bool
     vae_slicing: bool
+    # Speed (faceid.model.compiled): torch.compile of the transformer's repeated blocks (regional
+    # compilation) in the pipelines that render (infer, batch-infer, render-validation; training does not
+    # compile). Compiled once per process / batch-infer worker on its first video; the time is reported.
+    compile: bool
     tiny: TinyModelConfig
 
 

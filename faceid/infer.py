@@ -81,6 +81,8 @@ def run(
         t0 = time.perf_counter()
         generator = Generator(params, mlflow_uri=mlflow_uri, identities=identities, adapter=adapter)
         conditioning = None if reference_only else generator.conditioning(identity, pairs)
+        if conditioning is not None and not pairs:  # model.compile: one identity's LoRA fused (faceid.render)
+            generator.fuse_identity(identity, settings)
         setup_s = time.perf_counter() - t0
 
         # 3. Generate and write (the pose video read in step 1)
@@ -90,5 +92,6 @@ def run(
         row.update(identity="reference-only", reference_source=reference_source)
     who = f"reference-only ({reference_source})" if reference_only else f"identity {row['identity']}"
     print(f"faceid infer: wrote {output} ({row['num_frames']} frames {row['height']}x{row['width']} @ {row['fps']:g} fps, "
-          f"{who}, {row['generate_s']:.1f} s)")
+          f"{who}, {row['generate_s']:.1f} s" + (f", of which torch.compile {row['compile_s']:.1f} s" if row["compile_s"] is not None
+                                                  else "") + ")")
     return row

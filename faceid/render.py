@@ -12,7 +12,8 @@ What the rendering stages share (``faceid.infer``, ``faceid.batch``'s Ray Data w
 - :func:`identity_sha256` — the content of an identity folder, for batch-infer's ``made_with``.
 - :func:`reference_image_for` — the photo of ``--reference-only`` (``--reference-image`` or the
   identity folder's ``reference.png``).
-- :class:`Generator` — the pipeline built once, identities loaded (and compatibility-checked) once.
+- :class:`Generator` — the pipeline built once (its blocks compiled with ``model.compile``), identities
+  loaded (and compatibility-checked) once, each distinct prompt encoded once.
 - :func:`render_one` — pose video -> output file, with timings; catches GPU out-of-memory.
 
 Render settings (``face_scale``, ``lora_scale``, guidance, steps, seed, prompt) are one frozen
@@ -301,8 +302,11 @@ class Generator:
     def __init__(self, params, mlflow_uri: str | None = None, device=None, identities: dict | None = None,
                  adapter: str | Path | None = None):
         """``identities``: ``{ref: Identity}`` already loaded and checked (:func:`load_identities`).
-        ``adapter``: a shared adapter; identity refs are then people's embed-faces outputs (zero-shot)."""
-        from faceid.model.generate import build_pipeline
+        ``adapter``: a shared adapter; identity refs are then people's embed-faces outputs (zero-shot).
+        ``model.compile``: the transformer's blocks are compiled (on the first video; ``compile_clock``
+        times it). Prompts are encoded once per distinct text (``prompts``, kept across videos)."""
+        from faceid.model.compiled import CompileClock, compile_blocks
+        from faceid.model.generate import PromptCache, build_pipeline
 
         self.params = params
         self.mlflow_uri = mlflow_uri
@@ -310,6 +314,12 @@ class Generator:
         self.pipe = build_pipeline(params.model, device=device)
         self._identities: dict[str, Any] = dict(identities or {})
         self._adapter = None
+        self.prompts = PromptCache()
+        self.compile_clock = None
+        self.fused: tuple | None = None  # (identity ref, adapter weight) whose LoRA is in the weights (fuse_identity)
+        if params.model.compile:
+            compile_blocks(self.pipe.transformer)
+            self.compile_clock = CompileClock(self.pipe.transformer)
 
     def identity(self, ref: str | Path):
         """Load (once) and check against the base model: a mismatch is an :class:`InputError`."""
@@ -359,6 +369,23 @@ class Generator:
                 out.append((t, [(dataclasses.replace(ia, embedding=emb), 1.0 - t), (dataclasses.replace(ib, embedding=emb), t)]))
         return out
 
+    def fuse_identity(self, ref: str | Path, settings: Settings) -> bool:
+        """With ``model.compile`` (the fast path): merge the LoRA of identity ``ref`` at the strength
+        of ``settings`` (face_scale x lora_scale) into the weights, before the first video, for a
+        pipeline that renders that identity at that strength only (``faceid infer`` and a batch-infer
+        worker of ``--identity``; never blends, interpolation or render-validation's base arm):
+        :meth:`generate` refuses anything else. Whether it fused."""
+        from faceid.model.generate import activate_loras
+        from faceid.model.lora import fuse_lora
+
+        weight = settings.face_scale * settings.lora_scale
+        if not self.params.model.compile or weight == 0 or self.fused is not None:
+            return False
+        (name,) = activate_loras(self.pipe, [(self.identity(ref), 1.0)], weight)
+        fuse_lora(self.pipe, name, weight)
+        self.fused = (str(ref), weight)
+        return True
+
     def generate(self, conditioning, pose_frames: np.ndarray, prompt: str, settings: Settings,
                  reference_image: np.ndarray | None = None) -> np.ndarray:
         """``generate_video`` with ``settings``, and a clear message on GPU out-of-memory."""
@@ -366,6 +393,11 @@ class Generator:
 
         from faceid.model.generate import generate_video
 
+        if self.fused is not None:  # the fused identity at its strength only (fuse_identity)
+            ref, weight = self.fused
+            if conditioning is not self._identities.get(ref) or settings.face_scale * settings.lora_scale != weight:
+                raise FaceidError(f"this pipeline has the LoRA of {ref} fused at weight {weight:g}; it renders that "
+                                  "identity at that face_scale x lora_scale only (build another Generator)")
         try:
             return generate_video(
                 self.pipe, conditioning, pose_frames, prompt,
@@ -375,6 +407,7 @@ class Generator:
                 seed=settings.seed,
                 lora_scale=settings.lora_scale,
                 reference_image=reference_image,
+                prompt_cache=self.prompts,
             )
         except torch.cuda.OutOfMemoryError as exc:
             if torch.cuda.is_available():
@@ -397,6 +430,8 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
     prompt = choose_prompt(settings, caption, generator.params.prepare_pose.default_caption)
     blend = as_blend(conditioning)
     with_reference = reference_image is not None or identity_reference(blend, settings.face_scale) is not None
+    encode_s, clock = generator.prompts.encode_s, generator.compile_clock
+    compiling = clock is not None and clock.compile_s is None  # this video's first forwards compile
     t1 = time.perf_counter()
     try:
         frames = generator.generate(conditioning, pose_frames, prompt, settings, reference_image=reference_image)
@@ -426,6 +461,10 @@ def render_one(generator: Generator, conditioning, pose_video: Path, output: Pat
         "load_s": round(t1 - t0, 4),
         "generate_s": round(t2 - t1, 4),
         "write_s": round(t3 - t2, 4),
+        # part of generate_s: encoding prompts not seen before (0: kept from an earlier video), and
+        # torch.compile of the blocks (model.compile; the first video only, else None)
+        "prompt_encode_s": round(generator.prompts.encode_s - encode_s, 4),
+        "compile_s": round(clock.compile_s, 4) if compiling and clock.compile_s is not None else None,
     }
 
 

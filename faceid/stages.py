@@ -126,9 +126,9 @@ def batch_infer(params, pose_videos: Path, output: Path, settings, *, identity: 
                      lock_wait=lock_wait, adapter=adapter)
 
 
-def make_test_weights(params, output: Path | None, size: str, seed: int = 0) -> Path:
+def make_test_weights(params, output: Path | None, size: str, seed: int = 0, text_encoder: str = "test") -> Path:
     """RANDOM weights in the Wan2.1-VACE-1.3B folder layout, for offline checks (:mod:`faceid.model.test_weights`)."""
     from faceid.model import test_weights
 
     output = Path(output) if output else test_weights.default_output(size)
-    return test_weights.write_test_weights(output, size, params.model.tiny, seed=seed)
+    return test_weights.write_test_weights(output, size, params.model.tiny, seed=seed, text_encoder=text_encoder)

@@ -145,6 +145,22 @@ def test_memory_options(params):
     assert rows["vae"]["bytes"] >= 4 * rows["vae"]["parameters"]
 
 
+def test_the_full_size_text_encoder_option_is_umt5_xxl(params):
+    """``make-test-weights --text-encoder umt5-xxl`` (the GPU benchmark's prompt-encode memory) has
+    UMT5-XXL's size: 5.68 B parameters, 1.05 B of them the token table (faceid.model.memory's table);
+    counted on the meta device, nothing allocated. Only with --size real."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from faceid.model.test_weights import UMT5_XXL, UMT5_XXL_VOCAB_SIZE, build_test_components
+
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(UMT5Config(vocab_size=UMT5_XXL_VOCAB_SIZE, **UMT5_XXL))
+    total = sum(p.numel() for p in encoder.parameters())
+    assert round(total / 1e9, 2) == 5.68 and round(encoder.shared.weight.numel() / 1e9, 2) == 1.05
+    with pytest.raises(InputError, match="--text-encoder"):
+        build_test_components("tiny", params.model.tiny, text_encoder="umt5-xxl")
+
+
 @pytest.mark.extended
 def test_gpu_benchmarks_run_on_cpu_with_tiny_weights(repo, weights, tmp_path):
     """The GPU benchmarks' logic (--device cpu), so the one GPU session does not die on drift."""

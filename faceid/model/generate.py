@@ -49,6 +49,7 @@ import numpy as np
 from faceid.errors import FaceidError, InputError
 from faceid.model.checks import check_guidance, check_scale, check_seed, check_steps
 from faceid.model.identity import Identity
+from faceid.model.prompts import PromptCache, encode_text, text_len
 from faceid.model.shapes import check_video_shape
 
 Blend = list[tuple[Identity, float]]  # identities and their weights (summing to 1)
@@ -69,23 +70,6 @@ def build_pipeline(model_cfg, device=None):
     apply_memory_options(pipe, model_cfg)  # model.text_encoder_offload / vae_tiling / vae_slicing
     pipe.set_progress_bar_config(leave=False)
     return pipe
-
-
-def text_len(pipe) -> int:
-    """Text tokens per prompt: the tokenizer's max length, at most 512 (UMT5 in Wan)."""
-    return int(min(pipe.tokenizer.model_max_length, 512))
-
-
-def encode_text(pipe, prompt: str):
-    """``[1, text_len, text_dim]`` text embeddings (zero-padded after the prompt, as Wan does).
-    An offloaded text encoder visits the device for the call (``faceid.model.memory``)."""
-    from faceid.model.memory import text_encoder_on_device
-
-    with text_encoder_on_device(pipe):
-        prompt_embeds, _ = pipe.encode_prompt(
-            prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text_len(pipe), device=pipe._execution_device
-        )
-    return prompt_embeds
 
 
 def as_blend(identity_or_blend: IdentityOrBlend) -> list[tuple[Identity, float]]:
@@ -212,6 +196,7 @@ def generate_video(
     seed: int,
     negative_prompt: str = "",
     reference_image: np.ndarray | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> np.ndarray:
     """Generate ``[F, H, W, 3]`` uint8 frames following ``pose_frames`` (``[F, H, W, 3]`` uint8,
     F = 4n+1, H and W multiples of 16) with the identity (or blend, or ``None`` for the base
@@ -221,13 +206,13 @@ def generate_video(
     LoRA alone; 1 and 1 are the identity as trained. The settings have no defaults here: the
     caller's one :class:`faceid.render.Settings` (or its own explicit values) decides. ``reference_image`` (``[H, W, 3]``
     uint8 RGB) goes to VACE as its reference image; without it, an identity trained with its
-    reference passes that one (see the module docstring).
+    reference passes that one (see the module docstring). ``prompt_cache``: a
+    :class:`faceid.model.prompts.PromptCache` kept across calls (the same embeddings, each distinct
+    text encoded once; ``faceid.render.Generator`` holds one); None encodes both prompts now.
 
     The output is checked before it is returned: non-finite values (NaN/inf) or a blank video (one
     colour, :func:`blank_render`) raise :class:`RenderError` naming the settings that likely caused it."""
     import torch
-
-    from faceid.model.memory import text_encoder_on_device
 
     # 1. Check inputs; face_scale 0 leaves no trace of the identity (the base model exactly)
     check_pose_frames(pose_frames)
@@ -248,9 +233,8 @@ def generate_video(
 
     # 2. Text + face tokens -> prompt embeddings (cond) and negative embeddings (uncond); both prompts
     #    first, in one visit of an offloaded text encoder, which leaves the device before denoising
-    with torch.no_grad(), text_encoder_on_device(pipe):
-        cond = encode_text(pipe, prompt)
-        uncond = encode_text(pipe, negative_prompt) if do_cfg else None
+    #    (texts the cache has seen are reused: no encoder call, no visit)
+    cond, uncond = (prompt_cache or PromptCache()).encode(pipe, prompt, negative_prompt if do_cfg else None)
     if blend:
         face, null = face_tokens(blend, face_scale)
         cond = torch.cat([cond, face.to(device, cond.dtype)], dim=1)
@@ -347,7 +331,7 @@ def describe(identity_or_blend: IdentityOrBlend) -> str:
 
 
 __all__: list[Any] = [
-    "build_pipeline", "encode_text", "text_len", "as_blend", "check_scale", "check_guidance", "check_steps",
+    "build_pipeline", "encode_text", "text_len", "PromptCache", "as_blend", "check_scale", "check_guidance", "check_steps",
     "check_seed", "dominant", "identity_reference",
     "face_tokens", "slerp", "adapter_name", "activate_loras", "check_reference_image", "check_pose_frames",
     "generate_video", "denoise", "describe", "RenderError", "check_finite", "blank_render",

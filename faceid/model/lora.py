@@ -130,3 +130,20 @@ def load_lora(pipe, folder: str | Path, adapter_name: str) -> None:
             f"{path}: LoRA did not load into the transformer ({len(mismatched)} of {len(expected)} tensors missing or "
             f"different, e.g. {mismatched[:1]}); the file may be for another base model"
         )
+
+
+def fuse_lora(pipe, adapter_name: str, weight: float) -> None:
+    """Merge adapter ``adapter_name`` at ``weight`` into the transformer's base weights
+    (``W + weight * alpha / r * B A``; diffusers ``fuse_lora``, peft ``merge``): the LoRA matmuls
+    leave every step. Unmerging in bf16 does not give the base weights back exactly, so a pipeline
+    with a fused LoRA renders that identity at that weight only (``faceid.render.Generator`` checks)."""
+    pipe.enable_lora()
+    pipe.set_adapters([adapter_name], adapter_weights=[weight])
+    pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[adapter_name])
+
+
+def fused_adapters(transformer) -> set[str]:
+    """Names of the adapters merged into ``transformer``'s weights (peft's ``merged_adapters``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for m in transformer.modules() if isinstance(m, BaseTunerLayer) for name in m.merged_adapters}

@@ -2,7 +2,7 @@
 random weights (fixed seed), written offline. They draw noise; they exist so the real profile's
 code path (``faceid.model.base_model.load_real_components``) runs on a machine with no hub.
 
-    faceid make-test-weights [--size real|tiny] [--seed 0] [--output .cache/test-weights/<size>]
+    faceid make-test-weights [--size real|tiny] [--seed 0] [--output .cache/test-weights/<size>] [--text-encoder test|umt5-xxl]
     faceid --set @configs/wan2.1-vace-1.3b.yaml --set model.weights_dir=.cache/test-weights/real <stage> ...
 
 Layout (as the hub folder): ``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,
@@ -13,7 +13,9 @@ Layout (as the hub folder): ``model_index.json``, ``transformer/``, ``vae/``, ``
   float32, 485 MB); the published scheduler config (UniPC, flow prediction, flow_shift 3.0); a
   UMT5 encoder with the real interface (d_model 4096, 512 tokens, gated-gelu, T5 tokenizer) but 2
   layers and a 256-piece offline vocabulary (float32, 114 MB). 4.6 GB in all; ~50 s and 5.4 GB of
-  RAM to write on 2 cores.
+  RAM to write on 2 cores. ``--text-encoder umt5-xxl``: the encoder at UMT5-XXL's full size
+  (24 layers, 64 heads, d_ff 10240, 256,384-token table; 5.68 B parameters, bfloat16, 11.4 GB), so
+  the text encoder's memory and time on a GPU are the real ones (the GPU benchmark's prompt encode).
 - ``tiny``: the same layout with ``params.model.tiny`` (the tiny profile's transformer, VAE and
   text encoder, same seed = same weights): CI loads it through the real profile in seconds.
 
@@ -54,6 +56,11 @@ UMT5_TEST = dict(d_model=4096, num_layers=2, num_heads=8, d_kv=64, d_ff=512, fee
                  relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False)
 REAL_TEXT_LEN = 512
 TEST_VOCAB_SIZE = 256
+# text_encoder/config.json of the hub folder: UMT5-XXL's encoder (5.68 B parameters, 11.4 GB bf16)
+UMT5_XXL = dict(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False)
+UMT5_XXL_VOCAB_SIZE = 256384
+TEXT_ENCODERS = ("test", "umt5-xxl")  # --text-encoder of --size real: 2 layers (114 MB) or the full size
 
 
 def default_output(size: str) -> Path:
@@ -69,15 +76,20 @@ def offline_t5_tokenizer(vocab_size: int, max_length: int):
     return T5TokenizerFast(vocab=tiny_vocab(vocab_size), extra_ids=0, model_max_length=max_length)
 
 
-def build_test_components(size: str, tiny: TinyModelConfig, seed: int = 0) -> dict[str, Any]:
+def build_test_components(size: str, tiny: TinyModelConfig, seed: int = 0, text_encoder: str = "test") -> dict[str, Any]:
     """``WanVACEPipeline`` keyword arguments with random weights (CPU, eval, no grad).
-    ``real``: transformer in bfloat16, the rest float32. ``tiny``: float32."""
+    ``real``: transformer in bfloat16, the rest float32; ``text_encoder="umt5-xxl"``: the text
+    encoder at UMT5-XXL's full size and vocabulary (:data:`UMT5_XXL`, bfloat16, 11.4 GB: what the
+    real encoder weighs on the device; the tokenizer stays the offline 256-piece one). ``tiny``: float32."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACETransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     if size not in SIZES:
         raise InputError(f"test weights: size must be one of {', '.join(SIZES)}, got {size!r}")
+    if text_encoder not in TEXT_ENCODERS or (text_encoder != "test" and size != "real"):
+        raise InputError(f"test weights: --text-encoder must be one of {', '.join(TEXT_ENCODERS)} ({TEXT_ENCODERS[1]} "
+                         f"with --size real only), got {text_encoder!r} with --size {size}")
     scheduler = UniPCMultistepScheduler(**SCHEDULER)
     if size == "tiny":
         components = build_tiny_components(dataclasses.replace(tiny, seed=seed), SCHEDULER["flow_shift"])
@@ -101,8 +113,14 @@ def build_test_components(size: str, tiny: TinyModelConfig, seed: int = 0) -> di
         finally:
             torch.set_default_dtype(default)
         torch.manual_seed(seed + 2)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
-                                                   decoder_start_token_id=0, **UMT5_TEST))
+        full = text_encoder == "umt5-xxl"
+        torch.set_default_dtype(torch.bfloat16 if full else default)  # 11.4 GB built as it is kept, not cast
+        try:
+            text_encoder = UMT5EncoderModel(UMT5Config(
+                vocab_size=UMT5_XXL_VOCAB_SIZE if full else len(tokenizer), pad_token_id=0, eos_token_id=1,
+                decoder_start_token_id=0, **(UMT5_XXL if full else UMT5_TEST)))
+        finally:
+            torch.set_default_dtype(default)
     for module in (vae, transformer, text_encoder):
         module.eval().requires_grad_(False)
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
@@ -122,7 +140,7 @@ def weights_id(size: str, seed: int, components: dict[str, Any]) -> str:
     return f"{size}-seed{seed}-{digest}"
 
 
-def write_test_weights(output: str | Path, size: str, tiny: TinyModelConfig, seed: int = 0) -> Path:
+def write_test_weights(output: str | Path, size: str, tiny: TinyModelConfig, seed: int = 0, text_encoder: str = "test") -> Path:
     """Write the folder atomically (a temporary folder beside ``output``, renamed when complete)."""
     from faceid.io import atomic_dir, write_json
     from faceid.outputs import check_folder
@@ -133,7 +151,7 @@ def write_test_weights(output: str | Path, size: str, tiny: TinyModelConfig, see
 
     t0 = time.perf_counter()
     _say(f"make-test-weights: building {size} components (seed {seed}) ...")
-    components = build_test_components(size, tiny, seed)
+    components = build_test_components(size, tiny, seed, text_encoder)
     wid = weights_id(size, seed, components)
     _say(f"make-test-weights: built in {time.perf_counter() - t0:.0f} s; writing {output} ...")
 
@@ -149,13 +167,15 @@ def write_test_weights(output: str | Path, size: str, tiny: TinyModelConfig, see
         index = json.loads((tmp / "model_index.json").read_text())
         index[TEST_WEIGHTS_MARKER] = {"warning": WARNING, "size": size, "seed": seed, "id": wid}
         write_json(tmp / "model_index.json", index)
-        (tmp / "README.md").write_text(_readme(size, seed, wid, tiny))
+        (tmp / "README.md").write_text(_readme(size, seed, wid, tiny, text_encoder))
     _say(f"make-test-weights: {output} ({_size_mb(output) / 1024:.2f} GB, id {wid}) in {time.perf_counter() - t0:.0f} s")
     return output
 
 
-def _readme(size: str, seed: int, wid: str, tiny: TinyModelConfig) -> str:
-    what = ("the real Wan2.1-VACE-1.3B transformer and VAE configs, a 2-layer 4096-D UMT5 with a 256-piece vocabulary"
+def _readme(size: str, seed: int, wid: str, tiny: TinyModelConfig, text_encoder: str = "test") -> str:
+    encoder = ("a UMT5-XXL-sized encoder (24 layers, 256,384-token table) with a 256-piece tokenizer" if text_encoder != "test"
+               else "a 2-layer 4096-D UMT5 with a 256-piece vocabulary")
+    what = (f"the real Wan2.1-VACE-1.3B transformer and VAE configs, {encoder}"
             if size == "real" else f"the tiny profile's config (params.yaml model.tiny: {json.dumps(to_dict(tiny))})")
     return f"""---
 tags: [test-weights, random-weights, not-a-model]
