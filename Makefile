@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 FACEID := $(VENV)/bin/faceid
 STAMP := $(VENV)/.faceid-installed
 REAL_TEST_WEIGHTS := .cache/test-weights/real/model_index.json
+REAL_XXL_TEST_WEIGHTS := .cache/test-weights/real-xxl/model_index.json
 
 .PHONY: install demo test test-extended repro infer compile bench bench-gpu smoke-real review-screenshots clean
 
@@ -52,9 +53,14 @@ compile: install
 bench: install
 	for b in bench_faces bench_pose bench_pose_scale bench_train_tiny; do $(PY) benchmarks/$$b.py || exit 1; done
 
-bench-gpu: install $(REAL_TEST_WEIGHTS)
-	$(PY) benchmarks/bench_infer_gpu.py --weights $(dir $(REAL_TEST_WEIGHTS))
-	$(PY) benchmarks/bench_train_gpu.py --weights $(dir $(REAL_TEST_WEIGHTS)) --frames 81 33
+# bench-gpu: 50-step 480x832x81 videos, stock vs faceid vs faceid compiled, 3 rounds (~20 min on an
+# H100; a rerun carries on where a stopped one left off), on test weights with the full-size UMT5-XXL.
+bench-gpu: install $(REAL_XXL_TEST_WEIGHTS)
+	$(PY) benchmarks/bench_infer_gpu.py --weights $(dir $(REAL_XXL_TEST_WEIGHTS))
+	$(PY) benchmarks/bench_train_gpu.py --weights $(dir $(REAL_XXL_TEST_WEIGHTS)) --frames 81 33
+
+$(REAL_XXL_TEST_WEIGHTS): | install
+	$(FACEID) make-test-weights --size real --text-encoder umt5-xxl --output $(dir $@)
 
 # RANDOM weights with the real Wan2.1-VACE-1.3B layout and configs (4.6 GB, ~1 min, written once;
 # they draw noise): what smoke-real and the GPU benchmarks run the real profile on, offline.

@@ -172,7 +172,7 @@ def report(args, device, params, rows, dim) -> str:
         f"{params.train_lora.mapper_hidden_dim} -> {params.train_lora.num_face_tokens} x {text_dim(params.model)} "
         f"(embedder `{params.embed_faces.embedder}`), batch 1, {args.height}x{args.width}, the recipe's own step "
         f"(bf16 autocast on CUDA, backward, clipping, AdamW); median of {args.steps} steps after 2 warm-up steps.",
-        f"Bound: a forward's matmul FLOP at {args.peak_tflops:.0f} TFLOP/s; a step counts as 2 forwards without "
+        f"Bound: a forward's matmul FLOP at {args.peak_tflops:.0f} TFLOP/s (dense bf16{' spec peak of the H100/H200' if args.peak_tflops == PEAK_BF16_TFLOPS else ', given with --peak-tflops'}); a step counts as 2 forwards without "
         f"gradient checkpointing (forward + backward to the activations; the base weights are frozen) and 3 with it "
         f"(+ the recomputed forward). 'share of bound' = that time / measured step.", "",
         "| frames | video tokens | gradient checkpointing | s/step | video tokens/s | peak memory (GiB) | share of bound | trainable | note |",

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The GPU session of issue 14, in one script: run it on the device machine from the repository
-# root; everything it reports lands in $OUT (at most 6 files, no folders).
+# The GPU session of issue 22 (item 4), one command per device call: run it on the device machine from
+# the repository root; what it reports lands in $OUT (at most 5 files, no folders).
 #
-#   1. carried wheels .whl/*.whl (diffusers 0.42.1 + ftfy + wcwidth, peft 0.21.2) -> /tmp/site
-#   2. random real-size test weights -> /tmp/test-weights-real (`faceid make-test-weights`); both
-#      benchmarks load them through the real profile (load_real_components)
-#   3. benchmarks/bench_infer_gpu.py, 81 frames 480x832, CFG 5: stock diffusers vs faceid vs fused
-#      LoRA, SDPA backends, VAE decode with/without tiling          -> $OUT/infer_gpu.md
-#   4. benchmarks/bench_train_gpu.py, 81 and 33 frames, with and without gradient checkpointing
-#                                                                   -> $OUT/train_gpu.md
-#   5. if time is left: torch.compile of the transformer blocks     -> $OUT/infer_gpu_compiled.md
-# Also $OUT/session.log (everything printed) and $OUT/env.txt. Each step runs under `timeout`;
-# a failed step is logged and the next one runs. Expected ~5 min on an H100/H200; at most ~10.
+#   1. carried wheels .whl/*.whl, if any (e.g. diffusers 0.42.1 + ftfy + wcwidth, peft 0.21.2) -> $SITE
+#   2. random real-size test weights with the FULL-SIZE text encoder (UMT5-XXL, 11.4 GB bf16) ->
+#      /tmp/test-weights-real-xxl (`faceid make-test-weights --size real --text-encoder umt5-xxl`, ~3 min;
+#      kept while the machine stays warm)
+#   3. benchmarks/bench_infer_gpu.py: whole 50-step 480x832x81 CFG videos, stock diffusers vs faceid
+#      (shipped real profile) vs faceid compiled, 3 rounds in rotating order, then the prompt-encode
+#      cost and memory; no run starts that would end after the call's budget   -> $OUT/infer_gpu_e2e.md
+#   4. the runs so far                                                           -> $OUT/infer_runs.jsonl
+# Also $OUT/session.log (everything printed) and $OUT/env.txt.
+#
+# Device time: 9 videos of ~100 s (H100, uncompiled) plus, per call, ~2-4 min of loading, warm-up
+# and torch.compile, plus ~3 min for the weights once: ~20-25 min in all, more than one 10-minute call.
+# Run the SAME command again (warm machine: weights and runs kept in /tmp) until the log says
+# "0 to do"; a fresh machine starts over unless the runs come with it: copy the last
+# $OUT/infer_runs.jsonl into a carried folder and set RUNS to it. The results file then says how many
+# runs it holds ("Incomplete: ..." until all 9).
+#
+#   OUT=$OUT BUDGET=560 bash benchmarks/gpu_session.sh
 #
 # Logic check on a CPU machine (tiny weights and geometry, same steps):
 #   GPU_SESSION_CPU=1 PY=.venv/bin/python OUT=/tmp/gpu-out SITE=/tmp/site-check bash benchmarks/gpu_session.sh
@@ -20,20 +28,18 @@ set -uo pipefail
 OUT=${OUT:?set OUT to the output folder}
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
-BUDGET=${BUDGET:-420}            # seconds; step 5 starts only if 150 s of it are left
+BUDGET=${BUDGET:-560}            # seconds this call may use (device calls stop at 600)
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 
 if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
-  SIZE=tiny; WEIGHTS=/tmp/test-weights-tiny-check
-  DEV=(--device cpu); GEOM=(--frames 9 --height 32 --width 32); TRAIN=(--frames 9 5 --height 32 --width 32)
-  T_WEIGHTS=120; T_INFER=300; T_TRAIN=200
+  SIZE=(--size tiny); WEIGHTS=/tmp/test-weights-tiny-check; RUNS=${RUNS:-/tmp/bench-infer-runs-cpu.jsonl}
+  DEV=(--device cpu); GEOM=(--frames 5 --height 32 --width 32 --steps 2 --repeats 2)
 else
-  SIZE=real; WEIGHTS=/tmp/test-weights-real
-  DEV=(--device cuda); GEOM=(--frames 81 --height 480 --width 832); TRAIN=(--frames 81 33 --height 480 --width 832)
-  T_WEIGHTS=150; T_INFER=300; T_TRAIN=150
+  SIZE=(--size real --text-encoder umt5-xxl); WEIGHTS=/tmp/test-weights-real-xxl; RUNS=${RUNS:-/tmp/bench-infer-runs.jsonl}
+  DEV=(--device cuda); GEOM=(--frames 81 --height 480 --width 832 --steps 50 --repeats 3)
 fi
 
 step() {  # step NAME TIMEOUT_S CMD...: run under timeout, log time and exit code, never abort the session
@@ -46,17 +52,21 @@ step() {  # step NAME TIMEOUT_S CMD...: run under timeout, log time and exit cod
   return $rc
 }
 
-# 1. Wheels and environment
-echo "=== wheels: $(ls .whl/*.whl 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-export PYTHONPATH="$SITE:$PWD"
+# 1. Wheels (if carried) and environment
+if ls .whl/*.whl >/dev/null 2>&1; then
+  echo "=== wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+  export PYTHONPATH="$SITE:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" - <<'EOF'
 import importlib, sys, torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("diffusers", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "huggingface_hub", "ftfy", "yaml", "pyarrow"):
+for name in ("diffusers", "transformers", "peft", "accelerate", "triton", "safetensors", "ftfy", "yaml", "pyarrow"):
     try:
         mod = importlib.import_module(name)
         print(f"{name} {getattr(mod, '__version__', '?')} ({mod.__file__})")
@@ -64,30 +74,21 @@ for name in ("diffusers", "transformers", "peft", "accelerate", "tokenizers", "s
         print(f"{name}: MISSING ({exc})")
 EOF
 } | tee "$OUT/env.txt"
-"$PY" -c "import faceid.model.generate, faceid.train.recipe, faceid.model.memory" || { echo "faceid does not import"; exit 1; }
+"$PY" -c "import faceid.model.generate, faceid.render, faceid.model.compiled" || { echo "faceid does not import"; exit 1; }
 
-# 2. Real-size test weights (random, seed 0), written by the CLI users run
+# 2. Test weights with the full-size text encoder (random, seed 0), written by the CLI users run
 if [ ! -f "$WEIGHTS/model_index.json" ]; then
-  step make-test-weights "$T_WEIGHTS" "$PY" -m faceid.cli make-test-weights --size "$SIZE" --output "$WEIGHTS" || exit 1
+  step make-test-weights 300 "$PY" -m faceid.cli make-test-weights "${SIZE[@]}" --output "$WEIGHTS" || exit 1
 fi
 du -sh "$WEIGHTS"
 
-# 3. Inference: stock vs faceid (unfused, fused), SDPA backends, VAE tiling
-step bench-infer "$T_INFER" "$PY" benchmarks/bench_infer_gpu.py --weights "$WEIGHTS" "${DEV[@]}" "${GEOM[@]}" \
-  --timed-steps 3 --report-steps 30 50 --out "$OUT/infer_gpu.md"
+# 3. Whole videos, rotating order, as many runs as fit in what is left of the budget (60 s kept for the report)
+LEFT=$((BUDGET - SECONDS - 60))
+cp "$RUNS" "$OUT/infer_runs.jsonl" 2>/dev/null
+step bench-infer $((LEFT + 50)) "$PY" benchmarks/bench_infer_gpu.py --weights "$WEIGHTS" "${DEV[@]}" "${GEOM[@]}" \
+  --budget-s "$LEFT" --runs "$RUNS" --out "$OUT/infer_gpu_e2e.md"
 
-# 4. Training: stage-2 step, 81 and 33 frames, with and without gradient checkpointing
-step bench-train "$T_TRAIN" "$PY" benchmarks/bench_train_gpu.py --weights "$WEIGHTS" "${DEV[@]}" "${TRAIN[@]}" \
-  --steps 3 --out "$OUT/train_gpu.md"
-
-# 5. torch.compile of the blocks, only with enough time left (compile time is not in the figures)
-LEFT=$((BUDGET - SECONDS))
-if [ "$LEFT" -ge 150 ]; then
-  step bench-infer-compiled "$LEFT" "$PY" benchmarks/bench_infer_gpu.py --weights "$WEIGHTS" "${DEV[@]}" "${GEOM[@]}" \
-    --timed-steps 3 --compile --skip stock faceid sdpa vae --out "$OUT/infer_gpu_compiled.md"
-else
-  echo "=== bench-infer-compiled: skipped (${LEFT}s of the ${BUDGET}s budget left)"
-fi
-
+# 4. The runs so far (carry them into the next call if the machine is fresh)
+cp "$RUNS" "$OUT/infer_runs.jsonl" 2>/dev/null
 echo "=== session done in ${SECONDS}s; files: $(ls "$OUT" | tr '\n' ' ')"
 sleep 1  # let tee flush session.log

@@ -170,7 +170,7 @@ def test_gpu_benchmarks_run_on_cpu_with_tiny_weights(repo, weights, tmp_path):
     tiny = ["--device", "cpu", "--weights", str(weights), "--height", "32", "--width", "32"]
     runs = {
         "infer": [sys.executable, str(repo / "benchmarks" / "bench_infer_gpu.py"), *tiny, "--frames", "5",
-                  "--timed-steps", "1", "--skip", "sdpa", "vae", "--out", str(tmp_path / "infer.md")],
+                  "--steps", "1", "--repeats", "1", "--out", str(tmp_path / "infer.md")],
         "train": [sys.executable, str(repo / "benchmarks" / "bench_train_gpu.py"), *tiny, "--frames", "5",
                   "--steps", "1", "--out", str(tmp_path / "train.md")],
     }
@@ -178,7 +178,13 @@ def test_gpu_benchmarks_run_on_cpu_with_tiny_weights(repo, weights, tmp_path):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{name}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     infer = (tmp_path / "infer.md").read_text()
-    assert all(f"| {c} |" in infer for c in ("stock", "faceid", "faceid-fused"))
+    assert all(f"| {c} | 1 |" in infer for c in ("stock", "faceid", "faceid-compiled"))  # 1 measured run each
+    assert "**1 steps measured**" in infer and "torch.compile of faceid-compiled's blocks" in infer
+    assert len((tmp_path / "infer.md.runs.jsonl").read_text().splitlines()) == 3
+    again = subprocess.run(runs["infer"][:-2] + ["--configs", "stock", "faceid", "--out", str(tmp_path / "infer.md")],
+                           capture_output=True, text=True, timeout=600)  # a second call carries on: nothing left to run
+    assert again.returncode == 0 and "3 runs in" in again.stdout and ", 0 to do" in again.stdout, again.stderr[-2000:]
+    assert len((tmp_path / "infer.md.runs.jsonl").read_text().splitlines()) == 3
     train = (tmp_path / "train.md").read_text()
     assert "| 5 | 8 | yes |" in train and "| 5 | 8 | no |" in train  # 2 latent frames x 2 x 2 tokens
     no_cuda = subprocess.run(runs["train"][:2] + ["--weights", str(weights)], capture_output=True, text=True)
