@@ -19,7 +19,11 @@
 # $OUT/infer_runs.jsonl into a carried folder and set RUNS to it. The results file then says how many
 # runs it holds ("Incomplete: ..." until all 9).
 #
-#   OUT=$OUT BUDGET=560 bash benchmarks/gpu_session.sh
+#   OUT=$OUT BUDGET=560 bash benchmarks/gpu_session.sh          # REPEATS=2: 6 runs instead of 9
+#
+# Estimated on an H100 (not yet run): weights ~2-3 min, loading three pipelines + warm-ups + compile
+# ~3-4 min, then ~95-115 s a run: the first 10-minute call gets about one round (3 runs), a second call
+# on the warm machine about four more. A 15-minute session therefore gets 1-2 rounds, not 3.
 #
 # Logic check on a CPU machine (tiny weights and geometry, same steps):
 #   GPU_SESSION_CPU=1 PY=.venv/bin/python OUT=/tmp/gpu-out SITE=/tmp/site-check bash benchmarks/gpu_session.sh
@@ -39,7 +43,7 @@ if [ "${GPU_SESSION_CPU:-0}" = 1 ]; then
   DEV=(--device cpu); GEOM=(--frames 5 --height 32 --width 32 --steps 2 --repeats 2)
 else
   SIZE=(--size real --text-encoder umt5-xxl); WEIGHTS=/tmp/test-weights-real-xxl; RUNS=${RUNS:-/tmp/bench-infer-runs.jsonl}
-  DEV=(--device cuda); GEOM=(--frames 81 --height 480 --width 832 --steps 50 --repeats 3)
+  DEV=(--device cuda); GEOM=(--frames 81 --height 480 --width 832 --steps 50 --repeats "${REPEATS:-3}")
 fi
 
 step() {  # step NAME TIMEOUT_S CMD...: run under timeout, log time and exit code, never abort the session

@@ -9,6 +9,7 @@ Public API (used by ``faceid.render``, and training's validation renders)::
     frames = generate_video(pipe, [(a, 0.5), (b, 0.5)], pose_frames, ...)   # a blend
     frames = generate_video(pipe, None, pose_frames, ...)                   # base model, no identity
     frames = generate_video(pipe, None, pose_frames, ..., reference_image=crop)  # base VACE R2V (no adapter)
+    frames = generate_video(pipe, ident, pose_frames, ..., prompt_cache=cache)  # each distinct prompt encoded once
 
 How conditioning is built (the same layout training uses, see ``faceid.train.recipe``):
 
