@@ -109,6 +109,7 @@ class Synthetic:
     def __init__(self, params, seed: int = 0):
         from faceid.config import params_from_dict, to_dict
         from faceid.model.generate import encode_text
+        from faceid.train.step import training_scheduler
 
         self.p = params_from_dict(to_dict(params), [
             f"train_lora.stage1.steps={SHARED_STEPS[0]}", f"train_lora.stage2.steps={SHARED_STEPS[1]}",
@@ -124,7 +125,7 @@ class Synthetic:
             self.text = {c: encode_text(self.pipe, c)[0] for c in (CAPTION,) + WORDS}
         self.controls: dict[bytes, torch.Tensor] = {}
         self.null_emb = self.people.embedding(torch.zeros(D), noise=False)
-        self.common = dict(device=torch.device("cpu"), noise_scheduler=recipe().training_scheduler(self.p.model.flow_shift))
+        self.common = dict(device=torch.device("cpu"), noise_scheduler=training_scheduler(self.p.model.flow_shift))
 
     def example(self, pose, appearance, emb, face: bool, example_id: str, caption: str = CAPTION) -> dict:
         from faceid.train.cache import encode_example
@@ -153,9 +154,10 @@ class Synthetic:
         a0 + M z of the continuum for the neutral caption, and the words' appearances when named.
         Returns the neutral examples (the prior pool of later training) and the base weights."""
         from faceid.model.mapper import FaceMapper
+        from faceid.train import recipe
         from faceid.train.examples import IDENTITY, PRIOR
 
-        people, tcfg, rec = self.people, self.p.train_lora, recipe()
+        people, tcfg = self.people, self.p.train_lora
         neutral = [self.example(self.random_pose(), people.a0 + people.m @ torch.randn(D, generator=self.gen), self.null_emb,
                                 False, f"pre:{k}") for k in range(96)]
         words = []
@@ -164,8 +166,8 @@ class Synthetic:
             z[w // 2] = WORD_REACH * (1 if w % 2 == 0 else -1)
             words += [self.example(self.random_pose(), people.a0 + people.m @ z, self.null_emb, False, f"word:{w}:{k}", caption)
                       for k in range(8)]
-        base = rec.FaceConditionedDiT(self.pipe.transformer, FaceMapper(128, self.p.model.tiny.text_dim, tcfg.num_face_tokens))
-        rec.run_stage("pretrain", base, list(self.pipe.transformer.parameters()), {IDENTITY: neutral + words, PRIOR: []}, 1.0,
+        base = recipe.FaceConditionedDiT(self.pipe.transformer, FaceMapper(128, self.p.model.tiny.text_dim, tcfg.num_face_tokens))
+        recipe.run_stage("pretrain", base, list(self.pipe.transformer.parameters()), {IDENTITY: neutral + words, PRIOR: []}, 1.0,
                       dataclasses.replace(tcfg.stage1, steps=steps, learning_rate=0.005),
                       dataclasses.replace(tcfg, face_dropout=1.0, batch_size=8), {"step": 0, "history": []},
                       first_step=0, **self.common)
@@ -178,7 +180,7 @@ class Synthetic:
         from faceid.model.generate import build_pipeline
         from faceid.model.lora import add_lora
         from faceid.model.mapper import FaceMapper, caption_token_rms
-        from faceid.train.step import load_adapter
+        from faceid.train.step import FaceConditionedDiT, load_adapter
 
         tcfg = self.p.train_lora
         fresh = build_pipeline(self.p.model, torch.device("cpu"))
@@ -187,7 +189,7 @@ class Synthetic:
         mapper = FaceMapper(128, self.p.model.tiny.text_dim, tcfg.num_face_tokens, tcfg.mapper_hidden_dim)
         mapper.calibrate(caption_token_rms(ex["text"] for pool in pools.values() for ex in pool))
         add_lora(fresh.transformer, tcfg.lora)
-        model = recipe().FaceConditionedDiT(fresh.transformer, mapper)
+        model = FaceConditionedDiT(fresh.transformer, mapper)
         if init is not None:
             load_adapter(model, init, tcfg.lora)
         return model
@@ -198,24 +200,19 @@ class Synthetic:
         return {"base_model": "tiny-pretrained-in-test", "embedder": "dlib", "lora": to_dict(self.p.train_lora.lora)}
 
 
-def recipe():
-    from faceid.train import recipe as module
-
-    return module
-
-
 def train_shared(syn: Synthetic, base_weights, prior: list[dict], out):
     """The shared adapter: every training person's photos (identity examples, each photo its own
     embedding) + prior examples with the null face, through the recipe's two stages; saved as a
     ``kind: shared`` folder and loaded back."""
     from faceid.model.identity import SHARED_KIND, load_identity, save_identity
+    from faceid.train import recipe
     from faceid.train.examples import IDENTITY, PRIOR
 
     photos = [ex for k, z in enumerate(syn.people.train) for ex in syn.photos(z, f"train{k}", PHOTOS)]
     pools = {IDENTITY: photos, PRIOR: prior}
     model = syn.model(base_weights, pools)
     state = {"step": 0, "history": []}
-    recipe().fit(model, pools, syn.p.train_lora, state, **syn.common)
+    recipe.fit(model, pools, syn.p.train_lora, state, **syn.common)
     card = {**syn.card(), "kind": SHARED_KIND, "identities": [f"train{k}" for k in range(K_TRAIN)],
             "held_out": [f"held{k}" for k in range(K_HELD)]}
     save_identity(out, name="shared", card=card, mapper=model.mapper, embedding=syn.null_emb, transformer=model.transformer,
@@ -226,6 +223,7 @@ def train_shared(syn: Synthetic, base_weights, prior: list[dict], out):
 def per_person(syn: Synthetic, base_weights, prior, own, held, steps, init=None) -> list[tuple[int, float]]:
     """Train one person (``own`` photos) for ``steps`` (stage 1, stage 2), from scratch or from ``init``;
     the held-out photo loss every ``VALIDATE_EVERY`` steps: ``[(step, loss)]``."""
+    from faceid.train import recipe
     from faceid.train.examples import IDENTITY, PRIOR
     from faceid.train.validation import Validation
 
@@ -238,15 +236,15 @@ def per_person(syn: Synthetic, base_weights, prior, own, held, steps, init=None)
     vcfg = dataclasses.replace(cfg.validation, validate_every=VALIDATE_EVERY)
     validation = Validation(vcfg, {IDENTITY: held, PRIOR: []}, state.setdefault("validation", {}), seed=cfg.seed,
                             final_step=sum(steps), timestep_sampling=cfg.timestep_sampling, amp_dtype=None, **syn.common)
-    recipe().fit(model, pools, cfg, state, validation=validation, **syn.common)
+    recipe.fit(model, pools, cfg, state, validation=validation, **syn.common)
     return [(pt["step"], pt["identity_loss"]) for pt in validation.state["points"]]
 
 
-def make_world(params, out, base=None) -> dict:
+def make_world(params, out) -> dict:
     """The pretrained base, the shared adapter (loaded from its folder), per-person training of
     held-out person 0 from scratch and from the adapter, and a fresh pipeline to render with."""
     syn = Synthetic(params)
-    prior, base_weights = base if base is not None else syn.pretrain(PRETRAIN_STEPS)
+    prior, base_weights = syn.pretrain(PRETRAIN_STEPS)
     adapter, history = train_shared(syn, base_weights, prior[::4], out / "shared")
     people = syn.people
     person = people.held[0]
@@ -257,8 +255,7 @@ def make_world(params, out, base=None) -> dict:
     from_shared = per_person(syn, base_weights, prior[::4], own, held, tuple(s // 3 for s in PERSON_STEPS), init=adapter)
     pipe = build(syn.p)
     pipe.transformer.load_state_dict(base_weights)
-    return dict(pipe=pipe, people=people, adapter=adapter, scratch=scratch, from_shared=from_shared, shared_history=history,
-                base=(prior, base_weights))
+    return dict(pipe=pipe, people=people, adapter=adapter, scratch=scratch, from_shared=from_shared, shared_history=history)
 
 
 @pytest.fixture(scope="module")
