@@ -35,8 +35,10 @@ seeds 10 and 20 gave 14 and 12 of 16 zero-shot renders):
   ``Generator.interpolation`` does): 6 of 6 midpoints land nearer the appearance of the midpoint
   embedding than either end's (>= 5 asserted);
 - per-person training of held-out person 0 (3 photos; held-out loss on 2 photos in unseen poses)
-  started from the shared adapter (:func:`faceid.train.step.load_adapter`): in a third of the steps
-  (21) it reaches a held-out loss at least as low as training from scratch reaches in 63.
+  started from the shared adapter (:func:`faceid.train.step.load_adapter`, steps x
+  ``train_lora.init_from_share`` as ``train-lora --init-from`` plans them: 7 + 14 of 21 + 42): after 7
+  steps its held-out loss is 0.331, below the best of training from scratch in 63 steps (0.365; the
+  zero-shot start is already 0.349, from scratch starts at 0.512).
 """
 
 from __future__ import annotations
@@ -213,11 +215,20 @@ def train_shared(syn: Synthetic, base_weights, prior: list[dict], out):
     model = syn.model(base_weights, pools)
     state = {"step": 0, "history": []}
     recipe.fit(model, pools, syn.p.train_lora, state, **syn.common)
-    card = {**syn.card(), "kind": SHARED_KIND, "identities": [f"train{k}" for k in range(K_TRAIN)],
-            "held_out": [f"held{k}" for k in range(K_HELD)]}
-    save_identity(out, name="shared", card=card, mapper=model.mapper, embedding=syn.null_emb, transformer=model.transformer,
-                  loss_rows=state["history"])
+    people = syn.people
+    means = {**{f"train{k}": people.embedding(z, noise=False) for k, z in enumerate(people.train)},
+             **{f"held{k}": people.embedding(z, noise=False) for k, z in enumerate(people.held)}}
+    card = {**syn.card(), "kind": SHARED_KIND,  # as train-shared writes it (faceid.train.shared.card)
+            "people": {"trained": [f"train{k}" for k in range(K_TRAIN)], "held_out": [f"held{k}" for k in range(K_HELD)]}}
+    save_identity(out, name="shared", card=card, mapper=model.mapper, transformer=model.transformer, loss_rows=state["history"],
+                  embedding=torch.stack([means[n] for n in card["people"]["trained"]]).mean(dim=0), people=means)
     return load_identity(out), state["history"]
+
+
+def per_person_config(syn: Synthetic, steps: tuple[int, int]):
+    tcfg = syn.p.train_lora
+    return dataclasses.replace(tcfg, stage1=dataclasses.replace(tcfg.stage1, steps=steps[0]),
+                               stage2=dataclasses.replace(tcfg.stage2, steps=steps[1]))
 
 
 def per_person(syn: Synthetic, base_weights, prior, own, held, steps, init=None) -> list[tuple[int, float]]:
@@ -227,9 +238,7 @@ def per_person(syn: Synthetic, base_weights, prior, own, held, steps, init=None)
     from faceid.train.examples import IDENTITY, PRIOR
     from faceid.train.validation import Validation
 
-    tcfg = syn.p.train_lora
-    cfg = dataclasses.replace(tcfg, stage1=dataclasses.replace(tcfg.stage1, steps=steps[0]),
-                              stage2=dataclasses.replace(tcfg.stage2, steps=steps[1]))
+    cfg = per_person_config(syn, steps)
     pools = {IDENTITY: own, PRIOR: prior}
     model = syn.model(base_weights, pools, init)
     state = {"step": 0, "history": []}
@@ -242,7 +251,10 @@ def per_person(syn: Synthetic, base_weights, prior, own, held, steps, init=None)
 
 def make_world(params, out) -> dict:
     """The pretrained base, the shared adapter (loaded from its folder), per-person training of
-    held-out person 0 from scratch and from the adapter, and a fresh pipeline to render with."""
+    held-out person 0 from scratch and from the adapter (``train_lora.init_from_share`` of the steps,
+    as ``train-lora --init-from`` schedules it), and a fresh pipeline to render with."""
+    from faceid.train.plan import resolve_schedule
+
     syn = Synthetic(params)
     prior, base_weights = syn.pretrain(PRETRAIN_STEPS)
     adapter, history = train_shared(syn, base_weights, prior[::4], out / "shared")
@@ -252,7 +264,8 @@ def make_world(params, out) -> dict:
     app = people.appearance(people.embedding(person, noise=False))
     held = [syn.example(pose, app, people.embedding(person), True, f"held0:unseen{i}") for i, pose in enumerate(UNSEEN)]
     scratch = per_person(syn, base_weights, prior[::4], own, held, PERSON_STEPS)
-    from_shared = per_person(syn, base_weights, prior[::4], own, held, tuple(s // 3 for s in PERSON_STEPS), init=adapter)
+    short = resolve_schedule(per_person_config(syn, PERSON_STEPS), PHOTOS, 1, 0, 1, init_from=True)  # train-lora --init-from
+    from_shared = per_person(syn, base_weights, prior[::4], own, held, (short.stage1_steps, short.stage2_steps), init=adapter)
     pipe = build(syn.p)
     pipe.transformer.load_state_dict(base_weights)
     return dict(pipe=pipe, people=people, adapter=adapter, scratch=scratch, from_shared=from_shared, shared_history=history)
@@ -300,8 +313,11 @@ def zero_shot(shared, z: torch.Tensor, name: str):
 
 
 def test_the_shared_adapter_card_and_zero_shot_identity(shared):
+    from faceid.model.identity import read_people
+
     adapter = shared["adapter"]
-    assert adapter.card["kind"] == "shared" and len(adapter.card["identities"]) == K_TRAIN
+    assert adapter.card["kind"] == "shared" and len(adapter.card["people"]["trained"]) == K_TRAIN
+    assert sorted(read_people(adapter)) == sorted(adapter.card["people"]["trained"] + adapter.card["people"]["held_out"])
     person = zero_shot(shared, shared["people"].held[0], "held0")
     assert person.path == adapter.path and person.mapper is adapter.mapper and person.card["zero_shot"]["adapter_name"] == "shared"
     losses = [h["loss"] for h in shared["shared_history"]]
@@ -352,5 +368,5 @@ def test_per_person_training_from_the_shared_adapter_needs_a_third_of_the_steps(
     print("scratch", scratch, "from shared", from_shared)
     best_scratch = min(loss for step, loss in scratch[1:])
     assert best_scratch < 0.9 * scratch[0][1]  # training from scratch learns the person (the bar is a trained one)
-    assert from_shared[-1][0] * 3 == scratch[-1][0]
+    assert 3 * from_shared[-1][0] <= scratch[-1][0] == sum(PERSON_STEPS)  # init_from_share: at most a third
     assert min(loss for step, loss in from_shared[1:]) <= best_scratch, (scratch, from_shared)
