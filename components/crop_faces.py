@@ -8,7 +8,8 @@ from faceid_components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def crop_faces(photos: Input[Dataset], crops: Output[Dataset], params_path: str = ""):
-    """``photos``: a folder of photos of one person. ``crops``: manifest.parquet + crops/<size>/."""
+    """``photos``: a folder of photos of one person, or of such folders (one per person: ``crops/<person>/``).
+    ``crops``: manifest.parquet + crops/<size>/."""
     from faceid import stages
     from faceid_components import stage_params
 

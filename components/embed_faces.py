@@ -8,7 +8,7 @@ from faceid_components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def embed_faces(crops: Input[Dataset], embeddings: Output[Dataset], params_path: str = ""):
-    """``embeddings``: embeddings.safetensors, embeddings.parquet, report.json."""
+    """``embeddings``: embeddings.safetensors, embeddings.parquet, report.json (per person: ``<person>/``)."""
     from faceid import stages
     from faceid_components import stage_params
 

@@ -79,9 +79,9 @@ def _cmd_train_shared(params, args) -> None:
 def _cmd_render_validation(params, args) -> None:
     from faceid import stages
 
-    stages.render_validation(params, Path(args.identity), Path(args.clips), Path(args.reference), Path(args.output),
-                             mlflow_uri=_mlflow_uri(params, args), lock_wait=args.lock_wait,
-                             origin=_origin("render-validation"))
+    stages.render_validation(params, Path(args.identity) if args.identity else None, Path(args.clips),
+                             Path(args.reference), Path(args.output), mlflow_uri=_mlflow_uri(params, args),
+                             lock_wait=args.lock_wait, origin=_origin("render-validation"), adapter=args.adapter)
 
 
 def _cmd_infer(params, args) -> None:
@@ -234,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the plan (people, held out, clips per person, steps) and exit")
 
     p = add("render-validation", _cmd_render_validation, "render held-out clips, compute FaceSim/pose metrics, gate the alias")
-    p.add_argument("--identity", required=True, help="identity folder from train-lora")
+    p.add_argument("--identity", help="identity folder from train-lora (the identity arm; the gate judges it)")
+    p.add_argument("--adapter", help="a shared adapter (train-shared output folder or models:/faceid-<name>@<alias>): "
+                                     "the zero_shot arm; without --identity the gate judges it")
     p.add_argument("--clips", required=True, help="prepare-pose output folder")
-    p.add_argument("--reference", required=True, help="embed-faces output folder")
+    p.add_argument("--reference", required=True, help="embed-faces output folder of the person; with --adapter also "
+                                                      "that of a folder of people (the adapter's held-out people)")
     p.add_argument("--output", required=True)
     p.add_argument("--mlflow-uri", help=mlflow_help)
 
@@ -285,18 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", choices=["test", "umt5-xxl"], default="test",
                    help="--size real: test = 2-layer UMT5 (114 MB); umt5-xxl = full UMT5-XXL size (11.4 GB bf16, GPU memory checks)")
 
-    p = add("pipeline", _cmd_pipeline, "compile, run locally or submit the KFP pipelines (train, infer)")
+    p = add("pipeline", _cmd_pipeline, "compile, run locally or submit the KFP pipelines (train, train-shared, infer)")
     psub = p.add_subparsers(dest="pipeline_command", required=True)
-    pc = psub.add_parser("compile", help="write the IR YAML of both pipelines")
+    pc = psub.add_parser("compile", help="write the IR YAML of every pipeline")
     pc.add_argument("--output-dir", default="pipelines/compiled")
     pr = psub.add_parser("run", help="run a pipeline with KFP's local runner")
-    pr.add_argument("name", choices=["train", "infer"])
+    pr.add_argument("name", choices=["train", "train-shared", "infer"])
     pr.add_argument("--local", action="store_true", help="KFP SubprocessRunner: no cluster, no Docker")
     pr.add_argument("--arg", dest="arguments", action="append", metavar="NAME=VALUE", help="pipeline parameter")
     pr.add_argument("--mlflow-uri", help=mlflow_help)
     pr.add_argument("-v", "--verbose", action="store_true", help="show every task's own output (KFP executor, Ray)")
     ps = psub.add_parser("submit", help="submit a pipeline run to a Kubeflow Pipelines endpoint")
-    ps.add_argument("name", choices=["train", "infer"])
+    ps.add_argument("name", choices=["train", "train-shared", "infer"])
     ps.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     ps.add_argument("--namespace", default=None)
     ps.add_argument("--experiment", default="faceid")

@@ -240,6 +240,9 @@ class GateConfig:
     min_face_detection_rate: float  # share of the identity videos' frames with a detected face must be >= this
     min_pose_pck: float
     tolerance: float  # FaceSim(identity) must be >= FaceSim(reference_only) - this
+    # with several people (render-validation --adapter): share of the gated arm's renders whose mean face
+    # embedding is closest to their own person's among all the people must be >= this
+    min_retrieval: float
 
 
 @dataclass(frozen=True)
@@ -496,7 +499,7 @@ _RANGES: dict[type, dict[str, tuple[str, Any]]] = {
                       "init_from_share": ("a share in (0, 1]", lambda v: 0 < v <= 1)},
     TrainSharedConfig: {"name": ("a name of letters, digits, '-', '_' (the model faceid-<name>)",
                                  lambda v: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v))), "holdout_identities": _GE0},
-    GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0, "min_face_detection_rate": _UNIT,
+    GateConfig: {"min_pose_pck": _UNIT, "tolerance": _GE0, "min_face_detection_rate": _UNIT, "min_retrieval": _UNIT,
                  "min_facesim": ("a cosine in [0, 1) (0 = the embedder's same-person threshold)", lambda v: 0 <= v < 1)},
     RenderValidationConfig: {"num_clips": _GE1},
     BatchInferConfig: {"num_workers": (">= 1 (Ray Data workers)", lambda v: v >= 1)},

@@ -26,7 +26,8 @@ MIN_PANEL = 256  # and each panel's long side (tiny renders are enlarged by an i
 MAX_SIDE = 1920  # larger previews are reduced to this (the per-arm videos keep their size)
 SHEET_FRAMES = 8  # frames per contact-sheet row
 SHEET_GAP = 4  # px between contact-sheet cells (after scaling)
-LABELS = {"pose": "pose", "base": "base", "reference_only": "reference-only", "identity": "identity"}
+LABELS = {"pose": "pose", "base": "base", "reference_only": "reference-only", "zero_shot": "zero-shot",
+          "identity": "identity"}
 
 
 def preview_scale(height: int, width: int, num_panels: int) -> int | float:

@@ -93,14 +93,18 @@ def train_shared(params, crops: Path, embeddings: Path, clips: Path, output: Pat
                              mlflow_uri=mlflow_uri, lock_wait=lock_wait, origin=origin)
 
 
-def render_validation(params, identity: Path, clips: Path, reference: Path, output: Path, *,
-                      mlflow_uri: str = "", lock_wait: float = 0.0, origin: dict | None = None) -> dict:
-    """Held-out clips rendered in three arms, FaceSim / pose metrics, the validation gate (:mod:`faceid.validate`).
+def render_validation(params, identity: Path | None, clips: Path, reference: Path, output: Path, *,
+                      mlflow_uri: str = "", lock_wait: float = 0.0, origin: dict | None = None,
+                      adapter: str | None = None) -> dict:
+    """Held-out clips rendered in the arms, FaceSim / pose / retrieval metrics, the validation gate (:mod:`faceid.validate`).
+    ``identity``: a train-lora folder, or None with ``adapter`` (a shared adapter, folder or ``models:/``): zero-shot
+    validation of the people it held out (``reference``: an embed-faces output of a folder of people) or of one person.
     ``origin``: as for :func:`train_lora`."""
     from faceid import validate
 
-    return validate.run(params, identity_dir=Path(identity), clips_dir=Path(clips), reference=Path(reference),
-                        output_dir=Path(output), mlflow_uri=mlflow_uri, lock_wait=lock_wait, origin=origin)
+    return validate.run(params, identity_dir=Path(identity) if identity else None, clips_dir=Path(clips),
+                        reference=Path(reference), output_dir=Path(output), mlflow_uri=mlflow_uri, lock_wait=lock_wait,
+                        origin=origin, adapter=adapter or None)
 
 
 def infer(params, pose_video: Path, output: Path, settings, *, identity: str | None = None, blend: str | None = None,

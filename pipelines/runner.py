@@ -1,6 +1,6 @@
 """``faceid pipeline {compile,run,submit}``: the KFP pipelines compiled, run locally, or submitted.
 
-The pipelines (``faceid_pipelines.train`` / ``.infer``) only wire tasks; their components
+The pipelines (``faceid_pipelines.train`` / ``.train_shared`` / ``.infer``) only wire tasks; their components
 (``faceid_components``) each call one typed stage function of the library (``faceid.stages``).
 This runner is a door too: the library never imports it.
 
@@ -27,7 +27,7 @@ from typing import Any
 from faceid.errors import FaceidError
 from faceid_pipelines.local_output import quiet_output
 
-PIPELINE_NAMES = ("train", "infer")
+PIPELINE_NAMES = ("train", "train-shared", "infer")
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -38,6 +38,10 @@ def pipeline_func(name: str):
         from faceid_pipelines.train import train_pipeline
 
         return train_pipeline
+    if name == "train-shared":
+        from faceid_pipelines.train_shared import train_shared_pipeline
+
+        return train_shared_pipeline
     if name == "infer":
         from faceid_pipelines.infer import infer_pipeline
 
@@ -46,7 +50,8 @@ def pipeline_func(name: str):
 
 
 def compile_pipelines(output_dir: Path) -> list[Path]:
-    """Write ``<output_dir>/train.yaml`` and ``infer.yaml`` (KFP v2 IR, for any KFP v2 backend)."""
+    """Write ``<output_dir>/<name>.yaml`` of every pipeline (``train``, ``train-shared``, ``infer``; KFP v2 IR, for
+    any KFP v2 backend)."""
     from kfp import compiler
 
     output_dir = Path(output_dir)
@@ -116,8 +121,9 @@ def run_local(params, name: str, arguments: list[str] | dict[str, Any], params_p
 
     1. The resolved params (``--set`` overrides applied) go to ``<pipeline_root>/params-<hash>.yaml``;
        every task reads that file, so ``faceid --set ... pipeline run`` reaches every stage.
-    2. Inputs not given (``identity``, ``identity_photos``, ``dance_videos``) come from the sample
-       data, written first by the ``sample_data`` component under the same pipeline root.
+    2. Inputs not given (``identity``, ``identity_photos``, ``people_photos``, ``dance_videos``) come from
+       the sample data (``people_photos``: its ``people/``), written first by the ``sample_data`` component
+       under the same pipeline root.
     3. The DAG runs task by task in this environment; MLflow logs to ``mlflow_uri``.
     Quiet unless ``verbose``: a start and a done line per task around what the task prints itself
     (its summary, its progress bars, any error in full), without KFP's executor input JSON, task
@@ -150,18 +156,22 @@ def run_local(params, name: str, arguments: list[str] | dict[str, Any], params_p
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
 
         # 2. Sample data for whatever input is missing.
-        wanted = [k for k in ("identity_photos", "dance_videos") if k in required_parameters(name) and not args.get(k)]
+        wanted = [k for k in ("identity_photos", "people_photos", "dance_videos")
+                  if k in required_parameters(name) and not args.get(k)]
         if wanted:
             sample = _local_sample_data(args["params_path"], where)
             from faceid.sample_data import IDENTITY_NAME
 
-            args.setdefault("identity", IDENTITY_NAME)
+            if "identity" in required_parameters(name):
+                args.setdefault("identity", IDENTITY_NAME)
             if "identity_photos" in wanted:
                 photos = sample / "identities" / args["identity"]
                 if not photos.is_dir():
                     raise FaceidError(f"no photos given for identity {args['identity']!r} and the sample data has none "
                                       f"({photos}); pass --arg identity_photos=FOLDER")
                 args["identity_photos"] = str(photos)
+            if "people_photos" in wanted:
+                args["people_photos"] = str(sample / "people")
             if "dance_videos" in wanted:
                 args["dance_videos"] = str(sample / "videos")
             print(f"pipeline {name}: inputs from the sample data: " + ", ".join(f"{k}={args[k]}" for k in wanted))

@@ -47,8 +47,9 @@ class FaceSimScorer:
         self._detector = build_detector(crop_cfg.detector, crop_cfg.min_detection_confidence)
         self._aligner = Aligner()
 
-    def score(self, frames: np.ndarray) -> dict:
-        """``frames`` [F, H, W, 3] uint8 RGB -> metric dict (see :func:`face_similarity`)."""
+    def faces(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """``(embeddings [n, D], frame indices)``: the main face of each of ``frames`` [F, H, W, 3] uint8 RGB
+        that shows one, aligned like crop-faces and embedded (``[0, D]`` when no frame has a face)."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise InputError(f"frames: expected [F, H, W, 3] RGB, got shape {frames.shape}")
@@ -61,8 +62,20 @@ class FaceSimScorer:
                 face = faces[select_main_face(faces, *frame.shape[:2])]
                 chips.append(self._aligner.align(frame, face, (size,), self._padding).crops[size])
                 found.append(i)
-        emb = self.embedder.embed(chips)  # [0, D] when no frame has a face
-        cos = (l2_normalize(emb) @ self.reference).astype(np.float64)
+        return self.embedder.embed(chips), found
+
+    def score(self, frames: np.ndarray, reference: np.ndarray | None = None,
+              faces: tuple[np.ndarray, list[int]] | None = None) -> dict:
+        """``frames`` [F, H, W, 3] uint8 RGB -> metric dict (see :func:`face_similarity`), to the scorer's
+        reference or to ``reference`` [D] (same embedder); ``faces``: what :meth:`faces` returned for
+        these frames, when the caller has it (the frames are not detected again)."""
+        frames = np.asarray(frames)
+        emb, found = faces if faces is not None else self.faces(frames)
+        ref = self.reference if reference is None else l2_normalize(np.asarray(reference, np.float32).reshape(-1))
+        if ref.shape != self.reference.shape:
+            raise InputError(f"reference embedding has {ref.shape[0]} dims but embedder {self.embedder.name} gives "
+                             f"{self.embedder.dim}; embed the reference with the same embed_faces.embedder")
+        cos = (l2_normalize(emb) @ ref).astype(np.float64)
 
         def per_frame(values: np.ndarray) -> list[float | None]:
             out: list[float | None] = [None] * len(frames)
