@@ -344,9 +344,9 @@ def run(params, identity_dir: Path | None, clips_dir: Path, reference: Path, out
     ref_meta = next(iter(embeddings.values()))[1]
     identity = None
     if identity_dir is not None:
-        if len(people) > 1:
-            raise InputError(f"--identity {identity_dir} is one person's adapter, but {reference} holds {len(people)} people "
-                             "to validate; pass --reference <that person's embed-faces folder>")
+        if list(people.values()) != [Path(reference)]:
+            raise InputError(f"--identity {identity_dir} is one person's adapter, but {reference} is a folder of people; "
+                             "pass --reference <that person's embed-faces folder>")
         identity = load_identity(identity_dir, model_cfg=params.model, embedder=ref_meta["embedder"],
                                  embed_dim=int(ref_meta["dim"]))
     trained = set((identity.card.get("data") or {}).get("clips") or {}) if identity else set()

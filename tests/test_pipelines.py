@@ -16,7 +16,8 @@ from faceid.errors import FaceidError
 from faceid_pipelines.runner import compile_pipelines, parse_arguments, submit
 
 REPO = Path(__file__).resolve().parents[1]
-COMPONENT_FILES = ["sample_data", "crop_faces", "embed_faces", "prepare_pose", "train_lora", "render_validation", "batch_infer"]
+COMPONENT_FILES = ["sample_data", "crop_faces", "embed_faces", "prepare_pose", "train_lora", "train_shared",
+                   "render_validation", "batch_infer"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """name -> (pipeline IR, kubernetes platform spec)."""
     out = tmp_path_factory.mktemp("compiled")
     paths = compile_pipelines(out)
-    assert [p.name for p in paths] == ["train.yaml", "infer.yaml"]
+    assert [p.name for p in paths] == ["train.yaml", "train-shared.yaml", "infer.yaml"]
     result = {}
     for path in paths:
         docs = list(yaml.safe_load_all(path.read_text()))
@@ -72,6 +73,40 @@ def test_train_pipeline_dag(compiled):
         k: k for k in ["identity", "params_path", "profile", "stage1_steps", "stage2_steps", "ray_address", "mlflow_uri"]}
 
 
+def test_train_shared_pipeline_dag(compiled):
+    """Many people -> one adapter -> render-validation of the people it held out (the adapter, no identity)."""
+    ir, _ = compiled["train-shared"]
+    assert ir["pipelineInfo"]["name"] == "faceid-train-shared"
+    tasks = ir["root"]["dag"]["tasks"]
+    assert set(tasks) == {"importer", "importer-2", "crop-faces", "embed-faces", "prepare-pose", "train-shared",
+                          "render-validation"}
+    assert _edges(ir) == {
+        ("importer", "crop-faces"), ("crop-faces", "embed-faces"), ("importer-2", "prepare-pose"),
+        ("crop-faces", "train-shared"), ("embed-faces", "train-shared"), ("prepare-pose", "train-shared"),
+        ("train-shared", "render-validation"), ("prepare-pose", "render-validation"), ("embed-faces", "render-validation"),
+    }
+    # the adapter goes to render-validation's adapter input; no identity folder: zero-shot validation
+    given = tasks["render-validation"]["inputs"]["artifacts"]
+    assert given["adapter"]["taskOutputArtifact"] == {"outputArtifactKey": "adapter", "producerTask": "train-shared"}
+    assert set(given) == {"adapter", "clips", "embeddings"}
+    assert _params(ir) == {
+        "people_photos": "<required>", "dance_videos": "<required>",
+        "params_path": "", "profile": "", "stage1_steps": -1, "stage2_steps": -1, "ray_address": "", "mlflow_uri": "",
+    }
+    assert set(ir["root"]["outputDefinitions"]["artifacts"]) == {"adapter", "validation"}
+    train_inputs = dict(tasks["train-shared"]["inputs"]["parameters"])
+    for task in ("train-shared", "render-validation"):
+        params = tasks[task]["inputs"]["parameters"]
+        assert {k: params[k]["runtimeValue"]["constant"] for k in ("kfp_run", "kfp_task")} == {
+            "kfp_run": "{{$.pipeline_job_name}}", "kfp_task": "{{$.pipeline_task_name}}"}
+    del train_inputs["kfp_run"], train_inputs["kfp_task"]
+    assert {k: v["componentInputParameter"] for k, v in train_inputs.items()} == {
+        k: k for k in ["params_path", "profile", "stage1_steps", "stage2_steps", "ray_address", "mlflow_uri"]}
+    # the train pipeline's render-validation gets the identity folder, not an adapter (both inputs optional)
+    train_given = compiled["train"][0]["root"]["dag"]["tasks"]["render-validation"]["inputs"]["artifacts"]
+    assert set(train_given) == {"identity_dir", "clips", "embeddings"}
+
+
 def test_infer_pipeline_dag(compiled):
     ir, _ = compiled["infer"]
     assert ir["pipelineInfo"]["name"] == "faceid-infer"
@@ -86,6 +121,7 @@ def test_infer_pipeline_dag(compiled):
 
 @pytest.mark.parametrize("name,gpu_tasks,cpu_tasks", [
     ("train", ["train-lora", "render-validation"], ["crop-faces", "embed-faces", "prepare-pose"]),
+    ("train-shared", ["train-shared", "render-validation"], ["crop-faces", "embed-faces", "prepare-pose"]),
     ("infer", ["batch-infer"], ["prepare-pose"]),
 ])
 def test_images_and_resources(compiled, name, gpu_tasks, cpu_tasks):
@@ -189,6 +225,10 @@ def test_registry_uri(repo):
 def test_arguments_are_typed_and_checked():
     assert parse_arguments("train", ["identity=ann", "stage1_steps=3"]) == {"identity": "ann", "stage1_steps": 3}
     assert parse_arguments("infer", ["identity=ann", "face_scale=0"]) == {"identity": "ann", "face_scale": 0.0}
+    assert parse_arguments("train-shared", ["people_photos=s3://b/people", "stage2_steps=4"]) == {
+        "people_photos": "s3://b/people", "stage2_steps": 4}
+    with pytest.raises(FaceidError, match="pipeline train-shared: unknown parameter 'identity'"):
+        parse_arguments("train-shared", ["identity=ann"])  # one adapter for many people: no identity name
     with pytest.raises(FaceidError, match="unknown parameter 'steps'"):
         parse_arguments("train", ["steps=3"])
     with pytest.raises(FaceidError, match="stage2_steps='many': expected int"):

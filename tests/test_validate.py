@@ -332,3 +332,200 @@ def test_a_second_writer_fails_at_once(world, tmp_path, no_model):
         with pytest.raises(LockedError, match=rf"another render-validation run \(pid {holder.pid}\) is writing {out}"):
             validate.run(world["params"], world["identity"], root / "clips", root / "emb", out, None)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- zero-shot: a shared adapter (issue 25)
+
+
+def test_retrieval_finds_the_person_a_real_video_shows(world, people, sample_dir):
+    """Retrieval on real frames: the faces of a sample video (a real person's photo dancing) are closest to
+    that person's embedding among the four sample people, by a clear margin; told to look for another
+    person, the rank drops and the margin is negative. No face: not measurable. Pure but for the scorer."""
+    from faceid.faces.embed import load_identity_embedding
+    from faceid.faces.similarity import FaceSimScorer
+    from faceid.pose.video import read_video
+    from faceid.validate import retrieval
+
+    p, emb_root = world["params"], people["emb"]
+    candidates = {d.name: load_identity_embedding(d)[0] for d in sorted(emb_root.iterdir()) if d.is_dir()}
+    assert sorted(candidates) == ["astronaut", "biden", "grace_hopper", "obama"]
+    shows = {"dance_00": "obama", "dance_02": "biden"}  # sample_data.VIDEO_SOURCES: obama3.jpg, obama2.jpg, biden.jpg
+    with FaceSimScorer(candidates["obama"], p.crop_faces, p.embed_faces) as scorer:
+        for video, person in shows.items():
+            frames = read_video(sample_dir / "videos" / f"{video}.mp4")[0][::6]  # 8 frames, 480x320
+            faces = scorer.faces(frames)
+            assert len(faces[1]) == len(frames) and faces[0].shape == (len(frames), 128)
+            right = retrieval(faces[0], person, candidates)
+            assert right["retrieval_rank"] == 1.0 and right["retrieval_correct"] == 1.0 and right["retrieved"] == person
+            assert right["retrieval_margin"] > 0.05, right  # same person ~0.95+, strangers ~0.80-0.84 (embed.py)
+            # the same faces looked up as someone else: not retrieved, margin below zero by as much
+            other = "grace_hopper"
+            wrong = retrieval(faces[0], other, candidates)
+            assert wrong["retrieval_rank"] >= 2.0 and wrong["retrieval_correct"] == 0.0 and wrong["retrieved"] == person
+            assert wrong["retrieval_margin"] < -0.05
+            # FaceSim to a given reference from the same detections equals the scorer's own
+            assert scorer.score(frames, reference=candidates[person], faces=faces)["mean"] > 0.9
+        blank = np.zeros((3, 64, 64, 3), np.uint8)
+        assert retrieval(scorer.faces(blank)[0], "obama", candidates) == {
+            "retrieval_rank": None, "retrieval_correct": None, "retrieval_margin": None, "retrieved": None}
+    with pytest.raises(InputError, match="at least two people"):
+        retrieval(np.ones((1, 128), np.float32), "obama", {"obama": candidates["obama"]})
+
+
+def test_the_gate_judges_the_zero_shot_arm_with_retrieval(params):
+    from faceid.validate import evaluate_gate
+
+    gate = params.render_validation.gate  # min_retrieval 1: every render retrieved as its own person
+    assert gate.min_retrieval == 1.0
+
+    def check(retrieved, facesim=0.95):
+        return evaluate_gate({"base": {"facesim": 0.8}, "reference_only": None,
+                              "zero_shot": {"facesim": facesim, "pose_pck": 0.5, "face_detection_rate": 0.9,
+                                            "retrieval_correct": retrieved}},
+                             gate, 0.9, candidate="zero_shot", retrieval=True)
+
+    ok = check(1.0)
+    assert ok["passed"] and ok["arm"] == "zero_shot" and ok["retrieval"] == 1.0
+    assert ok["checks"]["retrieval"]["status"] == "passed" and ok["checks"]["vs_reference_only"]["status"] == "not_applicable"
+    half = check(0.5)  # one of two held-out people rendered closer to someone else
+    assert not half["passed"] and half["reasons"] == [
+        "retrieval 0.5000 < min_retrieval 1 (share of renders closest to their own person)"]
+    unmeasured = check(None, facesim=None)
+    assert "retrieval not measurable (no face detected in the zero_shot videos)" in unmeasured["reasons"]
+    assert "FaceSim not measurable (no face detected in the zero_shot videos)" in unmeasured["reasons"]
+
+
+def make_shared_adapter(folder, params, people: dict, held_out: list[str], seed: int = 3):
+    """A shared adapter as train-shared writes it (card kind ``shared``, the people trained and held out,
+    every person's mean embedding beside the adapter's), with random weights as :func:`test_infer.make_identity`
+    makes them (the random mapper and LoRA change the render, which is what these tests need)."""
+    import torch
+
+    from faceid.model.base_model import base_model_id, build_components
+    from faceid.model.identity import save_identity
+    from faceid.model.lora import add_lora
+    from faceid.model.mapper import FaceMapper
+
+    transformer = build_components(params.model)["transformer"]
+    gen = torch.Generator().manual_seed(seed)
+    mapper = FaceMapper(128, params.model.tiny.text_dim, params.train_lora.num_face_tokens)
+    add_lora(transformer, params.train_lora.lora)
+    with torch.no_grad():
+        for q in list(mapper.parameters()) + [q for n, q in transformer.named_parameters() if "lora_" in n]:
+            q.copy_(torch.randn(q.shape, generator=gen) * 0.3)
+        mapper.gate_param.fill_(1.0 / mapper.gate_multiplier)
+    trained = sorted(p for p in people if p not in held_out)
+    card = {"base_model": base_model_id(params.model), "profile": params.model.profile,
+            "embedder": params.embed_faces.embedder, "train": {"seed": seed}, "kind": "shared",
+            "people": {"trained": trained, "held_out": sorted(held_out)}}
+    return save_identity(folder, name="shared", card=card, mapper=mapper, transformer=transformer,
+                         embedding=np.mean([people[p] for p in trained], axis=0), people=people)
+
+
+@pytest.fixture(scope="module")
+def people(world, sample_dir):
+    """The sample people (``data/sample/people``) cropped and embedded as a folder of people, and a shared
+    adapter that holds grace_hopper out, registered in MLflow as train-shared registers (``faceid-shared``)."""
+    from faceid.faces import crop, embed
+    from faceid.faces.embed import load_identity_embedding
+    from faceid.train.launch import log_to_mlflow
+
+    root, p = world["root"], world["params"]
+    crop.run_many(p.crop_faces, sample_dir / "people", root / "people_crops")
+    embed.run_many(p.embed_faces, root / "people_crops", root / "people_emb")
+    embs = {d.name: load_identity_embedding(d)[0] for d in sorted((root / "people_emb").iterdir()) if d.is_dir()}
+    adapter = make_shared_adapter(root / "shared", p, embs, ["grace_hopper"])
+    registered = log_to_mlflow(p, "shared", adapter, {}, world["uri"])
+    return {"emb": root / "people_emb", "adapter": adapter, "embeddings": embs, "registered": registered}
+
+
+@pytest.fixture(scope="module")
+def zero_shot(world, people):
+    from faceid import validate
+
+    p = small(world["params"], render_validation__num_clips=1)
+    out = world["root"] / "validation_shared"
+    result = validate.run(p, None, world["root"] / "clips", people["emb"], out, world["uri"], adapter=people["adapter"])
+    return out, result
+
+
+def test_zero_shot_arm_renders_the_held_out_people_beside_the_base(world, people, zero_shot):
+    """render-validation --adapter on a folder of people: every person the adapter held out (grace_hopper)
+    rendered zero-shot from their embed-faces output beside the base; retrieval among the adapter's people;
+    the gate judges the zero_shot arm; the numbers reach MLflow and the adapter's registered version."""
+    from mlflow.tracking import MlflowClient
+
+    from faceid.pose.video import probe, read_video
+    from faceid.validate import flat_metrics
+
+    out, result = zero_shot
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["gate"] == result["gate"] and written["identity_name"] == "shared"
+    assert written["adapter"]["people_held_out"] == ["grace_hopper"] and list(written["people"]) == ["grace_hopper"]
+    assert written["retrieval_people"] == ["astronaut", "biden", "grace_hopper", "obama"]
+    assert written["reference_only"]["skipped"] and written["identity"]["skipped"]
+    assert "embed-faces output has none" in written["reference_only"]["reason"]
+    clip = result["clips"][0]
+    key = f"grace_hopper/{clip}"
+    assert list(written["videos"]) == [key] and list(written["videos"][key]) == ["base", "zero_shot"]
+    base = read_video(out / "videos" / "grace_hopper" / f"{clip}_base.mp4")[0].astype(int)
+    zero = read_video(out / "videos" / "grace_hopper" / f"{clip}_zero_shot.mp4")[0].astype(int)
+    assert base.shape == zero.shape == (9, 64, 64, 3) and np.abs(base - zero).mean() > 1.0  # the adapter renders
+    assert probe(out / "side_by_side" / "grace_hopper" / f"{clip}.mp4")["width"] == 3 * 4 * 64  # pose | base | zero-shot
+    for arm in ("base", "zero_shot"):
+        video = written["videos"][key][arm]
+        assert {"retrieval_rank", "retrieval_correct", "retrieval_margin", "retrieved"} <= set(video)
+        assert written[arm]["num_videos"] == 1 and written["people"]["grace_hopper"][arm]["num_videos"] == 1
+    assert written["people"]["grace_hopper"]["held_out"] is True
+    gate = written["gate"]
+    assert gate["arm"] == "zero_shot" and set(gate["checks"]) >= {"facesim", "retrieval"}
+    # the tiny model renders no face (README): FaceSim and retrieval are not measurable, and fail the gate
+    assert written["zero_shot"]["face_detection_rate"] == 0.0 and written["zero_shot"]["retrieval_correct"] is None
+    assert gate["checks"]["retrieval"] == {"status": "failed", "value": None, "threshold": 1.0,
+                                           "reason": "retrieval not measurable (no face detected in the zero_shot videos)"}
+    assert not gate["passed"]
+
+    flat = flat_metrics(result)
+    assert flat["identity.skipped"] == flat["reference_only.skipped"] == 1.0 and flat["gate.min_retrieval"] == 1.0
+    assert flat[f"person.grace_hopper.zero_shot.face_detection_rate"] == 0.0 and flat["gate.retrieval.passed"] == 0.0
+    client = MlflowClient(world["uri"])
+    run = client.get_run(result["mlflow"]["run_id"])
+    assert (run.data.tags["adapter"], run.data.tags["people"], run.data.tags["gated_arm"]) == ("shared", "grace_hopper",
+                                                                                                "zero_shot")
+    assert run.data.tags["not_measured.zero_shot.retrieval_correct"] == "no face detected in any frame"
+    assert run.data.metrics[f"clip.{key}.zero_shot.face_detection_rate"] == 0.0
+    assert result["mlflow"]["model_name"] == "faceid-shared"
+    assert result["mlflow"]["model_version"] == people["registered"]["model_version"]
+    mv = client.get_model_version("faceid-shared", result["mlflow"]["model_version"])
+    assert mv.tags["validation_gate"] == "failed" and mv.tags["validation_side_by_side"] == f"side_by_side/{key}.mp4"
+    assert "pose | base | zero-shot)" in mv.description
+
+
+def test_zero_shot_inputs_are_checked_before_the_model_is_built(world, people, tmp_path, no_model):
+    from faceid import validate
+
+    p, root, adapter = world["params"], world["root"], people["adapter"]
+
+    def run(identity=None, reference=people["emb"], adapter=adapter):
+        validate.run(p, identity, root / "clips", reference, tmp_path / "out", None, adapter=adapter)
+
+    for kwargs, message in [
+        (dict(adapter=None), "expected --identity \\(a train-lora folder\\) and/or --adapter"),
+        (dict(adapter=world["identity"]), "not a shared adapter \\(train-shared writes those\\)"),
+        (dict(identity=world["identity"]), "is one person's adapter, but .* is a folder of people; pass --reference <that person's"),
+        (dict(reference=root / "emb"), None),  # one person (obama, trained on): checked, then the model: no_model fires
+    ]:
+        if message is None:
+            with pytest.raises(AssertionError, match="the model was built before the inputs were checked"):
+                run(**kwargs)
+        else:
+            with pytest.raises(InputError, match=message):
+                run(**kwargs)
+    nobody_out = make_shared_adapter(tmp_path / "all_in", p, people["embeddings"], [])
+    with pytest.raises(InputError, match="held no person out .* pass --reference <one person's embed-faces folder>"):
+        run(adapter=nobody_out)
+    partial = tmp_path / "some_people"
+    (partial / "obama").mkdir(parents=True)
+    with pytest.raises(InputError, match="no embed-faces output for grace_hopper \\(held out by the shared adapter"):
+        run(reference=partial)
+    assert not (tmp_path / "out").exists()
