@@ -2,9 +2,14 @@
 
 (a) ``faceid pipeline run train --local``: KFP's local runner runs the whole training DAG on the
     sample identity and leaves a registered MLflow model version ``faceid-obama@candidate``;
-(b) ``dvc repro`` in a fresh ``git clone`` runs every stage, a second ``dvc repro`` is a no-op, and
-    changing a ``render_validation`` param reruns only render_validation (each stage lists the
-    params it reads; the train_lora case is the same mechanism and costs a second training).
+(b) ``dvc repro render_validation`` in a fresh ``git clone`` runs every stage of the per-person branch,
+    a second one is a no-op, and changing a ``render_validation`` param reruns only render_validation
+    (each stage lists the params it reads; the train_lora case is the same mechanism and costs a second
+    training). The shared-adapter branch (``train_shared``, ``render_validation_shared``) costs a
+    second training: its run, through KFP and DVC, is in (c), extended;
+(c) extended (``make test-extended``): ``faceid pipeline run train-shared --local`` trains one adapter on
+    the sample people, holds grace_hopper out and validates her zero-shot; ``dvc repro
+    render_validation_shared`` in a fresh clone runs the same branch as DVC stages.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env = _env(PYTHONPATH=str(clone))  # the clone's code, not this checkout's
     dvc = [str(VENV_BIN / "dvc")]
 
-    first = _run(dvc + ["repro"], clone, env)
+    first = _run(dvc + ["repro", "render_validation"], clone, env)  # the per-person branch (the shared one: below)
     assert _ran_stages(first) == {"sample_data", "crop_faces", "embed_faces", "prepare_pose", "train_lora", "render_validation"}
     assert (clone / "data/work/obama/validation/metrics.json").is_file()
     assert (clone / "data/work/obama/identity/metrics/train_loss.csv").is_file()
@@ -132,15 +137,90 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     assert {(r.data.tags.get("dvc.stage"), r.data.tags["mlflow.source.name"]) for r in runs} == {
         ("train_lora", "faceid train-lora"), ("render_validation", "faceid render-validation")}
 
-    second = _run(dvc + ["repro"], clone, env)
+    second = _run(dvc + ["repro", "render_validation"], clone, env)
     assert _ran_stages(second) == set() and "up to date" in second
 
     # a param only the last stage reads (its render settings are training's too: train_lora's renders use them)
     params["render_validation"]["gate"]["tolerance"] = 0.03
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _run(dvc + ["repro"], clone, env)
+    third = _run(dvc + ["repro", "render_validation"], clone, env)
     assert _ran_stages(third) == {"render_validation"}
 
     # The default remote is a local folder beside the repository.
     _run(dvc + ["push"], clone, env)
     assert any((tmp_path / "faceid-dvc-storage").rglob("*"))
+
+
+# --------------------------------------------------------------------------- the shared adapter (issue 25), extended
+
+
+@pytest.mark.extended
+def test_local_kfp_train_shared_validates_a_held_out_person_zero_shot(tmp_path):
+    """``faceid pipeline run train-shared --local`` on the sample people: crop/embed them as a folder of
+    people, train one adapter (grace_hopper, shown in the fewest clips, held out), register faceid-shared
+    and render grace_hopper zero-shot (her embed-faces output through the adapter) beside the base, with
+    retrieval among all four people; then ``faceid infer --adapter`` renders her from the same folder."""
+    from mlflow import MlflowClient
+
+    assert ARCHIVE.is_file(), f"{ARCHIVE} missing: run `make install`"
+    sets = ["--set", f"sample_data.photo_archive={ARCHIVE}", "--set", f"train_lora.cache_dir={tmp_path / 'latents'}",
+            "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "sample_data.video_seconds=1.25",
+            "--set", "train_lora.photos.views=1"]
+    out = _run([sys.executable, "-m", "faceid.cli", "--params", str(REPO / "params.yaml"), *sets,
+                "pipeline", "run", "train-shared", "--local", "--arg", "stage1_steps=2", "--arg", "stage2_steps=2"],
+               cwd=tmp_path, env=_env())
+    assert "FAILURE" not in out
+    for task in ["sample-data", "crop-faces", "embed-faces", "prepare-pose", "train-shared", "render-validation"]:
+        assert re.search(rf"^\[{task}\] done in \d+ s$", out, re.M), task
+    assert "pipeline train-shared: inputs from the sample data: people_photos=" in out
+    runs = list((tmp_path / ".kfp").glob("faceid-train-shared-*"))
+    assert len(runs) == 1
+    adapter = runs[0] / "train-shared" / "adapter"
+    card = yaml.safe_load((adapter / "identity.json").read_text())
+    assert card["kind"] == "shared" and card["people"] == {"trained": ["astronaut", "biden", "obama"],
+                                                           "held_out": ["grace_hopper"]}
+    metrics = yaml.safe_load((runs[0] / "render-validation" / "validation" / "metrics.json").read_text())
+    assert list(metrics["people"]) == ["grace_hopper"] and metrics["gate"]["arm"] == "zero_shot"
+    assert metrics["retrieval_people"] == ["astronaut", "biden", "grace_hopper", "obama"]
+    assert metrics["reference_only"]["skipped"] and metrics["identity"]["skipped"]
+    assert all(set(v) == {"base", "zero_shot"} for v in metrics["videos"].values())
+
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    version = client.get_model_version_by_alias("faceid-shared", "candidate")
+    assert client.get_run(version.run_id).data.tags["kfp.run"] == runs[0].name
+    validation = client.get_run(version.tags["validation_run_id"])
+    assert (validation.data.tags["adapter"], validation.data.tags["people"]) == ("shared", "grace_hopper")
+    assert validation.data.tags["kfp.task"] == "render-validation"
+
+    # the person held out, rendered from her embed-faces output with no training of hers
+    emb = runs[0] / "embed-faces" / "embeddings" / "grace_hopper"
+    pose = next((runs[0] / "prepare-pose" / "clips" / "clips").glob("*/pose.mp4"))
+    _run([sys.executable, "-m", "faceid.cli", "--params", str(REPO / "params.yaml"), *sets, "infer", "--adapter",
+          str(adapter), "--identity", str(emb), "--pose-video", str(pose), "--output", str(tmp_path / "gh.mp4")],
+         cwd=tmp_path, env=_env())
+    assert (tmp_path / "gh.mp4").stat().st_size > 0
+
+
+@pytest.mark.extended
+def test_dvc_repro_of_the_shared_branch_in_a_fresh_clone(tmp_path):
+    """``dvc repro render_validation_shared``: the sample people cropped and embedded, one adapter trained
+    on them and the held-out person validated zero-shot, each stage the same ``faceid`` command."""
+    assert ARCHIVE.is_file(), f"{ARCHIVE} missing: run `make install`"
+    clone = tmp_path / "faceid"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    (clone / ARCHIVE.relative_to(REPO)).parent.mkdir(parents=True)
+    shutil.copy(ARCHIVE, clone / ARCHIVE.relative_to(REPO))
+    params_file = clone / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["train_lora"]["stage1"]["steps"] = 2
+    params["train_lora"]["stage2"]["steps"] = 2
+    params["train_lora"]["photos"]["views"] = 1
+    params["sample_data"]["video_seconds"] = 1.25
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(PYTHONPATH=str(clone))
+    out = _run([str(VENV_BIN / "dvc"), "repro", "render_validation_shared"], clone, env)
+    assert _ran_stages(out) == {"sample_data", "crop_faces_people", "embed_faces_people", "prepare_pose", "train_shared",
+                                "render_validation_shared"}
+    metrics = yaml.safe_load((clone / "data/work/shared/validation/metrics.json").read_text())
+    assert list(metrics["people"]) == ["grace_hopper"] and metrics["gate"]["arm"] == "zero_shot"
