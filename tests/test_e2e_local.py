@@ -222,5 +222,5 @@ def test_dvc_repro_of_the_shared_branch_in_a_fresh_clone(tmp_path):
     out = _run([str(VENV_BIN / "dvc"), "repro", "render_validation_shared"], clone, env)
     assert _ran_stages(out) == {"sample_data", "crop_faces_people", "embed_faces_people", "prepare_pose", "train_shared",
                                 "render_validation_shared"}
-    metrics = yaml.safe_load((clone / "data/work/shared/validation/metrics.json").read_text())
+    metrics = yaml.safe_load((clone / "data/work/shared_validation/metrics.json").read_text())
     assert list(metrics["people"]) == ["grace_hopper"] and metrics["gate"]["arm"] == "zero_shot"
