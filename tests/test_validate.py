@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from previews import check_preview
 from test_processes import held_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -501,7 +503,7 @@ def test_zero_shot_arm_renders_the_held_out_people_beside_the_base(world, people
     assert "pose | base | zero-shot)" in mv.description
 
 
-def test_zero_shot_inputs_are_checked_before_the_model_is_built(world, people, tmp_path, no_model):
+def test_zero_shot_inputs_are_checked_before_the_model_is_built(world, people, tmp_path, no_model, capsys):
     from faceid import validate
 
     p, root, adapter = world["params"], world["root"], people["adapter"]
@@ -521,6 +523,12 @@ def test_zero_shot_inputs_are_checked_before_the_model_is_built(world, people, t
         else:
             with pytest.raises(InputError, match=message):
                 run(**kwargs)
+    # the command: --identity is optional, but one of --identity / --adapter is needed (exit 2, one line)
+    from faceid.cli import main
+
+    rc = main(["--params", str(REPO_PARAMS), "render-validation", "--clips", str(root / "clips"), "--reference",
+               str(people["emb"]), "--output", str(tmp_path / "out")])
+    assert rc == 2 and "expected --identity (a train-lora folder) and/or --adapter" in capsys.readouterr().err
     nobody_out = make_shared_adapter(tmp_path / "all_in", p, people["embeddings"], [])
     with pytest.raises(InputError, match="held no person out .* pass --reference <one person's embed-faces folder>"):
         run(adapter=nobody_out)
