@@ -248,7 +248,7 @@ def submit(name: str, host: str, arguments: list[str] | dict[str, Any], namespac
         client = kfp.Client(host=host, namespace=namespace)
         run = client.create_run_from_pipeline_func(
             pipeline_func(name), arguments=args, experiment_name=experiment,
-            run_name=f"faceid-{name}-{args.get('identity', '')}-{time.strftime('%Y%m%d-%H%M%S')}",
+            run_name="-".join(x for x in ("faceid", name, args.get("identity", ""), time.strftime("%Y%m%d-%H%M%S")) if x),
             namespace=namespace)
     except FaceidError:
         raise
