@@ -128,6 +128,7 @@ def test_bad_values_name_the_key_and_expectation(repo, override, message):
         (["batch_infer.num_workers=0"], "batch_infer.num_workers: expected >= 1 (Ray Data workers), got 0"),
         (["render_validation.num_clips=0"], "render_validation.num_clips: expected >= 1, got 0"),
         (["render_validation.gate.min_pose_pck=1.5"], "render_validation.gate.min_pose_pck: expected a value in [0, 1]"),
+        (["render_validation.gate.min_retrieval=-0.1"], "render_validation.gate.min_retrieval: expected a value in [0, 1]"),
         (["render_validation.gate.min_facesim_gain=.nan"], "render_validation.gate.min_facesim_gain: expected a finite number, got nan"),
         (["ray.num_cpus=-1"], "ray.num_cpus: expected >= 0 (0 = all cores), got -1"),
         (["tracking.validated_alias=candidate"], "tracking.validated_alias: expected another alias than register_alias"),
