@@ -26,7 +26,7 @@ Per video, per arm, per person and on average (``faceid.faces.similarity``, ``fa
 - temporal identity stability: the spread (std) of per-frame FaceSim and its mean frame-to-frame change,
 - pose fidelity: keypoints re-extracted from the generated video vs the clip's control keypoints
   (PCK@0.1 and mean error normalised by the person's size),
-- with ``adapter``, identity retrieval (:func:`retrieval`): the render's mean face embedding against
+- with ``adapter``, identity retrieval (:func:`faceid.faces.similarity.retrieval`): the render's mean face embedding against
   every person's (the adapter's people, :func:`faceid.model.identity.read_people`, and the validated
   ones): the rank of its own person (1 = closest), ``retrieval_correct`` (1/0; averaged: the share of
   renders retrieved right) and the margin (cosine to its own person minus the closest other's).
@@ -125,27 +125,6 @@ def gate_facesim(gate, same_person_threshold: float) -> float:
     """The absolute FaceSim the gate asks for: ``gate.min_facesim``, or with 0 the embedder's
     same-person threshold (:func:`faceid.faces.embed.outlier_threshold`)."""
     return gate.min_facesim if gate.min_facesim > 0 else same_person_threshold
-
-
-def retrieval(embeddings: np.ndarray, own: str, people: dict[str, np.ndarray]) -> dict:
-    """Identity retrieval of one render: ``embeddings`` [n, D] (its frames' faces: :meth:`FaceSimScorer.faces`)
-    averaged (each L2-normalised) against every person's embedding in ``people`` (``own`` among them) by
-    cosine. ``retrieval_rank``: 1 + the number of other people closer than ``own``; ``retrieval_correct``:
-    1.0 when rank 1, else 0.0; ``retrieval_margin``: cosine to ``own`` minus the closest other's (> 0:
-    retrieved right); ``retrieved``: the closest person. All None when no frame shows a face. Pure."""
-    from faceid.faces.embed import l2_normalize
-
-    if own not in people or len(people) < 2:
-        raise InputError(f"retrieval of {own!r}: expected it among at least two people, got {sorted(people)}")
-    emb = np.asarray(embeddings, np.float32)
-    if emb.ndim != 2 or not len(emb):
-        return {"retrieval_rank": None, "retrieval_correct": None, "retrieval_margin": None, "retrieved": None}
-    mean = l2_normalize(l2_normalize(emb).mean(axis=0))
-    cos = {name: float(l2_normalize(np.asarray(e, np.float32).reshape(-1)) @ mean) for name, e in people.items()}
-    closest_other = max(v for k, v in cos.items() if k != own)
-    rank = 1 + sum(v > cos[own] for k, v in cos.items() if k != own)
-    return {"retrieval_rank": float(rank), "retrieval_correct": float(rank == 1),
-            "retrieval_margin": cos[own] - closest_other, "retrieved": min(cos, key=lambda k: (-cos[k], k))}
 
 
 def evaluate_gate(arms: dict[str, dict | None], gate, same_person_threshold: float, candidate: str = "identity",
@@ -247,6 +226,7 @@ def _render_clip(generator, people: dict[str, dict], scorer, estimator, clip: di
     side-by-side preview with its contact sheet beside it (scaled and labelled for watching:
     :mod:`faceid.preview`; the metrics use the renders as they are). Returns ``{video key: {arm: metrics}}``;
     the key is the clip id, or ``<person>/<clip>`` when ``per_person``."""
+    from faceid.faces.similarity import retrieval
     from faceid.pose.metrics import pose_fidelity
     from faceid.pose.video import read_video, write_video
     from faceid.preview import write_preview

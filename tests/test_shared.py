@@ -7,7 +7,6 @@ fine-tuning speed-up) is proved in the synthetic world of tests/test_shared_adap
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

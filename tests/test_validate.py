@@ -346,7 +346,7 @@ def test_retrieval_finds_the_person_a_real_video_shows(world, people, sample_dir
     from faceid.faces.embed import load_identity_embedding
     from faceid.faces.similarity import FaceSimScorer
     from faceid.pose.video import read_video
-    from faceid.validate import retrieval
+    from faceid.faces.similarity import retrieval
 
     p, emb_root = world["params"], people["emb"]
     candidates = {d.name: load_identity_embedding(d)[0] for d in sorted(emb_root.iterdir()) if d.is_dir()}
@@ -489,7 +489,7 @@ def test_zero_shot_arm_renders_the_held_out_people_beside_the_base(world, people
 
     flat = flat_metrics(result)
     assert flat["identity.skipped"] == flat["reference_only.skipped"] == 1.0 and flat["gate.min_retrieval"] == 1.0
-    assert flat[f"person.grace_hopper.zero_shot.face_detection_rate"] == 0.0 and flat["gate.retrieval.passed"] == 0.0
+    assert flat["person.grace_hopper.zero_shot.face_detection_rate"] == 0.0 and flat["gate.retrieval.passed"] == 0.0
     client = MlflowClient(world["uri"])
     run = client.get_run(result["mlflow"]["run_id"])
     assert (run.data.tags["adapter"], run.data.tags["people"], run.data.tags["gated_arm"]) == ("shared", "grace_hopper",

@@ -187,3 +187,22 @@ def run(params: Params, reference: Path, video: Path, output: Path | None) -> di
     else:
         print(json.dumps(result, indent=2))
     return result
+
+
+def retrieval(embeddings: np.ndarray, own: str, people: dict[str, np.ndarray]) -> dict:
+    """Identity retrieval of one render: ``embeddings`` [n, D] (its frames' faces: :meth:`FaceSimScorer.faces`)
+    averaged (each L2-normalised) against every person's embedding in ``people`` (``own`` among them) by
+    cosine. ``retrieval_rank``: 1 + the number of other people closer than ``own``; ``retrieval_correct``:
+    1.0 when rank 1, else 0.0; ``retrieval_margin``: cosine to ``own`` minus the closest other's (> 0:
+    retrieved right); ``retrieved``: the closest person. All None when no frame shows a face. Pure."""
+    if own not in people or len(people) < 2:
+        raise InputError(f"retrieval of {own!r}: expected it among at least two people, got {sorted(people)}")
+    emb = np.asarray(embeddings, np.float32)
+    if emb.ndim != 2 or not len(emb):
+        return {"retrieval_rank": None, "retrieval_correct": None, "retrieval_margin": None, "retrieved": None}
+    mean = l2_normalize(l2_normalize(emb).mean(axis=0))
+    cos = {name: float(l2_normalize(np.asarray(e, np.float32).reshape(-1)) @ mean) for name, e in people.items()}
+    closest_other = max(v for k, v in cos.items() if k != own)
+    rank = 1 + sum(v > cos[own] for k, v in cos.items() if k != own)
+    return {"retrieval_rank": float(rank), "retrieval_correct": float(rank == 1),
+            "retrieval_margin": cos[own] - closest_other, "retrieved": min(cos, key=lambda k: (-cos[k], k))}
