@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 
+from faceid.errors import FaceidError
 from faceid.io import environ_set
 
 TOKEN_ENV = "FACEID_RAY_SESSION"
@@ -83,7 +84,10 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
     logging_config = ray.LoggingConfig(log_level=RAY_LOG_LEVEL)
     if address:
         with _driver_logging_kept(), _sigterm_handler_kept():
-            ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
+            try:
+                ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
+            except Exception as exc:  # Ray's own message is a traceback of its retries: one line instead
+                raise FaceidError(join_error(address, exc)) from None
         try:
             with _ray_data_quiet():
                 yield
@@ -103,6 +107,25 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
             ray.shutdown()
     finally:
         stop_watchdog(watchdog)
+
+
+def join_error(address: str, exc: BaseException) -> str:
+    """What went wrong joining the cluster at ``address``, in one line: a token the cluster refuses
+    (or none), no cluster there, or Ray's own last line."""
+    texts, seen = [], exc
+    while seen is not None:  # ray.init wraps the GCS client's error (as text) in a ConnectionError
+        texts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(texts)
+    if "AuthenticationError" in text or "InvalidAuthToken" in text:
+        why = ("no token was found" if "no authentication token was found" in text
+               else "this process's token is missing or not the cluster's")
+        return (f"cannot join the Ray cluster at {address}: it requires token authentication and {why}; give "
+                f"faceid the cluster's token as its nodes have it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
+                f"or RAY_AUTH_TOKEN_PATH=<file> (default file ~/.ray/auth_token); docs/orchestration.md")
+    last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
+    return (f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {last[:300]}); check the address "
+            f"(--ray-address, $RAY_ADDRESS or ray.address) and that the cluster is up")
 
 
 @contextlib.contextmanager

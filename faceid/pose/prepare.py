@@ -560,7 +560,10 @@ class ClipMaker:
                 raise FaceidError(
                     f"prepare-pose: the Ray worker on {socket.gethostname()} cannot see {path}; on a cluster the "
                     "videos and the output folder must be on storage that every Ray node mounts at the same path")
-        return {"outcome": np.array([json.dumps(o) for o in self.make_all(jobs)], dtype=object)}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()  # which node made them (the run's log names them)
+        return {"outcome": np.array([json.dumps({**o, "node": node}) for o in self.make_all(jobs)], dtype=object)}
 
     def close(self) -> None:
         self.estimator.close()
@@ -624,13 +627,19 @@ def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray
         )
         print(f"prepare-pose: {len(jobs)} clips on {workers} Ray worker(s)"
               + (f" at {ray_address}" if ray_address else " (local Ray)"), file=sys.stderr)
+        nodes: dict[str, int] = {}
         try:
             for row in progress(ds.iter_rows(), total=len(jobs), desc="prepare-pose"):
-                yield json.loads(row["outcome"])
+                outcome = json.loads(row["outcome"])
+                node = outcome.pop("node")
+                nodes[node] = nodes.get(node, 0) + 1
+                yield outcome
         except Exception as exc:  # a worker could not start or died: show the cause; finished clips stay staged
             cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise FaceidError(f"prepare-pose: the Ray Data job failed ({type(exc).__name__}: {cause}); "
                               "clips made so far are kept and a rerun resumes") from exc
+        print(f"prepare-pose: clips made on {len(nodes)} Ray node(s): "
+              + ", ".join(f"{node} ({n})" for node, n in sorted(nodes.items())), file=sys.stderr)
 
 
 def _row(**values) -> dict:

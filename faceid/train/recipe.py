@@ -33,9 +33,13 @@ rank 0; the best step's weights are kept (the identity folder holds them, ``last
 and ``patience`` validations without improvement stop a stage. Validation draws no training
 randomness: a run trains the same with or without it.
 
-Determinism and resume: the sample order, noise, sigma and face dropout of global step s on rank r
-come from ``seed, s, r`` only, so a run resumed from its step-k checkpoint (with the validation
-state and the best weights so far) computes exactly what the uninterrupted run would have.
+Determinism and resume: global step s trains a global batch of ``batch_size * num_workers`` samples
+drawn from ``seed, s`` only, each sample with noise, sigma and face dropout from ``seed, s`` and its
+place in that batch; rank r trains its slice (``faceid.train.step.make_batch``), and DDP averages the
+ranks' gradients. So a run resumed from its step-k checkpoint (with the validation state and the best
+weights so far) computes exactly what the uninterrupted run would have, and 2 workers x batch b train
+the samples of 1 worker x batch 2b (equal up to float summation order: tests/test_ray_cluster.py).
+Validation, renders, the identity folder, checkpoints and MLflow logging happen on rank 0 only.
 
 Many people (``faceid train-shared``, ``config["people"]``): the same recipe on every person's
 identity examples at once, each photo with its own embedding, whole people held out for validation
@@ -68,6 +72,7 @@ from faceid.train.step import (  # the building blocks of one training step
     load_trainable_state,
     make_batch,
     make_optimizer,
+    sample_generators,
     step_generator,
     trainable_state,
     training_scheduler,
@@ -161,9 +166,11 @@ def run_stage(
     for step in bar:
         gen = step_generator(tcfg.seed, step, rank)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # module dropout, if any
-        batch = make_batch(pools, share, step, rank, tcfg.batch_size, tcfg.seed)
-        loss = flow_matching_loss(forward, batch, noise_scheduler, gen, tcfg.face_dropout, device, amp_dtype,
-                                  tcfg.timestep_sampling)
+        # this rank's slice of the step's global batch, each sample with its own noise, timestep and
+        # face dropout: DDP's mean of the ranks' gradients is the gradient of the global batch
+        batch = make_batch(pools, share, step, rank, tcfg.batch_size, tcfg.seed, world_size)
+        loss = flow_matching_loss(forward, batch, noise_scheduler, sample_generators(tcfg.seed, step, batch["index"]),
+                                  tcfg.face_dropout, device, amp_dtype, tcfg.timestep_sampling)
         logged = loss.detach().clone()
         if world_size > 1 and dist.is_initialized():
             dist.all_reduce(logged)
