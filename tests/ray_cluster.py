@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -32,6 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARK = "FACEID_TEST_RAY_CLUSTER"
+# Ray's own processes on a cluster, not any job's: idle workers the raylets keep for the next job, and
+# Ray Data's named detached actors (one per cluster, ``get_if_exists=True``), made by the first Ray
+# Data job and shared by every later one (ray/data/_internal: stats.py, usage/actor.py,
+# cluster_autoscaler/, node_trackers/actor_location.py). faceid leaves them as it finds them:
+# stopping them would break another user's Ray Data job on the same cluster.
+RAY_OWN = ("ray::IDLE",)
+RAY_DATA_SHARED = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::_UsageCollectionActor",
+                   "ray::ActorLocationTracker")
 RAY = str(Path(sys.executable).with_name("ray"))
 OBJECT_STORE_BYTES = 300 * 2**20  # per node: tiny inputs; Ray's default (30 % of memory) twice over would be a lot
 
@@ -51,6 +60,8 @@ class Cluster:
     nodes: dict[str, str] = field(default_factory=dict)  # name (its custom resource) -> Ray node id
     raylets: dict[str, int] = field(default_factory=dict)  # name -> raylet pid
     daemons: set[int] = field(default_factory=set)  # the nodes' own processes (not workers)
+    dead: set[int] = field(default_factory=set)  # raylets killed (kill_node)
+    dead_nodes: set[str] = field(default_factory=set)  # their node ids
 
     @property
     def address(self) -> str:
@@ -80,30 +91,37 @@ class Cluster:
         out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        raylet = next(p for p in self.processes() if _is_raylet(p) and str(self.root / name) in _cmd(p)
+                      and p.pid not in self.dead)
+        node_id = re.search(r"--node-id=([0-9a-f]+)", _cmd(raylet)).group(1)
         deadline = time.monotonic() + 60
-        while name not in self.nodes:
-            self.nodes.update({n: i for n, i in self.alive_nodes().items() if n == name})
+        while self.alive_nodes().get(name) != node_id:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} did not join within 60 s: {self.alive_nodes()}")
-        self.raylets[name] = next(p.pid for p in self.processes() if _is_raylet(p) and self.nodes[name] in _cmd(p))
+                raise RuntimeError(f"node {name} ({node_id}) did not join within 60 s: {self.alive_nodes()}")
+            time.sleep(0.5)
+        self.nodes[name], self.raylets[name] = node_id, raylet.pid
         self.daemons |= {p.pid for p in self.processes() if not _is_worker(p)}
 
     def kill_node(self, name: str) -> None:
         """SIGKILL the raylet of node ``name`` (its workers lose it and exit), as a machine that dies."""
         import psutil
 
-        psutil.Process(self.raylets.pop(name)).kill()
-        del self.nodes[name]
+        pid = self.raylets.pop(name)
+        psutil.Process(pid).kill()
+        self.dead.add(pid)
+        self.dead_nodes.add(self.nodes.pop(name))
 
     def alive_nodes(self) -> dict[str, str]:
-        """``{resource name: node id}`` of the nodes the GCS counts alive, asked by a fresh driver."""
+        """``{resource name: node id}`` of the nodes the GCS counts alive (but those killed), asked by a
+        fresh driver."""
         code = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR');"
-                "print(json.dumps({next((k for k in n['Resources'] if k.startswith('node_')), '?'): n['NodeID'] "
-                "for n in ray.nodes() if n['Alive']})); ray.shutdown()") % self.address
+                "print(json.dumps([(next((k for k in n['Resources'] if k.startswith('node_')), '?'), n['NodeID']) "
+                "for n in ray.nodes() if n['Alive']])); ray.shutdown()") % self.address
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"cannot list the cluster's nodes:\n{out.stderr[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return {name: node for name, node in json.loads(out.stdout.strip().splitlines()[-1])
+                if node not in self.dead_nodes}  # a killed node counts alive until the GCS misses it (seconds)
 
     # ------------------------------------------------------------------ processes
 
@@ -119,14 +137,26 @@ class Cluster:
         return found
 
     def workers(self) -> list[str]:
-        """``"pid command"`` of the cluster's processes that are not its nodes' own: workers of a job
-        (a faceid command's tasks, actors, Ray Train workers, idle workers kept for it)."""
+        """``"pid command"`` of the cluster's processes that are a job's: tasks, actors (ClipMaker, Ray
+        Train's controller and workers...) -- not the nodes' own, not :data:`RAY_OWN` or
+        :data:`RAY_DATA_SHARED`."""
         out = []
         for proc in self.processes():
             if proc.pid not in self.daemons:
                 with contextlib.suppress(Exception):
-                    out.append(f"{proc.pid} {_cmd(proc)[:120]}")
+                    cmd = _cmd(proc).strip()
+                    if cmd not in RAY_OWN + RAY_DATA_SHARED:
+                        out.append(f"{proc.pid} {cmd[:120]}")
         return out
+
+    def shared(self) -> list[str]:
+        """The :data:`RAY_DATA_SHARED` actors running now (each at most once: shared, not per job)."""
+        names = []
+        for proc in self.processes():
+            with contextlib.suppress(Exception):
+                if _cmd(proc).strip() in RAY_DATA_SHARED:
+                    names.append(_cmd(proc).strip())
+        return sorted(names)
 
     def check_unchanged(self, timeout: float = 30.0) -> None:
         """The cluster is up with the same nodes, and no worker of a finished command is left on it
@@ -135,6 +165,8 @@ class Cluster:
         while self.workers() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not self.workers(), f"processes of a finished command still on the cluster: {self.workers()}"
+        shared = self.shared()
+        assert len(shared) == len(set(shared)), f"Ray Data's shared actors made again by a later job: {shared}"
         assert self.alive_nodes() == self.nodes, f"the cluster's nodes changed: {self.alive_nodes()} != {self.nodes}"
         for name, pid in self.raylets.items():
             assert any(p.pid == pid for p in self.processes()), f"the raylet of {name} (pid {pid}) is gone"

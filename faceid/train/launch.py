@@ -214,7 +214,10 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
             scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
             run_config=RunConfig(
                 name=name, storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                # a worker that dies (its node lost): restart the group from the last checkpoint; a group the
+                # cluster cannot place (Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default,
+                # each time): give up after as many tries instead of waiting forever (Ray's default)
+                failure_config=FailureConfig(max_failures=MAX_FAILURES, controller_failure_limit=MAX_FAILURES),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level=ray_session.RAY_LOG_LEVEL),
             ),
@@ -223,7 +226,7 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
             with ray_session.train_env(ray_address):  # Ray Train's output switches for a local Ray
                 result = ray_session.fit_off_main_thread(trainer.fit)  # Ctrl-C / SIGTERM stay faceid's
         except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
-            raise TrainingError(f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})") from exc
+            raise TrainingError(fit_error(exc, identity, tcfg, storage / name)) from exc
 
     # 3. Outcome: NaN/inf stops with the recipe's message; otherwise copy the identity folder out
     metrics = dict(result.metrics or {})
@@ -244,6 +247,19 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
         metrics.update(log_to_mlflow(params, identity, output_dir, metrics, mlflow_uri, run_id=run_id, origin=origin,
                                      stage=stage))
     return metrics
+
+
+def fit_error(exc: BaseException, identity: str, tcfg, run_dir: Path) -> str:
+    """What ``trainer.fit`` raised, as faceid's message: a worker group the cluster could not place
+    (:data:`MAX_FAILURES` + 1 tries) says so and what it needs; anything else names Ray's error."""
+    cause = getattr(exc, "controller_failure", None)
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+        need = f"1 CPU{' and 1 GPU' if tcfg.use_gpu else ''} each"
+        return (f"train-lora {identity}: the Ray cluster could not place {tcfg.num_workers} training worker(s) "
+                f"({need}; train_lora.num_workers) in {MAX_FAILURES + 1} tries ({cause}): it has fewer free "
+                f"resources than that now (a node lost?); the checkpoints in {run_dir} are kept: rerun the same "
+                f"command when the cluster has room (it resumes from the last one), or lower train_lora.num_workers")
+    return f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})"
 
 
 def check_trained(identity_dir: Path, seed: int, identity: str) -> None:
