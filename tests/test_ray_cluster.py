@@ -128,6 +128,21 @@ def test_a_wrong_token_is_one_line(cluster, repo, sample_dir, tmp_path):
     cluster.check_unchanged()
 
 
+@pytest.mark.extended
+def test_no_cluster_at_the_address_is_one_line(cluster, repo, sample_dir, tmp_path):
+    """A port where no Ray listens (after Ray's ~20 s of retries): one line, exit 2."""
+    from ray_cluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "faceid.cli", "--params", str(repo / "params.yaml"), "prepare-pose", "--videos",
+           str(sample_dir / "videos"), "--output", str(tmp_path / "clips"), "--workers", "2", "--ray-address", address]
+    done = subprocess.run(cmd, env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = said(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"faceid prepare-pose: error: cannot join the Ray cluster at "
+                                                   f"{address} (") and "that the cluster is up" in lines[0], lines
+
+
 def train_args(sample_identity, clips: Path, out: Path) -> list[str]:
     crops, emb = sample_identity
     return ["train-lora", "--identity", "obama", "--crops", str(crops), "--embeddings", str(emb), "--clips", str(clips),
