@@ -94,7 +94,8 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
     if address:
         with _driver_logging_kept(), _sigterm_handler_kept():
             try:
-                ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
+                with _native_stderr_held():  # Ray's C++ client logs a warning per retry (20 in 20 s)
+                    ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config)
             except Exception as exc:  # Ray's own message is a traceback of its retries: one line instead
                 raise FaceidError(join_error(address, exc)) from None
         try:
@@ -135,6 +136,37 @@ def join_error(address: str, exc: BaseException) -> str:
     last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
     return (f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {last[:300]}); check the address "
             f"(--ray-address, $RAY_ADDRESS or ray.address) and that the cluster is up")
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """File descriptor 2 (where Ray's C++ core writes its log lines, beyond Python's logging) goes
+    to a temporary file for the block, written back to stderr after it, unless the block raised:
+    a failed join shows faceid's one line, not Ray's "Failed to get cluster ID from GCS server" per
+    retry. Nothing is held when fd 2 cannot be duplicated."""
+    import tempfile
+
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    raised = True
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            raised = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not raised:
+                held.seek(0)
+                data = held.read()
+                while data:
+                    data = data[os.write(2, data):]
 
 
 @contextlib.contextmanager
