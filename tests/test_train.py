@@ -669,3 +669,30 @@ def test_the_best_render_step_counts_only_renders_with_a_face(params, one_thread
     assert state["best"]["step"] == 4 and state["best"]["value"] == pytest.approx(0.7)
     v._update({"step": 6, "rendered": True, "identity_loss": 0.001, "facesim": None}, model, "stage1")
     assert state["best"]["step"] == 4
+
+
+def test_ranks_train_the_slices_of_one_global_batch():
+    """DDP (num_workers 2, batch b): the step's global batch comes from seed and step only and rank r
+    trains slice r, so 2 x b train exactly the samples of 1 x 2b, each rank its own (its slice of the
+    global noise likewise: faceid.train.step.flow_matching_loss; the end-to-end check, adapters
+    included, on a 2-node cluster: tests/test_ray_cluster.py)."""
+    from faceid.train.examples import IDENTITY, PRIOR
+    from faceid.train.step import make_batch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def example(frames: int, face: bool) -> dict:
+        return {"target": torch.randn(16, frames, 2, 2, generator=gen), "control": torch.randn(96, frames, 2, 2, generator=gen),
+                "text": torch.randn(3, 8, generator=gen), "embedding": torch.randn(128, generator=gen),
+                "face": torch.tensor(face), "weight": torch.ones(frames, 2, 2), "ref_frames": 0}
+
+    pools = {IDENTITY: [example(1, True) for _ in range(5)], PRIOR: [example(3, False) for _ in range(4)]}
+    differ = 0
+    for step in range(20):
+        one = make_batch(pools, 0.5, step, 0, 4, 7)
+        ranks = [make_batch(pools, 0.5, step, r, 2, 7, world_size=2) for r in range(2)]
+        assert [b["global_slice"] for b in ranks] == [(0, 4), (2, 4)] and one["global_slice"] == (0, 4)
+        for key in ("target", "control", "text", "embedding", "face", "weight"):
+            assert torch.equal(torch.cat([b[key] for b in ranks]), one[key]), (step, key)
+        differ += not torch.equal(ranks[0]["target"], ranks[1]["target"])
+    assert differ >= 10  # the ranks train different samples (drawn with replacement: sometimes the same)

@@ -33,10 +33,9 @@ rank 0; the best step's weights are kept (the identity folder holds them, ``last
 and ``patience`` validations without improvement stop a stage. Validation draws no training
 randomness: a run trains the same with or without it.
 
-Determinism and resume: global step s trains a global batch of ``batch_size * num_workers`` samples
-drawn from ``seed, s`` only, each sample with noise, sigma and face dropout from ``seed, s`` and its
-place in that batch; rank r trains its slice (``faceid.train.step.make_batch``), and DDP averages the
-ranks' gradients. So a run resumed from its step-k checkpoint (with the validation state and the best
+Determinism and resume: global step s trains a global batch of ``batch_size * num_workers`` samples,
+drawn with their noise, sigma and face dropout from ``seed, s`` only; rank r trains its slice
+(``faceid.train.step.make_batch``, ``flow_matching_loss``), and DDP averages the ranks' gradients. So a run resumed from its step-k checkpoint (with the validation state and the best
 weights so far) computes exactly what the uninterrupted run would have, and 2 workers x batch b train
 the samples of 1 worker x batch 2b (equal up to float summation order: tests/test_ray_cluster.py).
 Validation, renders, the identity folder, checkpoints and MLflow logging happen on rank 0 only.
@@ -72,7 +71,6 @@ from faceid.train.step import (  # the building blocks of one training step
     load_trainable_state,
     make_batch,
     make_optimizer,
-    sample_generators,
     step_generator,
     trainable_state,
     training_scheduler,
@@ -164,13 +162,13 @@ def run_stage(
         bar.update(state["step"] - first_step)
     t0, n0 = time.perf_counter(), state["step"]
     for step in bar:
-        gen = step_generator(tcfg.seed, step, rank)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # module dropout, if any
-        # this rank's slice of the step's global batch, each sample with its own noise, timestep and
-        # face dropout: DDP's mean of the ranks' gradients is the gradient of the global batch
+        gen = step_generator(tcfg.seed, step)  # the same on every rank
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) + rank)  # module dropout, if any
+        # this rank's slice of the step's global batch, with its slice of the global noise, timesteps
+        # and face dropout: DDP's mean of the ranks' gradients is the gradient of the global batch
         batch = make_batch(pools, share, step, rank, tcfg.batch_size, tcfg.seed, world_size)
-        loss = flow_matching_loss(forward, batch, noise_scheduler, sample_generators(tcfg.seed, step, batch["index"]),
-                                  tcfg.face_dropout, device, amp_dtype, tcfg.timestep_sampling)
+        loss = flow_matching_loss(forward, batch, noise_scheduler, gen, tcfg.face_dropout, device, amp_dtype,
+                                  tcfg.timestep_sampling)
         logged = loss.detach().clone()
         if world_size > 1 and dist.is_initialized():
             dist.all_reduce(logged)

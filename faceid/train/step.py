@@ -40,19 +40,11 @@ class FaceConditionedDiT(nn.Module):
         )[0]
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """What is random about global step ``step`` on ``rank`` besides its samples (module dropout, if
-    any; resume-safe)."""
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """Everything random about global step ``step`` (resume-safe). Training uses ``rank`` 0 on every
+    rank: each rank draws the whole global batch's noise, timesteps and face dropout and keeps its
+    slice (:func:`flow_matching_loss`), so the ranks together draw what one worker would."""
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step * 101 + rank)
-
-
-def sample_generators(seed: int, step: int, indices) -> list[torch.Generator]:
-    """One generator per sample of global step ``step``, by its index in the step's global batch:
-    the sample's noise, timestep and face dropout. They depend on ``seed, step, index`` only, so a
-    sample is trained the same whichever rank takes it (``num_workers`` 2 x ``batch_size`` b draws
-    what 1 x 2b draws)."""
-    return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + step * 101 + 7_919 * (int(i) + 1) + 1)
-            for i in indices]
 
 
 def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int, batch_size: int, seed: int,
@@ -62,8 +54,8 @@ def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int,
     (always when the prior pool is empty), an anchor example drawn from it, and the rest from the
     examples of the anchor's shape (with replacement) -- and rank r takes samples ``[r b, (r + 1) b)``.
     So every rank draws its own samples, and the ranks together train exactly the samples one
-    worker with ``world_size`` times the batch would. ``index``: the samples' places in the global
-    batch (:func:`sample_generators`)."""
+    worker with ``world_size`` times the batch would. ``global_slice``: ``(first, global batch size)``
+    (:func:`flow_matching_loss` draws the global batch's noise and keeps this slice)."""
     gen = torch.Generator().manual_seed(seed * 7919 + step * 131 + 3)
     total = batch_size * world_size
     use_identity = not pools[PRIOR] or float(torch.rand(1, generator=gen)) < share
@@ -75,7 +67,7 @@ def make_batch(pools: dict[str, list[dict]], share: float, step: int, rank: int,
     mine = items[first : first + batch_size]
     batch = {k: torch.stack([it[k] for it in mine]) for k in BATCH_KEYS}
     batch["ref_frames"] = anchor["ref_frames"]
-    batch["index"] = torch.arange(first, first + batch_size)
+    batch["global_slice"] = (first, total)
     return batch
 
 
@@ -103,26 +95,18 @@ def sample_timestep_index(scheme: str, bsz: int, num_timesteps: int, gen: torch.
     return (u * num_timesteps).long().clamp_max(num_timesteps - 1)
 
 
-def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator | list[torch.Generator],
-                       face_dropout: float, device: torch.device, amp_dtype: torch.dtype | None,
-                       timestep_sampling: str = "uniform") -> torch.Tensor:
+def flow_matching_loss(model: nn.Module, batch: dict, noise_scheduler, gen: torch.Generator, face_dropout: float,
+                       device: torch.device, amp_dtype: torch.dtype | None, timestep_sampling: str = "uniform") -> torch.Tensor:
     """One flow-matching loss on ``batch`` (tensors on CPU; moved to ``device`` here): noise, timesteps
-    and face dropout drawn from ``gen``, or per sample from a list of generators (one per sample:
-    :func:`sample_generators`, as training does)."""
+    and face dropout drawn from ``gen`` for the whole global batch, this batch's slice kept
+    (``batch["global_slice"]``, :func:`make_batch`; the batch itself when absent)."""
     x0 = clean_latents(batch)
     bsz = x0.shape[0]
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    if isinstance(gen, torch.Generator):
-        noise = torch.randn(x0.shape, generator=gen)
-        idx = sample_timestep_index(timestep_sampling, bsz, num_timesteps, gen)
-        drop = torch.rand(bsz, generator=gen) < face_dropout
-    else:
-        if len(gen) != bsz:
-            raise ValueError(f"{len(gen)} generators for a batch of {bsz}")
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gen])
-        idx = torch.cat([sample_timestep_index(timestep_sampling, 1, num_timesteps, g) for g in gen])
-        drop = torch.cat([torch.rand(1, generator=g) for g in gen]) < face_dropout
-    drop_face = drop | ~batch["face"].bool()
+    first, total = batch.get("global_slice", (0, bsz))
+    mine = slice(first, first + bsz)
+    noise = torch.randn((total, *x0.shape[1:]), generator=gen)[mine]
+    idx = sample_timestep_index(timestep_sampling, total, noise_scheduler.config.num_train_timesteps, gen)[mine]
+    drop_face = (torch.rand(total, generator=gen)[mine] < face_dropout) | ~batch["face"].bool()
     return loss_at(model, batch, noise_scheduler, noise, idx, drop_face, device, amp_dtype, timestep_sampling)
 
 
