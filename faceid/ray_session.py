@@ -51,6 +51,7 @@ TOKEN_ENV = "FACEID_RAY_SESSION"
 POLL_S = 0.25  # how often the watchdog notes the driver's descendants
 GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RAY_LOG_LEVEL = "ERROR"  # Ray's own log records on the terminal
+REACH_TIMEOUT_S = 10.0  # a cluster address must accept a TCP connection within this
 GOODBYE = b"done\n"  # the driver's last words on the pipe: a normal exit (the watchdog stays quiet)
 
 # Ray Train's own switches (environment variables it passes from the driver to its controller and
@@ -92,6 +93,7 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
         return
     logging_config = ray.LoggingConfig(log_level=RAY_LOG_LEVEL)
     if address:
+        _check_reachable(address)  # Ray itself waits minutes on an address where nothing listens
         with _driver_logging_kept(), _sigterm_handler_kept():
             try:
                 with _native_stderr_held():  # Ray's C++ client logs a warning per retry (20 in 20 s)
@@ -117,6 +119,22 @@ def session(address: str = "", num_cpus: int = 0, log_to_driver: bool = False) -
             ray.shutdown()
     finally:
         stop_watchdog(watchdog)
+
+
+def _check_reachable(address: str) -> None:
+    """A ``host:port`` address (the GCS of ``ray start --head``) where nothing accepts a connection
+    within :data:`REACH_TIMEOUT_S`: one line at once (Ray's own client retries for minutes). Other
+    forms (``auto``, ``ray://``) are left to Ray."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise FaceidError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}); "
+                          "check the address (--ray-address, $RAY_ADDRESS or ray.address) and that the cluster is up") from None
 
 
 def join_error(address: str, exc: BaseException) -> str:

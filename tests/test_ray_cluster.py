@@ -2,7 +2,7 @@
 ``--ray-address``, with token authentication on (tests/ray_cluster.py starts it as users do).
 
 In CI (``make test``): the cluster, prepare-pose with 2 workers (one per node) equal to one process,
-the cluster unchanged after it, and a missing token in one line. The rest is ``make test-extended``
+the cluster unchanged after it, a missing token and an address where nothing listens in one line. The rest is ``make test-extended``
 (``extended``): a wrong token; train-lora with 2 DDP workers equal to 1 worker with twice the batch;
 a node lost mid-training (restarted: the run resumes; not back: a clear failure, then the rerun
 resumes); batch-infer on the cluster equal to a local run.
@@ -128,9 +128,8 @@ def test_a_wrong_token_is_one_line(cluster, repo, sample_dir, tmp_path):
     cluster.check_unchanged()
 
 
-@pytest.mark.extended
 def test_no_cluster_at_the_address_is_one_line(cluster, repo, sample_dir, tmp_path):
-    """A port where no Ray listens (after Ray's ~20 s of retries): one line, exit 2."""
+    """A port where nothing listens: one line at once, exit 2 (Ray's own client waits for minutes)."""
     from ray_cluster import free_port
 
     address = f"127.0.0.1:{free_port()}"
@@ -140,7 +139,7 @@ def test_no_cluster_at_the_address_is_one_line(cluster, repo, sample_dir, tmp_pa
     assert done.returncode == 2
     lines = said(done.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"faceid prepare-pose: error: cannot join the Ray cluster at "
-                                                   f"{address} (") and "that the cluster is up" in lines[0], lines
+                                                   f"{address}: nothing answers there") and "cluster is up" in lines[0], lines
 
 
 def train_args(sample_identity, clips: Path, out: Path) -> list[str]:
@@ -208,7 +207,7 @@ def test_two_ddp_workers_train_what_one_worker_with_twice_the_batch_trains(train
         mv = client.get_model_version_by_alias("faceid-obama", "candidate")
         series = client.get_metric_history(mv.run_id, "loss/val_identity")
         assert sorted(m.step for m in series) == [0, 4, 8, 12]
-    [ray_run] = list((two / "ray").iterdir())
+    [ray_run] = [p for p in (two / "ray").iterdir() if p.is_dir() and p.name.startswith("train-lora-")]
     checkpoints = sorted(p for p in ray_run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir())
     assert checkpoints and all({p.name for p in c.iterdir()} <= {"trainable.safetensors", "optimizer.pt", "state.json",
                                                                  "best.safetensors", "identity"} for c in checkpoints)
@@ -271,7 +270,9 @@ def test_a_group_the_cluster_cannot_place_fails_with_a_message_then_resumes(clus
             cluster.start_node("node_b")
     text = log.read_text()
     assert rc == 2, text[-4000:]
-    assert "Traceback" not in text
+    # Ray Train prints the lost group's error (the surviving rank's failed all-reduce) before it retries;
+    # faceid's own process ends with its one line, no traceback of its own
+    assert "faceid/cli.py" not in text and "faceid/train/launch.py" not in text, text[-4000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("faceid train-lora: error: train-lora obama: the Ray cluster could not place 2 training "
                            "worker(s) (1 CPU each; train_lora.num_workers) in 3 tries"), last
@@ -308,11 +309,12 @@ def test_batch_infer_on_the_cluster_equals_local(cluster, repo, clips, trained, 
         if address:
             cluster.check_unchanged()
     assert runs["cluster"].keys() == runs["local"].keys() and runs["cluster"]
-    timing = re.compile(r"_s$|seconds")
+    differ = re.compile(r"_s$|seconds|^worker$|^output$")  # timings, the worker's host:pid, the output path
     for key, row in runs["cluster"].items():
         local = runs["local"][key]
-        assert {k: v for k, v in row.items() if not timing.search(k)} == \
-            {k: v for k, v in local.items() if not timing.search(k)}, key
+        assert {k: v for k, v in row.items() if not differ.search(k)} == \
+            {k: v for k, v in local.items() if not differ.search(k)}, key
+        assert Path(row["output"]).name == Path(local["output"]).name
         if row["status"] == "ok":
             a = read_video(tmp_path / "cluster" / f"{key}.mp4")[0].astype(int)
             b = read_video(tmp_path / "local" / f"{key}.mp4")[0].astype(int)
