@@ -223,10 +223,10 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
             ),
         )
         try:
-            with ray_session.train_env(ray_address):  # Ray Train's output switches for a local Ray
+            with ray_session.train_env(ray_address):  # Ray Train's switches (output; local Ray's)
                 result = ray_session.fit_off_main_thread(trainer.fit)  # Ctrl-C / SIGTERM stay faceid's
         except Exception as exc:  # Ray wraps worker errors; show the cause, not the Ray stack
-            raise TrainingError(fit_error(exc, identity, tcfg, storage / name)) from exc
+            raise TrainingError(fit_error(exc, f"{stage.replace('_', '-')} {identity}", tcfg, storage / name)) from exc
 
     # 3. Outcome: NaN/inf stops with the recipe's message; otherwise copy the identity folder out
     metrics = dict(result.metrics or {})
@@ -249,17 +249,18 @@ def _fit_and_log(params, identity: str, output_dir: Path, name: str, storage: Pa
     return metrics
 
 
-def fit_error(exc: BaseException, identity: str, tcfg, run_dir: Path) -> str:
-    """What ``trainer.fit`` raised, as faceid's message: a worker group the cluster could not place
-    (:data:`MAX_FAILURES` + 1 tries) says so and what it needs; anything else names Ray's error."""
+def fit_error(exc: BaseException, what: str, tcfg, run_dir: Path) -> str:
+    """What ``trainer.fit`` raised, as faceid's message (``what``: "train-lora <identity>"): a worker
+    group the cluster could not place (:data:`MAX_FAILURES` + 1 tries) says so and what it needs;
+    anything else names Ray's error."""
     cause = getattr(exc, "controller_failure", None)
     if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
         need = f"1 CPU{' and 1 GPU' if tcfg.use_gpu else ''} each"
-        return (f"train-lora {identity}: the Ray cluster could not place {tcfg.num_workers} training worker(s) "
+        return (f"{what}: the Ray cluster could not place {tcfg.num_workers} training worker(s) "
                 f"({need}; train_lora.num_workers) in {MAX_FAILURES + 1} tries ({cause}): it has fewer free "
                 f"resources than that now (a node lost?); the checkpoints in {run_dir} are kept: rerun the same "
                 f"command when the cluster has room (it resumes from the last one), or lower train_lora.num_workers")
-    return f"train-lora {identity}: training failed on Ray ({type(exc).__name__}: {exc})"
+    return f"{what}: training failed on Ray ({type(exc).__name__}: {exc})"
 
 
 def check_trained(identity_dir: Path, seed: int, identity: str) -> None:

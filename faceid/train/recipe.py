@@ -35,9 +35,10 @@ randomness: a run trains the same with or without it.
 
 Determinism and resume: global step s trains a global batch of ``batch_size * num_workers`` samples,
 drawn with their noise, sigma and face dropout from ``seed, s`` only; rank r trains its slice
-(``faceid.train.step.make_batch``, ``flow_matching_loss``), and DDP averages the ranks' gradients. So a run resumed from its step-k checkpoint (with the validation state and the best
-weights so far) computes exactly what the uninterrupted run would have, and 2 workers x batch b train
-the samples of 1 worker x batch 2b (equal up to float summation order: tests/test_ray_cluster.py).
+(``faceid.train.step.make_batch``, ``flow_matching_loss``), and DDP averages the ranks' gradients.
+So a run resumed from its step-k checkpoint (with the validation state and the best weights so far)
+computes exactly what the uninterrupted run would have, and 2 workers x batch b train the samples of
+1 worker x batch 2b (equal up to float summation order: tests/test_ray_cluster.py).
 Validation, renders, the identity folder, checkpoints and MLflow logging happen on rank 0 only.
 
 Many people (``faceid train-shared``, ``config["people"]``): the same recipe on every person's
