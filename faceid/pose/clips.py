@@ -1,0 +1,348 @@
+"""prepare-pose's clip makers: one clip = decode (1), pose model (2), crop / draw / face regions (3),
+write its four files (4); in this process or on Ray Data workers.
+
+In a worker (:class:`ClipMaker`) the pose model runs in one thread, back to back, and everything
+else overlaps it: a thread plans (when the jobs come lazily) and decodes the next clip, a thread
+finishes the previous one, and its two videos are encoded by two more threads at once (so the last
+clip's encode takes half as long after the pose model is done). The pose model and face detector
+are built while the first clip decodes. Every clip goes through the same functions as
+:meth:`ClipMaker.make_one` (no threads): the files are the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceid.config import PreparePoseConfig
+from faceid.errors import FaceidError
+from faceid.io import atomic_dir, progress
+from faceid.pose.face_regions import FACE_DETECTOR, FACE_MIN_CONFIDENCE, face_regions, face_sample_frames
+from faceid.pose.geometry import DRAW_MIN_CONFIDENCE, apply_crop, crop_box, transform_keypoints
+from faceid.pose.inputs import VideoPlan, clip_checksum
+
+CLIP_FILES = ("video.mp4", "pose.mp4", "keypoints.npz", "faces.npz")
+MAX_CLIPS_PER_CALL = 4  # clips a Ray worker takes at a time (its decode / pose / encode overlap within them)
+ENCODE_PRESET = "veryfast"  # x264: half the CPU of "fast" at crf 18 (41.3 vs 42.5 dB PSNR on a 480x832 clip)
+LOCAL_RAY_MIN_CLIPS = 8  # workers 0 on one machine: fewer clips to make are made in this process
+LOCAL_RAY_MIN_CORES = 2  # ... and so is everything on a machine with this many cores or fewer
+
+
+@dataclass
+class ClipJob:
+    """One clip to make: everything a worker needs (plain values: it travels to Ray workers as JSON)."""
+
+    clip_id: str
+    video: str
+    pose: str | None
+    video_indices: list[int]  # source frames of the clip
+    pose_indices: list[int] | None
+    size: tuple[int, int] | None  # decode size (h, w) of both videos; None = native
+    checksum: str
+
+    @classmethod
+    def of(cls, plan: VideoPlan, start: int, num_frames: int) -> "ClipJob":
+        stop = start + num_frames
+        return cls(
+            clip_id=f"{plan.video.stem}-{start:05d}", video=str(plan.video), pose=str(plan.pose) if plan.pose else None,
+            video_indices=[int(i) for i in plan.video_indices[start:stop]],
+            pose_indices=None if plan.pose_indices is None else [int(i) for i in plan.pose_indices[start:stop]],
+            size=None if plan.size is None else (int(plan.size[0]), int(plan.size[1])),
+            checksum=clip_checksum(plan.key, start),
+        )
+
+
+def done_clip(clip_dir: Path, checksum: str) -> tuple[np.ndarray, int] | None:
+    """``(detected flags, number of face regions)`` of a finished clip with this checksum, else None."""
+    if not all((clip_dir / n).is_file() for n in CLIP_FILES):
+        return None
+    try:
+        with np.load(clip_dir / "keypoints.npz", allow_pickle=False) as kz, \
+                np.load(clip_dir / "faces.npz", allow_pickle=False) as fz:
+            if str(kz["checksum"]) != checksum or str(fz["checksum"]) != checksum:
+                return None
+            return kz["detected"], int(len(fz["frames"]))
+    except Exception:
+        return None
+
+
+@dataclass
+class Decoded:
+    """A clip's source frames: at analysis resolution, the pose video's, and the face samples at native size."""
+
+    frames: np.ndarray
+    pose_frames: np.ndarray | None
+    face_frames: np.ndarray
+    face_picks: np.ndarray
+
+
+def decode_clip(cfg: PreparePoseConfig, job: ClipJob) -> Decoded:
+    """1. Decode the clip's frames (analysis resolution), its pose video's, and the face-sample frames
+    at the source's native resolution (the same source frames; taken from the clip's frames when the
+    analysis resolution is the native one)."""
+    from faceid.pose.video import read_frames
+
+    frames = read_frames(job.video, job.video_indices, job.size)
+    pose_frames = read_frames(job.pose, job.pose_indices, frames.shape[1:3]) if job.pose is not None else None
+    picks = face_sample_frames(cfg.num_frames, cfg.face_samples)
+    if not len(picks):
+        native = np.zeros((0, 1, 1, 3), np.uint8)
+    elif job.size is None:
+        native = frames[picks]
+    else:
+        native = read_frames(job.video, [job.video_indices[i] for i in picks])
+    return Decoded(frames, pose_frames, native, picks)
+
+
+def _crop(frames: np.ndarray, box: tuple[int, int, int, int], out_h: int, out_w: int) -> np.ndarray:
+    """:func:`apply_crop`, without its copy when the window is the whole frame at the clip's size
+    (cv2.resize to the same size copies the pixels unchanged)."""
+    if tuple(box) == (0, 0, out_w, out_h) and frames.shape[1:3] == (out_h, out_w):
+        return frames
+    return apply_crop(frames, box, out_h, out_w)
+
+
+def _write_target(cfg: PreparePoseConfig, path: Path, frames: np.ndarray, box) -> None:
+    from faceid.pose.video import write_video
+
+    write_video(path, _crop(frames, box, cfg.height, cfg.width), cfg.fps, preset=ENCODE_PRESET)
+
+
+def _write_pose(cfg: PreparePoseConfig, path: Path, pose_frames: np.ndarray | None, box, clip_kps: np.ndarray) -> None:
+    """The given pose video cropped like the clip, or the skeleton drawn at the clip's size."""
+    from faceid.pose.draw import draw_poses
+    from faceid.pose.video import write_video
+
+    if pose_frames is not None:
+        pose = _crop(pose_frames, box, cfg.height, cfg.width)
+    else:
+        pose = draw_poses(clip_kps, cfg.height, cfg.width, DRAW_MIN_CONFIDENCE)
+    write_video(path, pose, cfg.fps, preset=ENCODE_PRESET)
+
+
+def finish_clip(cfg: PreparePoseConfig, decoded: Decoded, kps: np.ndarray, detector, clip_dir: Path, checksum: str,
+                encoder: Executor | None = None) -> dict:
+    """3-4. With the person's keypoints (step 2: the pose model on ``decoded.frames``): crop both
+    videos with one window, draw the skeleton (unless a pose video was given), cut the face regions,
+    and write all four files or none. ``encoder``: threads that encode the two videos at once (None:
+    in this thread, one after the other; the same bytes). ``detector`` may be None when
+    ``face_samples`` is 0. Returns the clip's outcome without its ``clip_id``."""
+    detected = (kps[..., 2] > 0).any(axis=1)
+    h, w = decoded.frames.shape[1:3]
+    box = crop_box(h, w, cfg.height, cfg.width, kps if cfg.person_aware_crop else None)
+    clip_kps = transform_keypoints(kps, box, cfg.height, cfg.width)
+    with atomic_dir(clip_dir) as tmp:
+        videos = [(_write_target, tmp / "video.mp4", decoded.frames, box),
+                  (_write_pose, tmp / "pose.mp4", decoded.pose_frames, box, clip_kps)]
+        if encoder is None:
+            for fn, *args in videos:
+                fn(cfg, *args)
+            faces = face_regions(decoded.face_frames, decoded.face_picks, detector)
+        else:
+            futures = [encoder.submit(fn, cfg, *args) for fn, *args in videos]
+            try:
+                faces = face_regions(decoded.face_frames, decoded.face_picks, detector)
+            finally:  # both encodes end before the folder is kept (or removed)
+                for future in futures:
+                    future.exception()
+            for future in futures:
+                future.result()
+        np.savez(tmp / "keypoints.npz", keypoints=clip_kps, detected=detected, checksum=np.array(checksum))
+        np.savez(tmp / "faces.npz", **faces, checksum=np.array(checksum))
+    return {"detected": [bool(d) for d in detected], "num_face_regions": int(len(faces["frames"]))}
+
+
+class ClipMaker:
+    """One worker's clip maker (in this process, or one per Ray Data actor).
+
+    The pose estimator and the face detector are built once (while the first clip decodes) and
+    reused for every clip. :meth:`make_all` overlaps the steps of consecutive clips in threads (the
+    module's docstring); at most three clips are in memory. Each clip's outcome is a dict:
+    ``clip_id``, ``detected`` (list of bools) and ``num_face_regions``, or ``error``; one failing
+    clip never stops the others.
+    """
+
+    def __init__(self, cfg: PreparePoseConfig, staging: str | Path):
+        self.cfg, self.staging = cfg, Path(staging)
+        self.estimator = self.detector = None
+
+    def _build(self) -> None:
+        from faceid.faces.detect import build_detector
+        from faceid.pose.estimate import build_estimator
+
+        if self.estimator is None:
+            self.estimator = build_estimator(self.cfg)
+            if self.cfg.face_samples > 0:
+                self.detector = build_detector(FACE_DETECTOR, FACE_MIN_CONFIDENCE)
+
+    def make_one(self, job: ClipJob) -> dict:
+        """One clip, steps 1-4 in turn in this thread: the reference :meth:`make_all` keeps to."""
+        self._build()
+        try:
+            decoded = decode_clip(self.cfg, job)
+            kps = self.estimator.estimate(decoded.frames)
+            return {"clip_id": job.clip_id, **finish_clip(self.cfg, decoded, kps, self.detector,
+                                                           self.staging / job.clip_id, job.checksum)}
+        except Exception as exc:
+            return _failed(job, exc)
+
+    def make_all(self, jobs: Iterable[ClipJob]) -> Iterator[dict]:
+        """Outcomes in the order of ``jobs`` (a list, or an iterator that plans them as it goes:
+        it is advanced in the decode thread)."""
+        jobs = iter(jobs)
+        job = next(jobs, None)
+        if job is None:
+            return
+
+        def decode(job):
+            try:
+                return job, decode_clip(self.cfg, job), None
+            except Exception as exc:
+                return job, None, exc
+
+        def take():  # the next job and its frames, or None
+            job = next(jobs, None)
+            return None if job is None else decode(job)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher, \
+                ThreadPoolExecutor(2, thread_name_prefix="encode") as encoder:
+            decoding = decoder.submit(decode, job)
+            self._build()  # while the first clip decodes
+            finishing = None  # (job, future) of the previous clip
+            while (taken := decoding.result()) is not None:
+                job, decoded, failed = taken
+                decoding = decoder.submit(take)
+                started = None
+                if failed is None:
+                    try:
+                        kps = self.estimator.estimate(decoded.frames)
+                        started = (job, finisher.submit(finish_clip, self.cfg, decoded, kps, self.detector,
+                                                        self.staging / job.clip_id, job.checksum, encoder))
+                    except Exception as exc:
+                        failed = exc
+                del decoded
+                if finishing is not None:
+                    yield _outcome(*finishing)
+                finishing = started
+                if failed is not None:
+                    yield _failed(job, failed)
+            if finishing is not None:
+                yield _outcome(*finishing)
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data: a batch of JSON jobs -> their JSON outcomes."""
+        jobs = [ClipJob(**json.loads(text)) for text in batch["job"]]
+        for path in [Path(jobs[0].video), self.staging] if jobs else []:
+            if not path.exists():  # a cluster node without the driver's storage: every clip would fail
+                import socket
+
+                raise FaceidError(
+                    f"prepare-pose: the Ray worker on {socket.gethostname()} cannot see {path}; on a cluster the "
+                    "videos and the output folder must be on storage that every Ray node mounts at the same path")
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()  # which node made them (the run's log names them)
+        return {"outcome": np.array([json.dumps({**o, "node": node}) for o in self.make_all(jobs)], dtype=object)}
+
+    def close(self) -> None:
+        if self.estimator is not None:
+            self.estimator.close()
+        if self.detector is not None:
+            self.detector.close()
+
+
+def _failed(job: ClipJob, exc: Exception) -> dict:
+    return {"clip_id": job.clip_id, "error": f"failed: {type(exc).__name__}: {exc}"}
+
+
+def _outcome(job: ClipJob, future) -> dict:
+    try:
+        return {"clip_id": job.clip_id, **future.result()}
+    except Exception as exc:
+        return _failed(job, exc)
+
+
+def in_this_process(cfg: PreparePoseConfig, ray_address: str = "", num_cpus: int = 0,
+                    count: int | None = None) -> bool | None:
+    """Whether :func:`make_clips` makes ``count`` clips in this process; None when that depends on
+    how many there are and ``count`` is not known yet."""
+    if cfg.workers == 1:
+        return True
+    if ray_address or cfg.workers >= 2:
+        return False
+    if (num_cpus or os.cpu_count() or 1) <= LOCAL_RAY_MIN_CORES:
+        return True
+    return None if count is None else count < LOCAL_RAY_MIN_CLIPS
+
+
+def make_clips(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: Path, ray_address: str = "",
+               num_cpus: int = 0) -> Iterator[dict]:
+    """Make ``jobs`` into ``staging``; yield each outcome as it arrives (any order), with progress.
+
+    Where: ``cfg.workers`` 1 -> in this process. A cluster (``ray_address``) or ``cfg.workers`` >= 2
+    -> on Ray Data: that many actors (0 = one per CPU of the cluster), each a :class:`ClipMaker`.
+    ``cfg.workers`` 0 without a cluster -> local Ray on ``num_cpus`` cores (0 = all) when there are
+    at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make and more than :data:`LOCAL_RAY_MIN_CORES`
+    cores, else in this process: starting local Ray costs about as much as making a few clips, and
+    one process's threads already keep two cores busy (benchmarks/results/pose.md). In this process
+    ``jobs`` may be an iterator that plans them as it goes (the first clip starts before the last
+    video is probed); else it is read whole first. On a cluster ``staging`` must be on storage that
+    every node sees (as ``ray.storage_path`` for training).
+    """
+    here = in_this_process(cfg, ray_address, num_cpus)
+    if not here:
+        jobs = list(jobs)
+        here = in_this_process(cfg, ray_address, num_cpus, len(jobs))
+        if not jobs:
+            return
+    if here:
+        maker = ClipMaker(cfg, staging)
+        try:
+            total = len(jobs) if isinstance(jobs, list) else None
+            yield from progress(maker.make_all(jobs), total=total, desc="prepare-pose")
+        finally:
+            maker.close()
+        return
+    yield from _make_on_ray(cfg, jobs, staging, ray_address, num_cpus)
+
+
+def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str,
+                 num_cpus: int) -> Iterator[dict]:
+    import ray
+
+    from faceid import ray_session
+
+    with ray_session.session(ray_address, num_cpus, log_to_driver=False):
+        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(workers, len(jobs))
+        # a few clips per call, so that a worker's decode / pose / encode overlap; ~2 calls per worker
+        per_call = max(1, min(MAX_CLIPS_PER_CALL, -(-len(jobs) // (2 * workers))))
+        texts = [{"job": json.dumps(dataclasses.asdict(j))} for j in jobs]
+        ds = ray.data.from_items(texts, override_num_blocks=-(-len(jobs) // per_call)).map_batches(
+            ClipMaker, fn_constructor_kwargs={"cfg": cfg, "staging": str(staging)}, batch_size=per_call,
+            batch_format="numpy", concurrency=workers, num_cpus=1,
+        )
+        print(f"prepare-pose: {len(jobs)} clips on {workers} Ray worker(s)"
+              + (f" at {ray_address}" if ray_address else " (local Ray)"), file=sys.stderr)
+        nodes: dict[str, int] = {}
+        try:
+            for row in progress(ds.iter_rows(), total=len(jobs), desc="prepare-pose"):
+                outcome = json.loads(row["outcome"])
+                node = outcome.pop("node")
+                nodes[node] = nodes.get(node, 0) + 1
+                yield outcome
+        except Exception as exc:  # a worker could not start or died: show the cause; finished clips stay staged
+            cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise FaceidError(f"prepare-pose: the Ray Data job failed ({type(exc).__name__}: {cause}); "
+                              "clips made so far are kept and a rerun resumes") from exc
+        print(f"prepare-pose: clips made on {len(nodes)} Ray node(s): "
+              + ", ".join(f"{node} ({n})" for node, n in sorted(nodes.items())), file=sys.stderr)
