@@ -1,21 +1,27 @@
-"""prepare-pose at dataset scale: frames/s end to end, 1 worker vs all cores, against the pose model's bound.
+"""prepare-pose at dataset scale: frames/s end to end against the pose model's bound, on one machine.
 
 A folder of ``--videos`` generated dance videos (``faceid sample-data`` with more videos: real
 photos moved over a background, 832x480 landscape, ``--seconds`` each at 16 fps) is prepared into
-81-frame 480x832 clips (the real profile's clip settings), first in one process
-(``prepare_pose.workers=1``: decode / pose / encode overlapping in threads), then on local Ray with
-one worker per core (``workers`` = the number of cores; Ray start-up included). The bound is mediapipe Pose alone, single process, on
-the decoded frames of one clip, measured in the same run. Appends the section "Scale" to
-``benchmarks/results/pose.md`` (replacing an older one) and prints it.
+81-frame 480x832 clips (the real profile's clip settings) in one process (``prepare_pose.workers=1``,
+what ``workers: 0`` does on a machine with 2 cores or fewer). The bound is one mediapipe loop: the
+pose model alone (``estimate``, a graph per clip as prepare-pose builds it), single thread, on the
+same clips' frames, decoded beforehand and not timed. Bound and stage alternate ``--repeats`` times
+in this process (the cores may be shared: each ratio is taken from neighbouring runs) and the
+medians are reported; every repeat must write the same bytes (sha256 of every output file). Then
+one run on local Ray with one worker per core (start-up included), unless ``--no-ray``. Appends
+the section "Scale" to ``benchmarks/results/pose.md`` (replacing an older one) and prints it.
 
-    .venv/bin/python benchmarks/bench_pose_scale.py [--videos 12] [--seconds 5.1]
+    .venv/bin/python benchmarks/bench_pose_scale.py [--videos 8] [--seconds 5.1] [--repeats 3] [--no-ray]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -25,10 +31,37 @@ REPO = Path(__file__).resolve().parents[1]
 AISTPP_VIDEOS, AISTPP_SECONDS, FPS = 1408, 10.0, 16  # the issue's reference dataset
 
 
+def _digest(folder: Path) -> str:
+    """sha256 over every file's path and bytes under ``folder``."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _bound(cfg, videos: list[Path]) -> float:
+    """Frames/s of the pose model alone on the clips' frames (decoding not timed)."""
+    from faceid.pose.estimate import build_estimator
+    from faceid.pose.video import read_video
+
+    frames_done, seconds = 0, 0.0
+    with build_estimator(cfg) as estimator:
+        for video in videos:
+            frames, _ = read_video(video, fps=FPS, max_frames=cfg.num_frames)
+            start = time.perf_counter()
+            estimator.estimate(frames)
+            seconds += time.perf_counter() - start
+            frames_done += len(frames)
+    return frames_done / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=12)
+    parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.1, help="per video (5.1 s at 16 fps = one 81-frame clip)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-ray", action="store_true", help="skip the local Ray run")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "pose.md"))
     args = parser.parse_args()
 
@@ -43,52 +76,69 @@ def main() -> None:
         "@" + str(REPO / "configs" / "wan2.1-vace-1.3b.yaml"),
         f"sample_data.photo_archive={REPO / '.cache' / 'packages' / 'face_recognition-1.3.0.tar.gz'}",
     ])
-    cfg = dataclasses.replace(params.prepare_pose, estimator="mediapipe", stride=0, max_clips_per_video=1)
-    rows = []
+    cfg = dataclasses.replace(params.prepare_pose, estimator="mediapipe", stride=0, max_clips_per_video=1, workers=1)
+    cores = os.cpu_count() or 1
+    bounds, stage, digests = [], [], set()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = dataclasses.replace(params.sample_data, num_videos=args.videos, video_seconds=args.seconds,
                                    video_height=480, video_width=832, video_fps=FPS)
         sample_data.run(data, tmp / "sample")
         videos = tmp / "sample" / "videos"
+        files = sorted(videos.glob("*.mp4"))
+        with build_estimator(cfg) as estimator:  # mediapipe loaded and warm before anything is timed
+            estimator.estimate(read_video(files[0], fps=FPS, max_frames=2)[0])
 
-        # the bound: mediapipe alone, one process, on one clip's decoded frames
-        frames, _ = read_video(next(videos.glob("*.mp4")), fps=FPS, max_frames=cfg.num_frames)
-        with build_estimator(cfg) as estimator:
-            estimator.estimate(frames[:2])
+        for repeat in range(args.repeats):
+            bounds.append(_bound(cfg, files))
+            out = tmp / f"clips-{repeat}"
             start = time.perf_counter()
-            estimator.estimate(frames)
-            bound = len(frames) / (time.perf_counter() - start)
-
-        cores = os.cpu_count() or 1
-        for label, workers in [("1 worker, in this process (threads overlap decode / pose / encode)", 1),
-                               (f"{cores} workers on local Ray (start-up included)", cores)]:
-            out = tmp / f"clips-{workers}"
-            start = time.perf_counter()
-            summary = prepare.run(dataclasses.replace(cfg, workers=workers), videos, None, out)
+            summary = prepare.run(cfg, videos, None, out)
             seconds = time.perf_counter() - start
-            frames_done = summary["clips_written"] * cfg.num_frames
-            rows.append((label, summary["clips_written"], seconds, frames_done / seconds))
+            stage.append((summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds))
+            digests.add(_digest(out))
+            print(f"repeat {repeat + 1}: bound {bounds[-1]:.1f} frames/s, stage {stage[-1][2]:.1f} frames/s "
+                  f"({stage[-1][2] / bounds[-1]:.2f})", file=sys.stderr)
         rerun = time.perf_counter()
         prepare.run(cfg, videos, None, tmp / "clips-0")
         rerun = time.perf_counter() - rerun
+        ray_row = None
+        if not args.no_ray:
+            start = time.perf_counter()
+            summary = prepare.run(dataclasses.replace(cfg, workers=cores), videos, None, tmp / "clips-ray")
+            seconds = time.perf_counter() - start
+            ray_row = (summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds)
+            same_on_ray = _digest(tmp / "clips-ray") in digests
 
+    ratios = [fps / bound for (_, _, fps), bound in zip(stage, bounds)]
+    bound, fps, ratio = statistics.median(bounds), statistics.median(f for _, _, f in stage), statistics.median(ratios)
     total_frames = AISTPP_VIDEOS * AISTPP_SECONDS * FPS
+    command = " ".join(["python", "benchmarks/bench_pose_scale.py"] + sys.argv[1:])
     lines = [
         "## Scale",
         "",
-        f"`{' '.join(['python', 'benchmarks/bench_pose_scale.py'] + sys.argv[1:])}` on {cores} CPU cores "
-        f"(shared; load average at the start: {load_before:.1f}, at the end: {os.getloadavg()[0]:.1f}). {args.videos} videos 832x480 of {args.seconds:g} s "
-        f"at {FPS} fps -> one {cfg.num_frames}-frame {cfg.width}x{cfg.height} clip each.",
+        f"`{command}` on {cores} CPU cores ({platform.processor() or platform.machine()}; shared with other jobs: "
+        f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). {args.videos} videos "
+        f"832x480 of {args.seconds:g} s at {FPS} fps -> one {cfg.num_frames}-frame {cfg.width}x{cfg.height} clip each.",
         "",
-        f"Bound: mediapipe Pose alone, one process, same frames: **{bound:.1f} frames/s**.",
+        f"Bound: one mediapipe loop (Pose, complexity 1, a graph per clip, one thread) on the same "
+        f"{args.videos} clips' frames, decoded beforehand: **{bound:.1f} frames/s** (median of {args.repeats}).",
+        "",
+        f"**prepare-pose in one process: {fps:.1f} frames/s = {ratio:.2f} of the bound** (median of "
+        f"{args.repeats} ratios, each from a bound and a stage run back to back: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}). Every repeat wrote the same bytes: "
+        f"{'yes' if len(digests) == 1 else 'NO'}.",
         "",
         "| run | clips | seconds | frames/s | / bound | AIST++ (1,408 x 10 s) projected |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, clips, seconds, fps in rows:
-        lines.append(f"| {label} | {clips} | {seconds:.1f} | {fps:.1f} | {fps / bound:.2f} | "
-                     f"{total_frames / fps / 3600:.1f} h |")
+    for (clips, seconds, f), r in zip(stage, ratios):
+        lines.append(f"| 1 process (threads overlap plan / decode / pose / encode) | {clips} | {seconds:.1f} | {f:.1f} "
+                     f"| {r:.2f} | {total_frames / f / 3600:.1f} h |")
+    if ray_row is not None:
+        clips, seconds, f = ray_row
+        lines.append(f"| {cores} workers on local Ray (start-up included; same bytes: {'yes' if same_on_ray else 'NO'}) "
+                     f"| {clips} | {seconds:.1f} | {f:.1f} | {f / bound:.2f} | {total_frames / f / 3600:.1f} h |")
     lines += ["", f"Rerun of the finished stage (nothing redone): {rerun:.2f} s.", ""]
     section = "\n".join(lines)
     print(section)

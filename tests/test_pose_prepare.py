@@ -216,6 +216,26 @@ def test_rerun_does_no_work_and_resumes_after_a_crash(cfg, videos, first_run):
     assert (out / "clips" / "dancer-00008" / "faces.npz").is_file()
 
 
+def test_pipelined_clips_are_the_bytes_of_clips_made_one_at_a_time(cfg, videos, first_run, tmp_path):
+    """run() overlaps clips in threads (the next planned and decoded, the previous one's two videos
+    encoded at once, while the pose model runs); ClipMaker.make_one makes each alone, step after step."""
+    out, _, rows = first_run
+    maker = prepare.ClipMaker(cfg, tmp_path / "one-by-one")
+    try:
+        jobs = [prepare.ClipJob.of(plan, start, cfg.num_frames)
+                for plan in prepare.plan_videos(cfg, [(videos / "dancer.mp4", None), (videos / "blank.mp4", None)], {})
+                for start in plan.starts]
+        assert sorted(j.clip_id for j in jobs) == sorted(k for k, r in rows.items() if r["video_path"])
+        for job in jobs:
+            outcome = maker.make_one(job)
+            assert "error" not in outcome and outcome["num_face_regions"] == rows[job.clip_id]["num_face_regions"]
+            one = {p.name: p.read_bytes() for p in (tmp_path / "one-by-one" / job.clip_id).iterdir()}
+            assert sorted(one) == sorted(prepare.CLIP_FILES)
+            assert one == {p.name: p.read_bytes() for p in (out / "clips" / job.clip_id).iterdir()}, job.clip_id
+    finally:
+        maker.close()
+
+
 def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
     videos, poses = tmp_path / "videos", tmp_path / "poses"
     videos.mkdir()

@@ -32,6 +32,12 @@ sampled frames where a face was found (K may be 0): ``regions`` [K, 256, 256, 3]
 [K] int64 (index within the clip), ``boxes`` [K, 4] float32 (x0, y0, x1, y1 in source pixels),
 ``sizes`` [K] float32 (box shorter side, source pixels) and ``checksum``. Clips are independent
 of any identity; training scores the regions per identity (faceid.train.routing).
+
+Parts: ``faceid.pose.inputs`` (find, pair, probe and plan the videos), ``faceid.pose.geometry``
+(crop windows, keypoints), ``faceid.pose.face_regions``, ``faceid.pose.clips`` (the clip makers: in
+this process, where threads overlap one clip's pose model with the next clip's planning and decoding
+and the previous clip's encoding, or on Ray Data). This module is the stage: the plan, the staging
+folder, the manifest.
 """
 
 from __future__ import annotations
