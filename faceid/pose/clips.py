@@ -174,7 +174,8 @@ class ClipMaker:
         self.cfg, self.staging = cfg, Path(staging)
         self.estimator = self.detector = None
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Build the pose estimator and the face detector (once)."""
         from faceid.faces.detect import build_detector
         from faceid.pose.estimate import build_estimator
 
@@ -185,7 +186,7 @@ class ClipMaker:
 
     def make_one(self, job: ClipJob) -> dict:
         """One clip, steps 1-4 in turn in this thread: the reference :meth:`make_all` keeps to."""
-        self._build()
+        self.build()
         try:
             decoded = decode_clip(self.cfg, job)
             kps = self.estimator.estimate(decoded.frames)
@@ -216,7 +217,7 @@ class ClipMaker:
                 ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher, \
                 ThreadPoolExecutor(2, thread_name_prefix="encode") as encoder:
             decoding = decoder.submit(decode, job)
-            self._build()  # while the first clip decodes
+            self.build()  # while the first clip decodes
             finishing = None  # (job, future) of the previous clip
             while (taken := decoding.result()) is not None:
                 job, decoded, failed = taken
@@ -271,48 +272,132 @@ def _outcome(job: ClipJob, future) -> dict:
         return _failed(job, exc)
 
 
-def in_this_process(cfg: PreparePoseConfig, ray_address: str = "", num_cpus: int = 0,
-                    count: int | None = None) -> bool | None:
-    """Whether :func:`make_clips` makes ``count`` clips in this process; None when that depends on
-    how many there are and ``count`` is not known yet."""
+def where_to_make(cfg: PreparePoseConfig, ray_address: str = "", num_cpus: int = 0, count: int | None = None,
+                  videos: int | None = None) -> str | None:
+    """Where :func:`make_clips` makes ``count`` clips (from ``videos`` videos): ``"here"`` (this
+    process), ``"processes"`` (worker processes on this machine) or ``"ray"``; None when that depends
+    on how many clips there are and ``count`` is not known yet."""
     if cfg.workers == 1:
-        return True
+        return "here"
     if ray_address or cfg.workers >= 2:
-        return False
-    if (num_cpus or os.cpu_count() or 1) <= LOCAL_RAY_MIN_CORES:
-        return True
-    return None if count is None else count < LOCAL_RAY_MIN_CLIPS
+        return "ray"
+    cores = num_cpus or os.cpu_count() or 1
+    if cores <= LOCAL_RAY_MIN_CORES:
+        many = count if count is not None else videos
+        if many is None:
+            return None
+        return "processes" if cores >= 2 and many >= 2 else "here"
+    if count is None:
+        return None
+    return "ray" if count >= LOCAL_RAY_MIN_CLIPS else "processes" if count >= 2 else "here"
 
 
 def make_clips(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: Path, ray_address: str = "",
-               num_cpus: int = 0) -> Iterator[dict]:
+               num_cpus: int = 0, videos: int | None = None) -> Iterator[dict]:
     """Make ``jobs`` into ``staging``; yield each outcome as it arrives (any order), with progress.
 
-    Where: ``cfg.workers`` 1 -> in this process. A cluster (``ray_address``) or ``cfg.workers`` >= 2
-    -> on Ray Data: that many actors (0 = one per CPU of the cluster), each a :class:`ClipMaker`.
-    ``cfg.workers`` 0 without a cluster -> local Ray on ``num_cpus`` cores (0 = all) when there are
-    at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make and more than :data:`LOCAL_RAY_MIN_CORES`
-    cores, else in this process: starting local Ray costs about as much as making a few clips, and
-    one process's threads already keep two cores busy (benchmarks/results/pose.md). In this process
-    ``jobs`` may be an iterator that plans them as it goes (the first clip starts before the last
-    video is probed); else it is read whole first. On a cluster ``staging`` must be on storage that
-    every node sees (as ``ray.storage_path`` for training).
+    Where (:func:`where_to_make`): ``cfg.workers`` 1 -> in this process (:meth:`ClipMaker.make_all`).
+    A cluster (``ray_address``) or ``cfg.workers`` >= 2 -> on Ray Data: that many actors (0 = one per
+    CPU of the cluster), each a :class:`ClipMaker`. ``cfg.workers`` 0 without a cluster -> local Ray
+    on ``num_cpus`` cores (0 = all) when there are at least :data:`LOCAL_RAY_MIN_CLIPS` clips to make
+    and more than :data:`LOCAL_RAY_MIN_CORES` cores; else one worker process per core (at most one
+    per clip; :func:`make_in_processes`), or this process for a single clip (or video, when ``jobs``
+    is lazy and ``videos`` says how many) or core. ``jobs`` may be an iterator that plans them as it
+    goes (the first clip starts before the last video is probed) except on Ray, which reads it
+    whole first. On a cluster ``staging`` must be on storage that every node sees (as
+    ``ray.storage_path`` for training).
     """
-    here = in_this_process(cfg, ray_address, num_cpus)
-    if not here:
+    where = where_to_make(cfg, ray_address, num_cpus, len(jobs) if isinstance(jobs, list) else None, videos)
+    if where in (None, "ray"):
         jobs = list(jobs)
-        here = in_this_process(cfg, ray_address, num_cpus, len(jobs))
+        where = where_to_make(cfg, ray_address, num_cpus, len(jobs))
         if not jobs:
             return
-    if here:
+    total = len(jobs) if isinstance(jobs, list) else None
+    if where == "here":
         maker = ClipMaker(cfg, staging)
         try:
-            total = len(jobs) if isinstance(jobs, list) else None
             yield from progress(maker.make_all(jobs), total=total, desc="prepare-pose")
         finally:
             maker.close()
-        return
-    yield from _make_on_ray(cfg, jobs, staging, ray_address, num_cpus)
+    elif where == "processes":
+        processes = min(num_cpus or os.cpu_count() or 1, total or videos or 2)
+        yield from progress(make_in_processes(cfg, jobs, staging, processes), total=total, desc="prepare-pose")
+    else:
+        yield from _make_on_ray(cfg, jobs, staging, ray_address, num_cpus)
+
+
+def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: Path, processes: int) -> Iterator[dict]:
+    """Make ``jobs`` in ``processes`` worker processes on this machine (``python -m
+    faceid.pose.worker``); outcomes as they finish. Each worker has one :class:`ClipMaker` and makes
+    one clip at a time (:meth:`ClipMaker.make_one`): no other Python thread competes with its pose
+    model for the GIL, and the operating system overlaps one worker's pose model with another's
+    decoding and encoding. ``jobs`` is read as workers ask for clips (it may plan them as it goes).
+    A worker that cannot build its models (a configuration error) fails the run with that error; a
+    worker that dies fails it, keeping the clips made (a rerun resumes)."""
+    import queue
+    import subprocess
+    import threading
+
+    import faceid
+    from faceid.config import to_dict
+
+    lock, results = threading.Lock(), queue.Queue()
+    jobs = iter(jobs)
+    home = str(Path(faceid.__file__).resolve().parents[1])  # the workers import this faceid, whatever the cwd
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {home!r}); from faceid.pose import worker; worker.main()"]
+    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+               for _ in range(processes)]
+
+    def feed(worker: subprocess.Popen) -> None:  # one thread per worker: a clip to it, its outcome back
+        try:
+            worker.stdin.write(json.dumps({"cfg": to_dict(cfg), "staging": str(staging)}) + "\n")
+            while True:
+                with lock:
+                    job = next(jobs, None)
+                if job is None:
+                    break
+                worker.stdin.write(json.dumps(dataclasses.asdict(job)) + "\n")
+                line = worker.stdout.readline()
+                if not line:
+                    raise FaceidError(f"prepare-pose: a worker process died (exit code {worker.wait()}) while making "
+                                      f"{job.clip_id}; clips made so far are kept and a rerun resumes")
+                answer = json.loads(line)
+                if "fatal" in answer:
+                    raise FaceidError(answer["fatal"])
+                results.put(answer)
+        except OSError:  # a broken pipe: the worker is gone
+            results.put(FaceidError(f"prepare-pose: a worker process died (exit code {worker.wait()}); clips made "
+                                    "so far are kept and a rerun resumes"))
+        except BaseException as exc:
+            results.put(exc)
+        finally:
+            try:
+                worker.stdin.close()
+            except OSError:
+                pass
+            results.put(None)
+
+    threads = [threading.Thread(target=feed, args=(w,), daemon=True) for w in workers]
+    try:
+        for thread in threads:
+            thread.start()
+        running = len(threads)
+        while running:
+            got = results.get()
+            if got is None:
+                running -= 1
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                yield got
+        for worker in workers:
+            worker.wait()
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()  # a failed or interrupted run: our own workers, nothing else
+                worker.wait()
 
 
 def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str,

@@ -55,7 +55,7 @@ from faceid.io import output_lock, progress, require_dir, write_parquet
 from faceid.outputs import check_folder, mark
 from faceid.pose.clips import (  # noqa: F401 (re-exported: prepare-pose's names, as before the split)
     CLIP_FILES, ENCODE_PRESET, LOCAL_RAY_MIN_CLIPS, LOCAL_RAY_MIN_CORES, MAX_CLIPS_PER_CALL, ClipJob, ClipMaker,
-    Decoded, decode_clip, done_clip, finish_clip, in_this_process, make_clips,
+    Decoded, decode_clip, done_clip, finish_clip, make_clips, make_in_processes, where_to_make,
 )
 from faceid.pose.face_regions import (  # noqa: F401
     FACE_DETECTOR, FACE_MIN_CONFIDENCE, FACE_REGION_SCALE, FACE_REGION_SIZE, face_region, face_regions,
@@ -174,7 +174,7 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
         plans: list[VideoPlan] = []
         outcomes: dict[str, dict] = {}
         staged: set[str] = set()
-        here = in_this_process(cfg, ray_address, num_cpus)
+        here = where_to_make(cfg, ray_address, num_cpus, videos=len(pairs)) in ("here", "processes")
 
         def jobs() -> Iterator[ClipJob]:
             planned = iter_plans(cfg, pairs, table, STREAM_PLAN_THREADS if here else PLAN_THREADS)
@@ -196,10 +196,10 @@ def run(cfg: PreparePoseConfig, videos_dir: Path, pose_dir: Path | None, output_
                     yield job
             import pyarrow.parquet  # noqa: F401 (step 4's writer loads while the last clip is made)
 
-        # 3. Make them into the staging folder, by workers (ClipMaker: in this process, where the
-        #    first clip starts while later videos are still planned, or on Ray Data)
+        # 3. Make them into the staging folder, by workers (ClipMaker: in this process or worker
+        #    processes, where the first clip starts while later videos are still planned, or on Ray Data)
         written = 0
-        for outcome in make_clips(cfg, jobs(), staging, ray_address, num_cpus):
+        for outcome in make_clips(cfg, jobs(), staging, ray_address, num_cpus, videos=len(pairs)):
             outcomes[outcome["clip_id"]] = outcome
             if "error" not in outcome:
                 staged.add(outcome["clip_id"])
