@@ -2,13 +2,15 @@
 
 A folder of ``--videos`` generated dance videos (``faceid sample-data`` with more videos: real
 photos moved over a background, 832x480 landscape, ``--seconds`` each at 16 fps) is prepared into
-81-frame 480x832 clips (the real profile's clip settings) in one process (``prepare_pose.workers=1``,
-what ``workers: 0`` does on a machine with 2 cores or fewer). The bound is one mediapipe loop: the
-pose model alone (``estimate``, a graph per clip as prepare-pose builds it), single thread, on the
-same clips' frames, decoded beforehand and not timed. Bound and stage alternate ``--repeats`` times
-in this process (the cores may be shared: each ratio is taken from neighbouring runs) and the
-medians are reported; every repeat must write the same bytes (sha256 of every output file). Then
-one run on local Ray with one worker per core (start-up included), unless ``--no-ray``. Appends
+81-frame 480x832 clips (the real profile's clip settings), the way ``prepare_pose.workers: 0`` (the
+default) makes them on this machine (on 2 cores: one worker process per core), and in this process
+(``workers: 1``: threads overlap planning, decoding, pose and encoding). The bound is one mediapipe
+loop: the pose model alone (``estimate``, a graph per clip as prepare-pose builds it), single thread,
+on the same clips' frames, decoded beforehand and not timed. Bound, default and in-process runs
+alternate ``--repeats`` times in this process (the cores may be shared: each ratio is taken from
+neighbouring runs) and the medians are reported; every run must write the same bytes (sha256 of
+every output file). Then one run on local Ray with one worker per core (start-up included), unless
+``--no-ray``. Appends
 the section "Scale" to ``benchmarks/results/pose.md`` (replacing an older one) and prints it.
 
     .venv/bin/python benchmarks/bench_pose_scale.py [--videos 8] [--seconds 5.1] [--repeats 3] [--no-ray]
@@ -68,6 +70,7 @@ def main() -> None:
     from faceid import sample_data
     from faceid.config import load_params
     from faceid.pose import prepare
+    from faceid.pose.clips import where_to_make
     from faceid.pose.estimate import build_estimator
     from faceid.pose.video import read_video
 
@@ -76,9 +79,11 @@ def main() -> None:
         "@" + str(REPO / "configs" / "wan2.1-vace-1.3b.yaml"),
         f"sample_data.photo_archive={REPO / '.cache' / 'packages' / 'face_recognition-1.3.0.tar.gz'}",
     ])
-    cfg = dataclasses.replace(params.prepare_pose, estimator="mediapipe", stride=0, max_clips_per_video=1, workers=1)
+    cfg = dataclasses.replace(params.prepare_pose, estimator="mediapipe", stride=0, max_clips_per_video=1, workers=0)
     cores = os.cpu_count() or 1
-    bounds, stage, digests = [], [], set()
+    modes = {f"default (workers 0: {where_to_make(cfg, videos=args.videos, count=args.videos)})": cfg,
+             "in this process (workers 1: threads)": dataclasses.replace(cfg, workers=1)}
+    bounds, stage, digests = [], {mode: [] for mode in modes}, set()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = dataclasses.replace(params.sample_data, num_videos=args.videos, video_seconds=args.seconds,
@@ -91,27 +96,30 @@ def main() -> None:
 
         for repeat in range(args.repeats):
             bounds.append(_bound(cfg, files))
-            out = tmp / f"clips-{repeat}"
-            start = time.perf_counter()
-            summary = prepare.run(cfg, videos, None, out)
-            seconds = time.perf_counter() - start
-            stage.append((summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds))
-            digests.add(_digest(out))
-            print(f"repeat {repeat + 1}: bound {bounds[-1]:.1f} frames/s, stage {stage[-1][2]:.1f} frames/s "
-                  f"({stage[-1][2] / bounds[-1]:.2f})", file=sys.stderr)
+            for m, (mode, mode_cfg) in enumerate(modes.items()):
+                out = tmp / f"clips-{repeat}-{m}"
+                start = time.perf_counter()
+                summary = prepare.run(mode_cfg, videos, None, out)
+                seconds = time.perf_counter() - start
+                stage[mode].append((summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds))
+                digests.add(_digest(out))
+                print(f"repeat {repeat + 1}: bound {bounds[-1]:.1f} frames/s, {mode}: {stage[mode][-1][2]:.1f} "
+                      f"frames/s ({stage[mode][-1][2] / bounds[-1]:.2f})", file=sys.stderr)
         rerun = time.perf_counter()
-        prepare.run(cfg, videos, None, tmp / "clips-0")
+        prepare.run(cfg, videos, None, tmp / "clips-0-0")
         rerun = time.perf_counter() - rerun
         ray_row = None
         if not args.no_ray:
             start = time.perf_counter()
-            summary = prepare.run(dataclasses.replace(cfg, workers=cores), videos, None, tmp / "clips-ray")
+            summary = prepare.run(dataclasses.replace(cfg, workers=max(2, cores)), videos, None, tmp / "clips-ray")
             seconds = time.perf_counter() - start
             ray_row = (summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds)
             same_on_ray = _digest(tmp / "clips-ray") in digests
 
-    ratios = [fps / bound for (_, _, fps), bound in zip(stage, bounds)]
-    bound, fps, ratio = statistics.median(bounds), statistics.median(f for _, _, f in stage), statistics.median(ratios)
+    ratios = {mode: [f / b for (_, _, f), b in zip(runs, bounds)] for mode, runs in stage.items()}
+    bound = statistics.median(bounds)
+    default = next(iter(modes))
+    fps, ratio = statistics.median(f for _, _, f in stage[default]), statistics.median(ratios[default])
     total_frames = AISTPP_VIDEOS * AISTPP_SECONDS * FPS
     command = " ".join(["python", "benchmarks/bench_pose_scale.py"] + sys.argv[1:])
     lines = [
@@ -124,21 +132,21 @@ def main() -> None:
         f"Bound: one mediapipe loop (Pose, complexity 1, a graph per clip, one thread) on the same "
         f"{args.videos} clips' frames, decoded beforehand: **{bound:.1f} frames/s** (median of {args.repeats}).",
         "",
-        f"**prepare-pose in one process: {fps:.1f} frames/s = {ratio:.2f} of the bound** (median of "
-        f"{args.repeats} ratios, each from a bound and a stage run back to back: "
-        f"{', '.join(f'{r:.2f}' for r in ratios)}). Every repeat wrote the same bytes: "
-        f"{'yes' if len(digests) == 1 else 'NO'}.",
+        f"**prepare-pose, {default}: {fps:.1f} frames/s = {ratio:.2f} of the bound** (median of {args.repeats} "
+        f"ratios, each to the bound measured just before it: {', '.join(f'{r:.2f}' for r in ratios[default])}). "
+        f"Every run wrote the same bytes: {'yes' if len(digests) == 1 else 'NO'}.",
         "",
         "| run | clips | seconds | frames/s | / bound | AIST++ (1,408 x 10 s) projected |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for (clips, seconds, f), r in zip(stage, ratios):
-        lines.append(f"| 1 process (threads overlap plan / decode / pose / encode) | {clips} | {seconds:.1f} | {f:.1f} "
-                     f"| {r:.2f} | {total_frames / f / 3600:.1f} h |")
+    for mode, runs in stage.items():
+        for (clips, seconds, f), r in zip(runs, ratios[mode]):
+            lines.append(f"| {mode} | {clips} | {seconds:.1f} | {f:.1f} | {r:.2f} | {total_frames / f / 3600:.1f} h |")
     if ray_row is not None:
         clips, seconds, f = ray_row
-        lines.append(f"| {cores} workers on local Ray (start-up included; same bytes: {'yes' if same_on_ray else 'NO'}) "
-                     f"| {clips} | {seconds:.1f} | {f:.1f} | {f / bound:.2f} | {total_frames / f / 3600:.1f} h |")
+        lines.append(f"| {max(2, cores)} workers on local Ray (start-up included; same bytes: "
+                     f"{'yes' if same_on_ray else 'NO'}) | {clips} | {seconds:.1f} | {f:.1f} | {f / bound:.2f} | "
+                     f"{total_frames / f / 3600:.1f} h |")
     lines += ["", f"Rerun of the finished stage (nothing redone): {rerun:.2f} s.", ""]
     section = "\n".join(lines)
     print(section)

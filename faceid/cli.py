@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose-videos", help="folder of pre-rendered *_pose.mp4 videos (optional)")
     p.add_argument("--captions", help="captions.csv (name,caption); default: <name>.txt sidecars or the default prompt")
     p.add_argument("--output", required=True)
-    p.add_argument("--workers", type=int, help="clip makers (default prepare_pose.workers): 0 = one per CPU on Ray, "
-                   "1 = in this process without Ray")
+    p.add_argument("--workers", type=int, help="clip makers (default prepare_pose.workers): 0 = one per CPU (on Ray, or "
+                   "worker processes on a machine of <= 2 cores), 1 = in this process without Ray")
     p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
 
     mlflow_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)"

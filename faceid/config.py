@@ -123,7 +123,7 @@ class PreparePoseConfig:
     default_caption: str
     person_aware_crop: bool
     face_samples: int  # frames per clip whose face region (source resolution) goes to faces.npz; 0 = off
-    workers: int  # clip makers: 0 = one per CPU of the Ray cluster (local Ray: this machine); 1 = in this process, no Ray
+    workers: int  # clip makers: 0 = one per CPU (Ray cluster, local Ray, or local worker processes: pose.clips.where_to_make); 1 = in this process, no Ray
 
 
 @dataclass(frozen=True)

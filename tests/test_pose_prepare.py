@@ -236,6 +236,25 @@ def test_pipelined_clips_are_the_bytes_of_clips_made_one_at_a_time(cfg, videos, 
         maker.close()
 
 
+def test_worker_processes_write_the_same_clips_and_manifest(cfg, videos, first_run, tmp_path):
+    """workers 0 on 2 cores: one worker process per core (faceid.pose.worker), the same bytes as in this process."""
+    from faceid.errors import FaceidError
+    from faceid.pose.clips import where_to_make
+
+    out, summary, _ = first_run
+    auto = dataclasses.replace(cfg, workers=0)
+    assert where_to_make(auto, num_cpus=2, videos=len(os.listdir(videos))) == "processes"
+    assert where_to_make(auto, num_cpus=2, count=1) == "here" and where_to_make(auto, num_cpus=1, count=4) == "here"
+    again = prepare.run(auto, videos, None, tmp_path / "out", num_cpus=2)
+    assert again["clips_written"] == summary["clips_written"] + summary["clips_skipped"] == 4
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert all((out / f).read_bytes() == (tmp_path / "out" / f).read_bytes() for f in files), "differs from in-process"
+    # a worker that cannot build its models: the configuration error, no traceback from the workers
+    with pytest.raises(FaceidError, match="prepare_pose.onnx_path"):
+        prepare.run(dataclasses.replace(auto, estimator="onnx", onnx_path=""), videos, None, tmp_path / "bad", num_cpus=2)
+
+
 def test_pose_videos_paired_by_name(cfg, frames, tmp_path):
     videos, poses = tmp_path / "videos", tmp_path / "poses"
     videos.mkdir()
