@@ -1,12 +1,17 @@
 """prepare-pose's clip makers: one clip = decode (1), pose model (2), crop / draw / face regions (3),
-write its four files (4); in this process or on Ray Data workers.
+write its four files (4); in this process, in worker processes on this machine, or on Ray Data.
 
-In a worker (:class:`ClipMaker`) the pose model runs in one thread, back to back, and everything
-else overlaps it: a thread plans (when the jobs come lazily) and decodes the next clip, a thread
-finishes the previous one, and its two videos are encoded by two more threads at once (so the last
-clip's encode takes half as long after the pose model is done). The pose model and face detector
-are built while the first clip decodes. Every clip goes through the same functions as
-:meth:`ClipMaker.make_one` (no threads): the files are the same bytes either way.
+A :class:`ClipMaker` builds the pose model and face detector once. :meth:`ClipMaker.make_one` makes
+a clip with steps 1-4 in turn; local worker processes (:func:`make_in_processes`, the default on a
+machine of 2 cores) each make one clip at a time that way, so that no other Python thread competes
+with a pose model for the GIL (mediapipe hands it back and forth on every frame: a busy thread beside
+it slows it down by half or more on shared cores), and the operating system overlaps one worker's
+pose model with another's decoding and encoding. :meth:`ClipMaker.make_all` (``workers: 1``, and
+each Ray actor) overlaps consecutive clips in threads instead: the pose model runs back to back in
+one thread, a thread plans (when the jobs come lazily) and decodes the next clip, a thread finishes
+the previous one, whose two videos are encoded by two more threads at once; the models are built
+while the first clip decodes. Every path runs the same functions on the same frames: the files are
+the same bytes (tests/test_pose_prepare.py).
 """
 
 from __future__ import annotations
@@ -328,8 +333,8 @@ def make_clips(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: Path, r
 
 
 def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: Path, processes: int) -> Iterator[dict]:
-    """Make ``jobs`` in ``processes`` worker processes on this machine (``python -m
-    faceid.pose.worker``); outcomes as they finish. Each worker has one :class:`ClipMaker` and makes
+    """Make ``jobs`` in ``processes`` worker processes on this machine (each runs :func:`worker`);
+    outcomes as they finish. Each worker has one :class:`ClipMaker` and makes
     one clip at a time (:meth:`ClipMaker.make_one`): no other Python thread competes with its pose
     model for the GIL, and the operating system overlaps one worker's pose model with another's
     decoding and encoding. ``jobs`` is read as workers ask for clips (it may plan them as it goes).
@@ -345,40 +350,40 @@ def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: 
     lock, results = threading.Lock(), queue.Queue()
     jobs = iter(jobs)
     home = str(Path(faceid.__file__).resolve().parents[1])  # the workers import this faceid, whatever the cwd
-    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {home!r}); from faceid.pose import worker; worker.main()"]
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {home!r}); import {__name__} as m; m.{worker.__name__}()"]
     workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
                for _ in range(processes)]
 
-    def feed(worker: subprocess.Popen) -> None:  # one thread per worker: a clip to it, its outcome back
+    def feed(proc: subprocess.Popen) -> None:  # one thread per worker: a clip to it, its outcome back
         try:
-            worker.stdin.write(json.dumps({"cfg": to_dict(cfg), "staging": str(staging)}) + "\n")
+            proc.stdin.write(json.dumps({"cfg": to_dict(cfg), "staging": str(staging)}) + "\n")
             while True:
                 with lock:
                     job = next(jobs, None)
                 if job is None:
                     break
-                worker.stdin.write(json.dumps(dataclasses.asdict(job)) + "\n")
-                line = worker.stdout.readline()
+                proc.stdin.write(json.dumps(dataclasses.asdict(job)) + "\n")
+                line = proc.stdout.readline()
                 if not line:
-                    raise FaceidError(f"prepare-pose: a worker process died (exit code {worker.wait()}) while making "
+                    raise FaceidError(f"prepare-pose: a worker process died (exit code {proc.wait()}) while making "
                                       f"{job.clip_id}; clips made so far are kept and a rerun resumes")
                 answer = json.loads(line)
                 if "fatal" in answer:
                     raise FaceidError(answer["fatal"])
                 results.put(answer)
         except OSError:  # a broken pipe: the worker is gone
-            results.put(FaceidError(f"prepare-pose: a worker process died (exit code {worker.wait()}); clips made "
+            results.put(FaceidError(f"prepare-pose: a worker process died (exit code {proc.wait()}); clips made "
                                     "so far are kept and a rerun resumes"))
         except BaseException as exc:
             results.put(exc)
         finally:
             try:
-                worker.stdin.close()
+                proc.stdin.close()
             except OSError:
                 pass
             results.put(None)
 
-    threads = [threading.Thread(target=feed, args=(w,), daemon=True) for w in workers]
+    threads = [threading.Thread(target=feed, args=(proc,), daemon=True) for proc in workers]
     try:
         for thread in threads:
             thread.start()
@@ -391,13 +396,44 @@ def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: 
                 raise got
             else:
                 yield got
-        for worker in workers:
-            worker.wait()
+        for proc in workers:
+            proc.wait()
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()  # a failed or interrupted run: our own workers, nothing else
-                worker.wait()
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()  # a failed or interrupted run: our own workers, nothing else
+                proc.wait()
+
+
+def worker() -> None:
+    """A local worker process (:func:`make_in_processes`), started by the stage, never by a user.
+
+    Reads JSON lines on stdin: first ``{"cfg": <prepare_pose settings>, "staging": <folder>}``, then
+    one :class:`ClipJob` a line; answers each with the clip's outcome, one JSON line on stdout
+    (anything else the libraries print goes to stderr). Ends at the end of its input (also when the
+    stage that started it dies). Models that cannot be built: one ``{"fatal": <message>}`` line."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stage, which ends its workers
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (libraries) go to stderr, not the answers
+
+    first = sys.stdin.readline()
+    if not first:
+        return
+    setup = json.loads(first)
+    maker = ClipMaker(PreparePoseConfig(**setup["cfg"]), setup["staging"])
+    try:
+        maker.build()
+    except FaceidError as exc:
+        answers.write(json.dumps({"fatal": str(exc)}) + "\n")
+        return
+    try:
+        for line in sys.stdin:
+            job = ClipJob(**json.loads(line))
+            answers.write(json.dumps(maker.make_one(job)) + "\n")
+    finally:
+        maker.close()
 
 
 def _make_on_ray(cfg: PreparePoseConfig, jobs: list[ClipJob], staging: Path, ray_address: str,
