@@ -7,8 +7,9 @@ default) makes them on this machine (on 2 cores: one worker process per core), a
 (``workers: 1``: threads overlap planning, decoding, pose and encoding). The bound is one mediapipe
 loop: the pose model alone (``estimate``, a graph per clip as prepare-pose builds it), single thread,
 on the same clips' frames, decoded beforehand and not timed. Bound, default and in-process runs
-alternate ``--repeats`` times in this process (the cores may be shared: each ratio is taken from
-neighbouring runs) and the medians are reported; every run must write the same bytes (sha256 of
+alternate ``--repeats`` times in this process (bound, run, bound, run, ..., bound: the cores may be
+shared, so each run's ratio is to the mean of the bounds just before and after it) and the medians
+are reported; every run must write the same bytes (sha256 of
 every output file). Then one run on local Ray with one worker per core (start-up included), unless
 ``--no-ray``. Appends
 the section "Scale" to ``benchmarks/results/pose.md`` (replacing an older one) and prints it.
@@ -94,17 +95,20 @@ def main() -> None:
         with build_estimator(cfg) as estimator:  # mediapipe loaded and warm before anything is timed
             estimator.estimate(read_video(files[0], fps=FPS, max_frames=2)[0])
 
-        for repeat in range(args.repeats):
-            bounds.append(_bound(cfg, files))
+        bounds.append(_bound(cfg, files))
+        for repeat in range(args.repeats):  # bound, run, bound, run, ..., bound: each run between two bounds
             for m, (mode, mode_cfg) in enumerate(modes.items()):
                 out = tmp / f"clips-{repeat}-{m}"
                 start = time.perf_counter()
                 summary = prepare.run(mode_cfg, videos, None, out)
                 seconds = time.perf_counter() - start
-                stage[mode].append((summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds))
                 digests.add(_digest(out))
-                print(f"repeat {repeat + 1}: bound {bounds[-1]:.1f} frames/s, {mode}: {stage[mode][-1][2]:.1f} "
-                      f"frames/s ({stage[mode][-1][2] / bounds[-1]:.2f})", file=sys.stderr)
+                bounds.append(_bound(cfg, files))
+                around = (bounds[-2] + bounds[-1]) / 2
+                fps = summary["clips_written"] * cfg.num_frames / seconds
+                stage[mode].append((summary["clips_written"], seconds, fps, around, os.getloadavg()[0]))
+                print(f"repeat {repeat + 1}: {mode}: {fps:.1f} frames/s, bound around it {around:.1f} "
+                      f"({fps / around:.2f})", file=sys.stderr)
         rerun = time.perf_counter()
         prepare.run(cfg, videos, None, tmp / "clips-0-0")
         rerun = time.perf_counter() - rerun
@@ -116,10 +120,10 @@ def main() -> None:
             ray_row = (summary["clips_written"], seconds, summary["clips_written"] * cfg.num_frames / seconds)
             same_on_ray = _digest(tmp / "clips-ray") in digests
 
-    ratios = {mode: [f / b for (_, _, f), b in zip(runs, bounds)] for mode, runs in stage.items()}
+    ratios = {mode: [f / b for _, _, f, b, _ in runs] for mode, runs in stage.items()}
     bound = statistics.median(bounds)
     default = next(iter(modes))
-    fps, ratio = statistics.median(f for _, _, f in stage[default]), statistics.median(ratios[default])
+    fps, ratio = statistics.median(f for _, _, f, _, _ in stage[default]), statistics.median(ratios[default])
     total_frames = AISTPP_VIDEOS * AISTPP_SECONDS * FPS
     command = " ".join(["python", "benchmarks/bench_pose_scale.py"] + sys.argv[1:])
     lines = [
@@ -130,23 +134,27 @@ def main() -> None:
         f"832x480 of {args.seconds:g} s at {FPS} fps -> one {cfg.num_frames}-frame {cfg.width}x{cfg.height} clip each.",
         "",
         f"Bound: one mediapipe loop (Pose, complexity 1, a graph per clip, one thread) on the same "
-        f"{args.videos} clips' frames, decoded beforehand: **{bound:.1f} frames/s** (median of {args.repeats}).",
+        f"{args.videos} clips' frames, decoded beforehand: **{bound:.1f} frames/s** (median of {len(bounds)}, "
+        f"measured before and after every run).",
         "",
         f"**prepare-pose, {default}: {fps:.1f} frames/s = {ratio:.2f} of the bound** (median of {args.repeats} "
-        f"ratios, each to the bound measured just before it: {', '.join(f'{r:.2f}' for r in ratios[default])}). "
-        f"Every run wrote the same bytes: {'yes' if len(digests) == 1 else 'NO'}.",
+        f"ratios, each to the mean of the bounds measured just before and just after it: "
+        f"{', '.join(f'{r:.2f}' for r in ratios[default])}). Every run wrote the same bytes: "
+        f"{'yes' if len(digests) == 1 else 'NO'}.",
         "",
-        "| run | clips | seconds | frames/s | / bound | AIST++ (1,408 x 10 s) projected |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | clips | seconds | frames/s | bound around it | / bound | load after | AIST++ (1,408 x 10 s) projected |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for mode, runs in stage.items():
-        for (clips, seconds, f), r in zip(runs, ratios[mode]):
-            lines.append(f"| {mode} | {clips} | {seconds:.1f} | {f:.1f} | {r:.2f} | {total_frames / f / 3600:.1f} h |")
+    for repeat in range(args.repeats):
+        for mode, runs in stage.items():
+            clips, seconds, f, b, load = runs[repeat]
+            lines.append(f"| {mode} | {clips} | {seconds:.1f} | {f:.1f} | {b:.1f} | {f / b:.2f} | {load:.1f} | "
+                         f"{total_frames / f / 3600:.1f} h |")
     if ray_row is not None:
         clips, seconds, f = ray_row
         lines.append(f"| {max(2, cores)} workers on local Ray (start-up included; same bytes: "
-                     f"{'yes' if same_on_ray else 'NO'}) | {clips} | {seconds:.1f} | {f:.1f} | {f / bound:.2f} | "
-                     f"{total_frames / f / 3600:.1f} h |")
+                     f"{'yes' if same_on_ray else 'NO'}) | {clips} | {seconds:.1f} | {f:.1f} | {bound:.1f} (median) | "
+                     f"{f / bound:.2f} | {os.getloadavg()[0]:.1f} | {total_frames / f / 3600:.1f} h |")
     lines += ["", f"Rerun of the finished stage (nothing redone): {rerun:.2f} s.", ""]
     section = "\n".join(lines)
     print(section)
