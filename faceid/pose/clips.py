@@ -340,6 +340,7 @@ def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: 
     decoding and encoding. ``jobs`` is read as workers ask for clips (it may plan them as it goes).
     A worker that cannot build its models (a configuration error) fails the run with that error; a
     worker that dies fails it, keeping the clips made (a rerun resumes)."""
+    import itertools
     import queue
     import subprocess
     import threading
@@ -347,8 +348,12 @@ def make_in_processes(cfg: PreparePoseConfig, jobs: Iterable[ClipJob], staging: 
     import faceid
     from faceid.config import to_dict
 
-    lock, results = threading.Lock(), queue.Queue()
     jobs = iter(jobs)
+    first = next(jobs, None)
+    if first is None:  # nothing to make (a rerun): no worker started
+        return
+    jobs = itertools.chain([first], jobs)
+    lock, results = threading.Lock(), queue.Queue()
     home = str(Path(faceid.__file__).resolve().parents[1])  # the workers import this faceid, whatever the cwd
     command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {home!r}); import {__name__} as m; m.{worker.__name__}()"]
     workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
