@@ -32,10 +32,12 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q -m "not extended" --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# Checks left out of `make test` to keep CI under ~20 min (pytest -m extended; ~10 min on 2 cores):
-# SIGKILL of a training driver leaves no Ray process, the GPU benchmark scripts run on CPU, and on a
-# 2-node Ray cluster (tests/test_ray_cluster.py; its prepare-pose and missing-token checks stay in CI):
-# 2 DDP workers = 1 worker with twice the batch, a node lost mid-training, batch-infer, wrong token.
+# Checks left out of `make test` to keep CI under ~20 min (pytest -m extended; ~12 min on 2 cores):
+# SIGKILL of a training driver leaves no Ray process, the GPU benchmark scripts run on CPU, a compiled
+# render equals the eager one, the shared-adapter pipeline (`pipeline run train-shared --local`, then a
+# zero-shot infer) and its DVC branch in a fresh clone, and on a 2-node Ray cluster (tests/test_ray_cluster.py;
+# its prepare-pose and missing-token checks stay in CI): 2 DDP workers = 1 worker with twice the batch, a
+# node lost mid-training, batch-infer, wrong token.
 test-extended: install
 	$(VENV)/bin/pytest -q -m extended --durations=10; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
