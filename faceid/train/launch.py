@@ -54,8 +54,9 @@ def run_name(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips
     # routing reads crop_faces/embed_faces settings (detector, embedder, padding): part of the data
     cfg = config_hash(params.model, params.train_lora, params.crop_faces, params.embed_faces,
                       *([params.train_shared] if people else []))
-    payload = json.dumps([cfg, data, ids if people else list(ids[0]), parent], default=str)
-    if not people and not parent:  # the payload of runs before train-shared / --init-from: their runs still resume
+    if people or parent:
+        payload = json.dumps([cfg, data, ids if people else list(ids[0]), parent], default=str)
+    else:  # the payload of runs before train-shared / --init-from: their runs still resume
         payload = json.dumps([cfg, data, *ids[0]], default=str)
     command = "train-shared" if people else "train-lora"
     return f"{command}-{identity}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
@@ -77,7 +78,7 @@ def run(params, identity: str, crops_dir: Path, embeddings_dir: Path, clips_dir:
     crops_dir, embeddings_dir = Path(crops_dir), Path(embeddings_dir)
     clips_dir = Path(clips_dir)
     output_dir = check_folder("train_lora", output_dir, [crops_dir, embeddings_dir, clips_dir, init_from])  # faceid.outputs
-    clips = _check_inputs(params, crops_dir, embeddings_dir, clips_dir)
+    clips = _check_inputs(params, [(crops_dir, embeddings_dir)], clips_dir)
     parent = check_init_from(params, init_from, mlflow_uri) if init_from else None
     name = run_name(params, identity, crops_dir, embeddings_dir, clips, parent=parent["sha256"] if parent else "")
     storage = Path(params.ray.storage_path).resolve()
@@ -101,9 +102,7 @@ def run_shared(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path, o
     output_dir = check_folder(SHARED, output_dir, [crops_dir, embeddings_dir, clips_dir])  # faceid.outputs
     people = list_people(crops_dir, embeddings_dir)
     split_people(people, params.train_shared.holdout_identities, enabled(params.train_lora.validation))
-    clips = []
-    for person in people:
-        clips = _check_inputs(params, crops_dir / person, embeddings_dir / person, clips_dir)
+    clips = _check_inputs(params, [(crops_dir / p, embeddings_dir / p) for p in people], clips_dir)
     name = params.train_shared.name
     run = run_name(params, name, crops_dir, embeddings_dir, clips, people=people)
     storage = Path(params.ray.storage_path).resolve()
@@ -118,39 +117,36 @@ SHARED = "train_shared"  # the stage's name (faceid.outputs, MLflow tag)
 def check_init_from(params, ref: str | Path, mlflow_uri: str) -> dict:
     """``{"path", "sha256"}`` of the ``--init-from`` adapter after checking it can start this run: a shared
     adapter (``train-shared``) for this base model and embedder, with the configured LoRA and mapper shape."""
-    from faceid.config import to_dict
     from faceid.model.base_model import text_dim
     from faceid.model.identity import is_shared, load_identity
     from faceid.render import identity_sha256, resolve_identity
+    from faceid.train.step import check_adapter
 
     folder = resolve_identity(ref, mlflow_uri, params.tracking.download_dir)
     adapter = load_identity(folder, model_cfg=params.model, embedder=params.embed_faces.embedder)
-    tcfg, card = params.train_lora, adapter.card
+    tcfg = params.train_lora
     if not is_shared(adapter):
         raise InputError(f"--init-from {ref}: not a shared adapter (written by train-shared); a person's identity "
                          "folder cannot start another person's training")
-    if card.get("lora") != to_dict(tcfg.lora):
-        raise InputError(f"--init-from {ref}: the adapter's LoRA is {card.get('lora')}, train_lora.lora is "
-                         f"{to_dict(tcfg.lora)}; set train_lora.lora to the adapter's")
-    want = {"num_face_tokens": tcfg.num_face_tokens, "mapper_hidden_dim": tcfg.mapper_hidden_dim or text_dim(params.model)}
-    have = {k: card.get(k) for k in want}
-    if have != want:
-        raise InputError(f"--init-from {ref}: the adapter's face mapper has {have}, train_lora asks for {want}; "
-                         "set train_lora to the adapter's")
+    # the embedder (so embed_dim) and text_dim are load_identity's checks; the rest is train_lora's
+    check_adapter(adapter, tcfg.lora, f"--init-from {ref}", num_tokens=tcfg.num_face_tokens,
+                  hidden_dim=tcfg.mapper_hidden_dim or text_dim(params.model))
     return {"path": str(Path(folder).resolve()), "sha256": identity_sha256(folder)}
 
 
-def _check_inputs(params, crops_dir: Path, embeddings_dir: Path, clips_dir: Path) -> list:
-    """The training and held-out clips, after checking that the photos, embeddings and clips belong together."""
+def _check_inputs(params, people: list[tuple[Path, Path]], clips_dir: Path) -> list:
+    """The training and held-out clips, after checking that each ``(crops, embeddings)`` pair (one per
+    person) comes from the configured embedder and from these crops, and that the clips can be split."""
     from faceid.faces.crop import read_photos
     from faceid.train.data import check_embedder, load_embedding, load_photo_embeddings, split_clips
 
-    _, meta = load_embedding(embeddings_dir)
-    check_embedder(meta, params.embed_faces)
-    photos, kept = read_photos(crops_dir, embeddings_dir), load_photo_embeddings(embeddings_dir)[0]
-    if not any(p.name in kept for p in photos):
-        raise InputError(f"{crops_dir}: none of its accepted photos is in {embeddings_dir} (embedded from other crops?); "
-                         "rerun embed-faces on these crops")
+    for crops_dir, embeddings_dir in people:
+        _, meta = load_embedding(embeddings_dir)
+        check_embedder(meta, params.embed_faces)
+        photos, kept = read_photos(crops_dir, embeddings_dir), load_photo_embeddings(embeddings_dir)[0]
+        if not any(p.name in kept for p in photos):
+            raise InputError(f"{crops_dir}: none of its accepted photos is in {embeddings_dir} (embedded from other "
+                             "crops?); rerun embed-faces on these crops")
     train, held_out = split_clips(clips_dir, params.train_lora.holdout_clips)
     return train + held_out
 

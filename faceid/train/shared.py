@@ -212,10 +212,10 @@ def build_training_set(pipe, params, plan: SharedPlan, cache_dir: Path, base_mod
     out = TrainingSet([], [], [], None)
     for person in plan.people + plan.held_out:
         one = build_one(pipe, params, plan.plans[person], cache_dir, base_model, show_progress=show_progress,
-                        clip_ids=clips_of(plan, person))
+                        clip_ids=clips_of(plan, person))  # its rows are its photos and these clips
         held = person in plan.held_out
         out.rows += [{**r, "person": person, **({"role": "held_out", "validates": IDENTITY} if held else {})}
-                     for r in one.rows if r["kind"] == "photo" or r["id"] in clips_of(plan, person)]
+                     for r in one.rows]
         out.cache_hits += one.cache_hits
         out.cache_misses += one.cache_misses
         if held:

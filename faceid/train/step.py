@@ -180,24 +180,31 @@ def load_trainable_state(model: FaceConditionedDiT, state: dict[str, torch.Tenso
         set_lora_state_dict(model.transformer, lora)
 
 
+def check_adapter(adapter, lora_cfg, where: str, **mapper_shape) -> None:
+    """An adapter can start this run only with the configured LoRA (targets, rank, alpha, dropout) and a
+    face mapper of this shape (``mapper_shape``: FaceMapper attributes, e.g. ``num_tokens=4``): anything
+    else is an :class:`~faceid.errors.InputError` naming the difference. ``where``: how the message names it."""
+    from faceid.config import to_dict
+    from faceid.errors import InputError
+
+    if adapter.card.get("lora") != to_dict(lora_cfg):
+        raise InputError(f"{where}: the adapter's LoRA is {adapter.card.get('lora')}, train_lora.lora is "
+                         f"{to_dict(lora_cfg)}; set train_lora.lora to the adapter's")
+    have = {k: getattr(adapter.mapper, k) for k in mapper_shape}
+    if have != mapper_shape:
+        raise InputError(f"{where}: the adapter's face mapper has {have}, this run's has {mapper_shape}; "
+                         "set train_lora to the adapter's")
+
+
 def load_adapter(model: FaceConditionedDiT, adapter, lora_cfg) -> None:
     """Start ``model``'s mapper and LoRA from a trained adapter (``train-lora --init-from``: a shared
     adapter, :mod:`faceid.train.shared`): its mapper weights (output scale and gate included) and its
-    LoRA tensors. The adapter's LoRA must be the one configured (targets, rank, alpha) and its mapper
-    the same shape: anything else is an :class:`~faceid.errors.InputError` naming the difference."""
-    from faceid.config import to_dict
-    from faceid.errors import InputError
+    LoRA tensors, after :func:`check_adapter` against this model's mapper."""
     from faceid.model.lora import read_weights, set_lora_state_dict
 
-    where, card = adapter.path, adapter.card
-    if card.get("lora") != to_dict(lora_cfg):
-        raise InputError(f"{where}: --init-from adapter has LoRA {card.get('lora')}, this run trains {to_dict(lora_cfg)} "
-                         "(train_lora.lora must match the adapter's)")
     own, theirs = model.mapper, adapter.mapper
-    shape = ("embed_dim", "text_dim", "num_tokens", "hidden_dim")
-    if [getattr(own, k) for k in shape] != [getattr(theirs, k) for k in shape]:
-        raise InputError(f"{where}: --init-from adapter's face mapper is {[getattr(theirs, k) for k in shape]} "
-                         f"({', '.join(shape)}), this run's is {[getattr(own, k) for k in shape]}")
+    check_adapter(adapter, lora_cfg, f"--init-from {adapter.path}",
+                  **{k: getattr(own, k) for k in ("embed_dim", "text_dim", "num_tokens", "hidden_dim")})
     own.output_scale, own.gate_multiplier = theirs.output_scale, theirs.gate_multiplier
     own.load_state_dict(theirs.state_dict())
     lora = read_weights(adapter.lora_path)[0]
