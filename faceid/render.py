@@ -322,17 +322,15 @@ class Generator:
             self.compile_clock = CompileClock(self.pipe.transformer)
 
     def identity(self, ref: str | Path):
-        """Load (once) and check against the base model: a mismatch is an :class:`InputError`."""
-        from faceid.model.identity import load_identity
-
+        """Load (once, :func:`load_identities`; the shared adapter once for all its people) and check
+        against the base model: a mismatch is an :class:`InputError`."""
         key = str(ref)
         if key not in self._identities:
             if self.adapter:
                 self._adapter = self._adapter or load_adapter(self.adapter, self.params, self.mlflow_uri)
                 self._identities[key] = load_person(ref, self._adapter)
             else:
-                folder = resolve_identity(ref, self.mlflow_uri, self.params.tracking.download_dir)
-                self._identities[key] = load_identity(folder, model_cfg=self.params.model)
+                self._identities.update(load_identities([ref], self.params, self.mlflow_uri))
         return self._identities[key]
 
     def conditioning(self, identity: str | Path | None = None, blend: str | list | None = None):
